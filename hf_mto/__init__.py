@@ -1,0 +1,36 @@
+"""hf_mto: Masked Token Optimization and Evolved Hierarchical Masking for ViT pre-training on the HF stack.
+
+Importing the package registers its configs and models with transformers' Auto classes, so
+`AutoModelForPreTraining.from_pretrained(path)` works on our checkpoints without `trust_remote_code`.
+"""
+
+from transformers import AutoConfig, AutoModelForPreTraining
+
+from .models.vit_mae_mto import (
+    ViTMAEMTOConfig,
+    ViTMAEMTOForPreTraining,
+    ViTMAEMTOForPreTrainingOutput,
+    ViTMAEMTOModel,
+)
+
+__version__ = "0.1.0"
+
+
+def _register() -> None:
+    AutoConfig.register(ViTMAEMTOConfig.model_type, ViTMAEMTOConfig, exist_ok=True)
+    AutoModelForPreTraining.register(ViTMAEMTOConfig, ViTMAEMTOForPreTraining, exist_ok=True)
+    # `save_pretrained` then writes `auto_map` and copies the model files beside the weights, so the checkpoint
+    # also loads with `trust_remote_code=True` where hf_mto is not installed.
+    ViTMAEMTOConfig.register_for_auto_class("AutoConfig")
+    ViTMAEMTOForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+
+
+_register()
+
+__all__ = [
+    "ViTMAEMTOConfig",
+    "ViTMAEMTOForPreTraining",
+    "ViTMAEMTOForPreTrainingOutput",
+    "ViTMAEMTOModel",
+    "__version__",
+]

@@ -1,0 +1,275 @@
+"""Masked Token Optimization (MTO) math: pure tensor functions, no model code.
+
+Implements the terms of "Emerging Property of Masked Token for Effective Pre-training" (arXiv 2404.08330),
+as decided in DESIGN.md:
+
+- ``heterogeneity``     Eq. 2   H: entropy of a masked token's affinity over the visible tokens.
+- ``sparsity_loss``     Eq. 3   L_spa: entropy of a visible token's affinity over all tokens.
+- ``singularity_loss``  Eq. 6   L_e = 1 / (H^0 + eps).
+- ``ranking_loss``      Eq. 7   L_r: softplus ranking that makes H decrease with depth.
+
+Conventions: ``hidden`` is ``[B, N, D]`` (patch tokens only, never the CLS token); ``mask`` is ``[B, N]`` bool,
+True = masked. Everything is computed in float32 with autocast disabled, through ``log_softmax`` (never
+``log(softmax)``), and is finite (values and gradients) for every mask: an image with no masked or no visible
+token has nothing to measure, contributes 0 and is left out of batch means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+AFFINITY_MODES = ("dot", "scaled", "cosine")
+RANKING_MODES = ("intended", "literal")
+
+
+def check_mto_settings(
+    spa_layers: list[int] | tuple[int, ...],
+    affinity: str,
+    temperature: float,
+    eps: float,
+    ranking: str,
+    num_states: int,
+) -> None:
+    """Validate MTO settings (the model configs call this); ``num_states`` = number of blocks + 1 (H^0..H^L)."""
+    if affinity not in AFFINITY_MODES:
+        raise ValueError(f"mto_affinity must be one of {AFFINITY_MODES}, got {affinity!r}")
+    if ranking not in RANKING_MODES:
+        raise ValueError(f"mto_ranking must be one of {RANKING_MODES}, got {ranking!r}")
+    if not eps > 0:
+        raise ValueError(f"mto_eps must be > 0, got {eps}")
+    if not temperature > 0:
+        raise ValueError(f"mto_temperature must be > 0, got {temperature}")
+    bad = [layer for layer in spa_layers if not 0 <= layer < num_states]
+    if bad:
+        raise ValueError(f"mto_spa_layers {list(spa_layers)} has {bad} outside [0, {num_states - 1}]")
+
+
+def _check_hidden_and_mask(hidden: torch.Tensor, mask: torch.Tensor) -> None:
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [B, N, D], got shape {list(hidden.shape)}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor (True = masked), got dtype {mask.dtype}")
+    if mask.shape != hidden.shape[:2]:
+        raise ValueError(f"mask must be [B, N] = {list(hidden.shape[:2])}, got shape {list(mask.shape)}")
+
+
+def affinity_logits(hidden: torch.Tensor, affinity: str = "dot", temperature: float = 0.1) -> torch.Tensor:
+    """Token-token affinity logits in float32.
+
+    Args:
+        hidden: ``[B, N, D]`` token states (any float dtype).
+        affinity: ``"dot"`` (raw ``x_i . x_j``, the paper's form), ``"scaled"`` (divided by sqrt(D)) or
+            ``"cosine"`` (cosine similarity divided by ``temperature``).
+        temperature: only used by ``"cosine"``.
+
+    Returns:
+        ``[B, N, N]`` float32 logits; row i is the affinity of token i to every token j.
+    """
+    if affinity not in AFFINITY_MODES:
+        raise ValueError(f"affinity must be one of {AFFINITY_MODES}, got {affinity!r}")
+    # Autocast would run the matmul in bf16/fp16 again; the entropies need float32 logits.
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        x = hidden.float()
+        if affinity == "cosine":
+            if temperature <= 0:
+                raise ValueError(f"temperature must be > 0 for cosine affinity, got {temperature}")
+            x = F.normalize(x, dim=-1)
+            return torch.bmm(x, x.transpose(1, 2)) / temperature
+        logits = torch.bmm(x, x.transpose(1, 2))
+        if affinity == "scaled":
+            logits = logits / x.shape[-1] ** 0.5
+        return logits
+
+
+def _mean_row_entropy(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Mean over selected rows of the entropy of softmax over selected columns.
+
+    Args:
+        logits: ``[B, N, N]`` float32.
+        rows: ``[B, N]`` bool, the rows i to average over.
+        cols: ``[B, N]`` bool, the columns j the softmax runs over.
+
+    Returns:
+        ``[B]`` float32; 0 for an image with no selected row or no selected column.
+    """
+    has_cols = cols.any(dim=1, keepdim=True)  # [B, 1]
+    # An image with no selected column would give an all -inf row and NaN gradients; let it see every column
+    # (any finite value) and zero its result below.
+    cols = cols | ~has_cols
+    col_mask = cols[:, None, :]  # [B, 1, N], broadcast over rows
+    log_p = torch.log_softmax(logits.masked_fill(~col_mask, float("-inf")), dim=-1)
+    # Excluded columns have p = 0; fill log p there before multiplying so 0 * -inf never appears (value or grad).
+    log_p = log_p.masked_fill(~col_mask, 0.0)
+    entropy = -(log_p.exp() * log_p).sum(dim=-1)  # [B, N]
+    rows_f = rows.float()
+    per_image = (entropy * rows_f).sum(dim=1) / rows_f.sum(dim=1).clamp(min=1.0)
+    return per_image * has_cols.squeeze(1).float()
+
+
+def has_masked_and_visible(mask: torch.Tensor) -> torch.Tensor:
+    """``[B]`` bool: the images for which heterogeneity is defined (at least one masked and one visible token)."""
+    return mask.any(dim=1) & (~mask).any(dim=1)
+
+
+def _batch_mean(values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values [B]`` over the ``valid [B]`` images; 0 when none is valid."""
+    if valid is None:
+        return values.mean()
+    valid_f = valid.float()
+    return (values * valid_f).sum() / valid_f.sum().clamp(min=1.0)
+
+
+def heterogeneity(
+    hidden: torch.Tensor, mask: torch.Tensor, affinity: str = "dot", temperature: float = 0.1
+) -> torch.Tensor:
+    """Eq. 2: heterogeneity H of masked tokens with respect to visible tokens, per image.
+
+    H = mean over masked rows i of the entropy of softmax_j over **visible** j of affinity(i, j).
+
+    Args:
+        hidden: ``[B, N, D]`` token states, patch tokens only.
+        mask: ``[B, N]`` bool, True = masked.
+
+    Returns:
+        ``[B]`` float32; 0 for an image with no masked or no visible token.
+    """
+    _check_hidden_and_mask(hidden, mask)
+    return _mean_row_entropy(affinity_logits(hidden, affinity, temperature), rows=mask, cols=~mask)
+
+
+def sparsity_loss(
+    hidden: torch.Tensor, mask: torch.Tensor, affinity: str = "dot", temperature: float = 0.1
+) -> torch.Tensor:
+    """Eq. 3 (L_spa): entropy of each visible token's affinity over **all** tokens, averaged.
+
+    The paper sums over visible rows; we average over the visible rows of each image and then over images, so
+    the loss weight does not depend on the number of patches.
+
+    Args:
+        hidden: ``[B, N, D]`` token states, patch tokens only.
+        mask: ``[B, N]`` bool, True = masked.
+
+    Returns:
+        scalar float32; images with no visible token are left out of the mean.
+    """
+    _check_hidden_and_mask(hidden, mask)
+    logits = affinity_logits(hidden, affinity, temperature)
+    return _sparsity_from_logits(logits, mask)
+
+
+def _sparsity_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    all_cols = torch.ones_like(mask)
+    per_image = _mean_row_entropy(logits, rows=~mask, cols=all_cols)
+    return _batch_mean(per_image, (~mask).any(dim=1))
+
+
+def singularity_loss(h0: torch.Tensor, eps: float = 1e-6, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 6 (L_e): ``1 / (H^0 + eps)`` averaged over images; minimising it raises the heterogeneity of the
+    initial embedding (the masked token's "data singularity").
+
+    Args:
+        h0: ``[B]`` heterogeneity of the initial embedding.
+        eps: keeps the division finite.
+        valid: optional ``[B]`` bool; images where H^0 is undefined (``has_masked_and_visible`` False) must be
+            left out, since their H^0 = 0 would give 1 / eps.
+
+    Returns:
+        scalar float32.
+    """
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    h0 = h0.float()
+    if valid is not None:
+        # Substitute 1 for undefined images before dividing so neither value nor gradient blows up.
+        h0 = torch.where(valid, h0, torch.ones_like(h0))
+    return _batch_mean(1.0 / (h0 + eps), valid)
+
+
+def ranking_loss(hs: torch.Tensor, mode: str = "intended", valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 7 (L_r): ranking loss over the per-layer heterogeneity.
+
+    ``"intended"`` (default): ``sum_{l=1..L} softplus(H^l - H^{l-1})``, which pushes each layer's heterogeneity
+    below the previous one's ("progressively lower heterogeneity", the paper's text and Table 1).
+    ``"literal"``: ``softplus(H^{l-1} - H^l)`` as printed in Eq. 7, which rewards heterogeneity that grows with
+    depth; kept for ablations (see DESIGN.md).
+
+    Args:
+        hs: ``[L+1, B]`` heterogeneity H^0..H^L.
+        mode: ``"intended"`` or ``"literal"``.
+        valid: optional ``[B]`` bool of images to average over.
+
+    Returns:
+        scalar float32, the batch mean of the per-image sum over layers.
+    """
+    if mode not in RANKING_MODES:
+        raise ValueError(f"ranking mode must be one of {RANKING_MODES}, got {mode!r}")
+    if hs.dim() != 2 or hs.shape[0] < 2:
+        raise ValueError(f"hs must be [L+1, B] with L >= 1, got shape {list(hs.shape)}")
+    hs = hs.float()
+    step = hs[1:] - hs[:-1]  # H^l - H^{l-1}, [L, B]
+    if mode == "literal":
+        step = -step
+    return _batch_mean(F.softplus(step).sum(dim=0), valid)
+
+
+@dataclass
+class MTOTerms:
+    """Raw MTO terms of one forward pass (unweighted; the trainer weights them).
+
+    Attributes:
+        heterogeneity: ``[L+1]`` batch-mean H^0..H^L.
+        sparsity_loss: scalar L_spa (mean over ``spa_layers``).
+        singularity_loss: scalar L_e.
+        ranking_loss: scalar L_r.
+    """
+
+    heterogeneity: torch.Tensor
+    sparsity_loss: torch.Tensor
+    singularity_loss: torch.Tensor
+    ranking_loss: torch.Tensor
+
+
+def mto_terms(
+    hidden_states: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    mask: torch.Tensor,
+    spa_layers: list[int] | tuple[int, ...] = (0,),
+    affinity: str = "dot",
+    temperature: float = 0.1,
+    eps: float = 1e-6,
+    ranking: str = "intended",
+) -> MTOTerms:
+    """All MTO terms from the states H^0..H^L of one stack, computing each layer's affinity once.
+
+    Args:
+        hidden_states: L+1 tensors ``[B, N, D]``: the initial embedding (index 0) and each block's output,
+            patch tokens only.
+        mask: ``[B, N]`` bool, True = masked.
+        spa_layers: indices into ``hidden_states`` where L_spa applies (the paper: ``[0]``).
+
+    Returns:
+        ``MTOTerms``.
+    """
+    num_states = len(hidden_states)
+    if num_states < 2:
+        raise ValueError(f"need the initial embedding and at least one block output, got {num_states} states")
+    bad = [layer for layer in spa_layers if not 0 <= layer < num_states]
+    if bad:
+        raise ValueError(f"spa_layers {list(spa_layers)} out of range: {bad} not in [0, {num_states - 1}]")
+    valid = has_masked_and_visible(mask)
+    per_layer, spa = [], []
+    for layer, hidden in enumerate(hidden_states):
+        _check_hidden_and_mask(hidden, mask)
+        logits = affinity_logits(hidden, affinity, temperature)
+        per_layer.append(_mean_row_entropy(logits, rows=mask, cols=~mask))
+        if layer in spa_layers:
+            spa.append(_sparsity_from_logits(logits, mask))
+    hs = torch.stack(per_layer)  # [L+1, B]
+    return MTOTerms(
+        heterogeneity=(hs * valid.float()).sum(dim=1) / valid.float().sum().clamp(min=1.0),
+        sparsity_loss=torch.stack(spa).mean() if spa else hs.new_zeros(()),
+        singularity_loss=singularity_loss(hs[0], eps, valid),
+        ranking_loss=ranking_loss(hs, ranking, valid),
+    )

@@ -1,0 +1,185 @@
+"""ViTMAEMTOConfig / ViTMAEMTOForPreTraining: upstream equality, MTO terms, initialisation, loading, validation."""
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForPreTraining, ViTMAEConfig, ViTMAEForPreTraining
+
+import hf_mto
+from hf_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining, mto
+from hf_mto.models.vit_mae_mto import modeling_vit_mae_mto
+
+
+def make_model(seed=0, **overrides):
+    from conftest import TINY_MAE
+
+    torch.manual_seed(seed)
+    return ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**{**TINY_MAE, **overrides}))
+
+
+def batch(seed=0, size=3):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(size, 3, 32, 32, generator=generator), torch.rand(size, 64, generator=generator)
+
+
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_mto_off_loss_equals_upstream_exactly(tiny_mae_kwargs, norm_pix_loss):
+    model = make_model(norm_pix_loss=norm_pix_loss).eval()
+    upstream = ViTMAEForPreTraining(ViTMAEConfig(**tiny_mae_kwargs, norm_pix_loss=norm_pix_loss)).eval()
+    upstream.load_state_dict(model.state_dict())
+    pixels, noise = batch()
+    ours = model(pixels, noise=noise, use_mto=False)
+    theirs = upstream(pixels, noise=noise)
+    assert torch.equal(ours.loss, theirs.loss)
+    assert torch.equal(ours.logits, theirs.logits)
+    assert torch.equal(ours.mask, theirs.mask)
+    assert ours.heterogeneity is None and ours.sparsity_loss is None
+    # with MTO on the reconstruction loss is still upstream's: the terms come back separately
+    assert torch.equal(model(pixels, noise=noise, use_mto=True).loss, theirs.loss)
+
+
+def test_mto_off_does_no_mto_work(monkeypatch):
+    model = make_model(use_mto=False)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("MTO terms computed although MTO is off")
+
+    monkeypatch.setattr(modeling_vit_mae_mto, "mto_terms", forbidden)
+    pixels, noise = batch()
+    model(pixels, noise=noise)
+    with pytest.raises(AssertionError, match="MTO terms computed"):
+        model(pixels, noise=noise, use_mto=True)
+
+
+def test_mto_terms_come_from_decoder_states_without_cls():
+    model = make_model().eval()
+    pixels, noise = batch()
+    captured = []
+    # H^0 = input of the first decoder block, H^l = output of block l (captured independently with hooks)
+    model.decoder.decoder_layers[0].register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    for layer in model.decoder.decoder_layers:
+        layer.register_forward_hook(lambda m, args, out: captured.append(out))
+    out = model(pixels, noise=noise)
+    assert model.config._attn_implementation == "sdpa"  # capturing states did not force eager attention
+    states = [state[:, 1:] for state in captured]
+    mask = out.mask.bool()
+    expected = mto.mto_terms(states, mask)
+    assert out.heterogeneity.shape == (3,)
+    assert torch.allclose(out.heterogeneity, expected.heterogeneity)
+    assert torch.allclose(out.sparsity_loss, expected.sparsity_loss)
+    assert torch.allclose(out.singularity_loss, expected.singularity_loss)
+    assert torch.allclose(out.ranking_loss, expected.ranking_loss)
+    # 48 masked, 16 visible: heterogeneity is an entropy over 16 visible tokens
+    assert (out.heterogeneity > 0).all() and (out.heterogeneity <= math.log(16) + 1e-5).all()
+
+
+def test_mto_terms_have_gradients_to_the_mask_token_and_encoder():
+    model = make_model()
+    pixels, noise = batch()
+    out = model(pixels, noise=noise)
+    (out.sparsity_loss + out.singularity_loss + out.ranking_loss).backward()
+    assert model.decoder.mask_token.grad.abs().sum() > 0
+    assert model.vit.layers[0].attention.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_initialisation_from_config_is_official_mae(tiny_mae_kwargs):
+    model = make_model()
+    grid, dim = 8, 32
+    table = modeling_vit_mae_mto._mae_sincos_position_embedding(grid * grid, dim)
+    for pos in (model.vit.embeddings.position_embeddings, model.decoder.decoder_pos_embed):
+        assert torch.equal(pos, table)
+        assert not pos.requires_grad  # fixed, as in the official MAE
+    assert pos.abs().sum() > 0 and torch.equal(pos[0, 0], torch.zeros(dim))  # zero row for CLS only
+    for token in (model.vit.embeddings.cls_token, model.decoder.mask_token):
+        assert token.abs().sum() > 0 and token.std().item() < 0.06
+    weight = model.vit.embeddings.patch_embeddings.projection.weight
+    fan_in, fan_out = weight[0].numel(), weight.shape[0]
+    bound = math.sqrt(6 / (fan_in + fan_out))  # Xavier-uniform as a linear layer
+    assert weight.abs().max() <= bound
+    assert weight.abs().max() > 0.9 * bound
+    # the upstream model built the same way has nothing of this (the trap DESIGN.md describes)
+    upstream = ViTMAEForPreTraining(ViTMAEConfig(**tiny_mae_kwargs))
+    assert upstream.vit.embeddings.position_embeddings.abs().sum() == 0
+
+
+def test_save_and_load_round_trip_keeps_every_weight(tmp_path):
+    model = make_model().eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "mto.py").is_file() and (tmp_path / "modeling_vit_mae_mto.py").is_file()
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(config, ViTMAEMTOConfig)
+    assert config.auto_map["AutoModelForPreTraining"] == "modeling_vit_mae_mto.ViTMAEMTOForPreTraining"
+    loaded = AutoModelForPreTraining.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, ViTMAEMTOForPreTraining)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    pixels, noise = batch()
+    assert torch.equal(model(pixels, noise=noise).ranking_loss, loaded(pixels, noise=noise).ranking_loss)
+
+
+def test_trust_remote_code_load_in_fresh_process_without_hf_mto(tmp_path):
+    model = make_model().eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    pixels, noise = batch()
+    expected = model(pixels, noise=noise)
+    torch.save({"pixels": pixels, "noise": noise}, tmp_path / "inputs.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.modules["hf_mto"] = None  # make any import of hf_mto fail: the checkpoint must stand alone
+        from transformers import AutoModelForPreTraining
+        model = AutoModelForPreTraining.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True).eval()
+        inputs = torch.load({str(tmp_path / "inputs.pt")!r})
+        out = model(inputs["pixels"], noise=inputs["noise"])
+        print(type(model).__module__, out.loss.item(), out.singularity_loss.item())
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env={**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "modules")},
+    )
+    assert result.returncode == 0, result.stderr
+    module, loss, singularity = result.stdout.split()
+    assert module.startswith("transformers_modules")
+    assert float(loss) == pytest.approx(expected.loss.item(), rel=1e-6)
+    assert float(singularity) == pytest.approx(expected.singularity_loss.item(), rel=1e-6)
+
+
+def test_noise_of_wrong_shape_is_rejected():
+    model = make_model()
+    pixels, _ = batch()
+    with pytest.raises(ValueError, match=r"\[3, 64\].*\[3, 63\]"):
+        model(pixels, noise=torch.rand(3, 63))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"mask_ratio": 1.5}, "1.5"),
+        ({"mask_ratio": 0.0}, "mask_ratio"),
+        ({"image_size": 30}, "30"),
+        ({"mto_affinity": "euclid"}, "'euclid'"),
+        ({"mto_ranking": "upward"}, "'upward'"),
+        ({"mto_eps": -1.0}, "-1.0"),
+        ({"mto_temperature": 0.0}, "mto_temperature"),
+        ({"mto_spa_layers": [0, 7]}, r"\[7\]"),
+        ({"decoder_hidden_size": 30}, "30"),
+    ],
+)
+def test_bad_config_values_raise_value_error_naming_the_value(tiny_mae_kwargs, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ViTMAEMTOConfig(**{**tiny_mae_kwargs, **overrides})
+
+
+def test_import_registers_auto_classes():
+    config = AutoConfig.for_model("vit_mae_mto", **{"image_size": 32, "patch_size": 4})
+    assert isinstance(config, ViTMAEMTOConfig)
+    assert hf_mto.ViTMAEMTOForPreTraining is ViTMAEMTOForPreTraining
