@@ -1,0 +1,131 @@
+"""`MTOTrainingArguments` and `MTOTrainer`: the HF Trainer with the MTO loss terms weighted, summed and logged.
+
+The models return the reconstruction loss and each raw MTO term; the trainer owns the weights:
+
+    total = reconstruction + mto_spa_weight * L_spa + mto_e_weight * L_e + mto_r_weight * L_r
+
+and logs every component (and the per-layer heterogeneity) averaged over the steps since the last log and over all
+processes. With every weight 0 the model is called with `use_mto=False` and costs what the upstream model costs.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+MTO_TERMS = ("sparsity_loss", "singularity_loss", "ranking_loss")
+
+
+@dataclass
+class MTOTrainingArguments(TrainingArguments):
+    """`TrainingArguments` for masked image modeling with MTO.
+
+    Defaults follow the official MAE pre-training recipe (AdamW betas (0.9, 0.95), lr = base lr x total batch / 256,
+    weight decay 0.05) and keep image columns (`remove_unused_columns=False`).
+    """
+
+    mto_spa_weight: float = field(
+        default=0.1, metadata={"help": "Weight of the sparsity loss L_spa (MTO Eq. 3). 0 disables it."}
+    )
+    mto_e_weight: float = field(
+        default=0.1, metadata={"help": "Weight of the singularity loss L_e = 1/(H^0+eps) (MTO Eq. 6). 0 disables it."}
+    )
+    mto_r_weight: float = field(
+        default=0.1, metadata={"help": "Weight of the ranking loss L_r (MTO Eq. 7). 0 disables it."}
+    )
+    base_learning_rate: float | None = field(
+        default=1.5e-4,
+        metadata={
+            "help": "Base learning rate: the absolute learning_rate is base_learning_rate x total batch size / "
+            "lr_scaling_batch_size (total batch = per-device batch x gradient accumulation x processes), as in MAE "
+            "and SimMIM. Set to null (YAML/JSON) to use --learning_rate as given."
+        },
+    )
+    lr_scaling_batch_size: int = field(
+        default=256, metadata={"help": "Batch size the base learning rate refers to: 256 for MAE, 512 for SimMIM."}
+    )
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (MAE uses 0.95)."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (MAE uses 0.05)."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep dataset columns: the image transform needs the image column."}
+    )
+
+    def __post_init__(self):
+        for name in ("mto_spa_weight", "mto_e_weight", "mto_r_weight"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if self.base_learning_rate is not None and not self.base_learning_rate > 0:
+            raise ValueError(f"base_learning_rate must be > 0 (or null), got {self.base_learning_rate}")
+        if self.lr_scaling_batch_size <= 0:
+            raise ValueError(f"lr_scaling_batch_size must be > 0, got {self.lr_scaling_batch_size}")
+        super().__post_init__()
+        if self.base_learning_rate is not None:
+            self.learning_rate = self.base_learning_rate * self.total_train_batch_size / self.lr_scaling_batch_size
+
+    @property
+    def total_train_batch_size(self) -> int:
+        """Images per optimizer step over all processes."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
+
+    @property
+    def use_mto(self) -> bool:
+        """Whether any MTO term has a non-zero weight (otherwise the MTO work is skipped entirely)."""
+        return any(w > 0 for w in (self.mto_spa_weight, self.mto_e_weight, self.mto_r_weight))
+
+    def mto_weights(self) -> dict[str, float]:
+        return {
+            "sparsity_loss": self.mto_spa_weight,
+            "singularity_loss": self.mto_e_weight,
+            "ranking_loss": self.mto_r_weight,
+        }
+
+
+class MTOTrainer(Trainer):
+    """Trainer for `ViTMAEMTOForPreTraining` (and the other hf_mto models): weights the MTO terms and logs them."""
+
+    args: MTOTrainingArguments
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Sums and counts since the last log, per mode; tensors stay on the device until logging (no sync per step).
+        self._metric_sums = {"train": defaultdict(lambda: 0.0), "eval": defaultdict(lambda: 0.0)}
+        self._metric_counts = {"train": defaultdict(int), "eval": defaultdict(int)}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs, use_mto=self.args.use_mto)
+        loss = outputs.loss
+        components = {"reconstruction_loss": outputs.loss}
+        if self.args.use_mto:
+            for name, weight in self.args.mto_weights().items():
+                term = getattr(outputs, name)
+                components[f"mto/{name}"] = term
+                if weight > 0:
+                    loss = loss + weight * term
+            for layer, value in enumerate(outputs.heterogeneity):
+                components[f"mto/heterogeneity/layer_{layer}"] = value
+        self._record(components)
+        return (loss, outputs) if return_outputs else loss
+
+    def _record(self, components: dict[str, torch.Tensor]) -> None:
+        mode = "train" if self.model.training else "eval"
+        for key, value in components.items():
+            self._metric_sums[mode][key] = self._metric_sums[mode][key] + value.detach().float()
+            self._metric_counts[mode][key] += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        sums, counts = self._metric_sums[mode], self._metric_counts[mode]
+        if sums:
+            keys = sorted(sums)
+            means = torch.stack([torch.as_tensor(sums[k]) / counts[k] for k in keys]).to(self.args.device)
+            # One all-gather for every metric; every process reaches `log` at the same step with the same keys.
+            means = self.accelerator.gather(means[None]).mean(dim=0)
+            prefix = "eval_" if mode == "eval" else ""
+            logs.update({f"{prefix}{k}": v for k, v in zip(keys, means.tolist(), strict=True)})
+            sums.clear()
+            counts.clear()
+        super().log(logs, start_time)

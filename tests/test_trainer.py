@@ -1,0 +1,102 @@
+"""MTOTrainingArguments / MTOTrainer: weighted loss, logging of every component, learning-rate rule."""
+
+import pytest
+import torch
+from conftest import TINY_MAE
+
+from hf_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining
+from hf_mto.trainer import MTOTrainer, MTOTrainingArguments
+
+
+class RandomImages(torch.utils.data.Dataset):
+    def __init__(self, n=32):
+        self.pixels = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.pixels)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.pixels[i]}
+
+
+def make_args(tmp_path, **overrides):
+    kwargs = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        max_steps=4,
+        logging_steps=2,
+        save_strategy="no",
+        report_to="none",
+        base_learning_rate=1e-2,
+        use_cpu=True,
+        seed=0,
+    )
+    return MTOTrainingArguments(**{**kwargs, **overrides})
+
+
+def test_defaults_follow_mae_and_lr_scales_with_total_batch(tmp_path):
+    args = make_args(tmp_path, per_device_train_batch_size=16, gradient_accumulation_steps=4, base_learning_rate=1e-3)
+    assert (args.adam_beta1, args.adam_beta2, args.weight_decay) == (0.9, 0.95, 0.05)
+    assert args.total_train_batch_size == 64
+    assert args.learning_rate == pytest.approx(1e-3 * 64 / 256)
+    args = make_args(tmp_path, base_learning_rate=None, learning_rate=3e-4)
+    assert args.learning_rate == 3e-4
+
+
+@pytest.mark.parametrize("name", ["mto_spa_weight", "mto_e_weight", "mto_r_weight"])
+def test_negative_weight_raises_naming_the_value(tmp_path, name):
+    with pytest.raises(ValueError, match=f"{name}.*-0.5"):
+        make_args(tmp_path, **{name: -0.5})
+
+
+def test_training_steps_change_every_parameter_and_log_every_component(tmp_path):
+    torch.manual_seed(0)
+    model = ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**TINY_MAE))
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    trainer = MTOTrainer(model=model, args=make_args(tmp_path), train_dataset=RandomImages())
+    trainer.train()
+    unchanged = [name for name, p in model.named_parameters() if p.requires_grad and torch.equal(p, before[name])]
+    assert unchanged == []
+    logs = [entry for entry in trainer.state.log_history if "reconstruction_loss" in entry]
+    assert len(logs) == 2  # steps 2 and 4
+    expected = {
+        "loss",
+        "reconstruction_loss",
+        "mto/sparsity_loss",
+        "mto/singularity_loss",
+        "mto/ranking_loss",
+        "mto/heterogeneity/layer_0",
+        "mto/heterogeneity/layer_1",
+        "mto/heterogeneity/layer_2",
+    }
+    for entry in logs:
+        assert expected <= set(entry)
+        # the logged total is the weighted sum of the logged components (both averaged over the same steps)
+        weighted = entry["reconstruction_loss"] + 0.1 * (
+            entry["mto/sparsity_loss"] + entry["mto/singularity_loss"] + entry["mto/ranking_loss"]
+        )
+        assert entry["loss"] == pytest.approx(weighted, rel=1e-4)
+
+
+def test_compute_loss_weights_each_term(tmp_path):
+    torch.manual_seed(0)
+    model = ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**TINY_MAE)).eval()
+    pixels = torch.randn(4, 3, 32, 32)
+    noise = torch.rand(4, 64)
+    args = make_args(tmp_path, mto_spa_weight=0.5, mto_e_weight=2.0, mto_r_weight=0.25)
+    trainer = MTOTrainer(model=model, args=args)
+    loss, out = trainer.compute_loss(model, {"pixel_values": pixels, "noise": noise}, return_outputs=True)
+    expected = out.loss + 0.5 * out.sparsity_loss + 2.0 * out.singularity_loss + 0.25 * out.ranking_loss
+    assert torch.allclose(loss, expected)
+
+
+def test_all_weights_zero_is_upstream_loss_and_skips_mto(tmp_path):
+    torch.manual_seed(0)
+    model = ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**TINY_MAE)).eval()
+    args = make_args(tmp_path, mto_spa_weight=0.0, mto_e_weight=0.0, mto_r_weight=0.0)
+    assert not args.use_mto
+    trainer = MTOTrainer(model=model, args=args)
+    inputs = {"pixel_values": torch.randn(4, 3, 32, 32), "noise": torch.rand(4, 64)}
+    loss, out = trainer.compute_loss(model, inputs, return_outputs=True)
+    assert out.heterogeneity is None
+    assert torch.equal(loss, model(**inputs, use_mto=False).loss)
