@@ -110,6 +110,13 @@ class MTOTrainer(Trainer):
         self._record(components)
         return (loss, outputs) if return_outputs else loss
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # Pre-training batches carry no labels, so the stock step would skip the loss; evaluation here *is* the loss.
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
     def _record(self, components: dict[str, torch.Tensor]) -> None:
         mode = "train" if self.model.training else "eval"
         for key, value in components.items():

@@ -100,3 +100,14 @@ def test_all_weights_zero_is_upstream_loss_and_skips_mto(tmp_path):
     loss, out = trainer.compute_loss(model, inputs, return_outputs=True)
     assert out.heterogeneity is None
     assert torch.equal(loss, model(**inputs, use_mto=False).loss)
+
+
+def test_evaluate_reports_loss_and_mto_terms(tmp_path):
+    torch.manual_seed(0)
+    model = ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**TINY_MAE))
+    trainer = MTOTrainer(model=model, args=make_args(tmp_path), eval_dataset=RandomImages(16))
+    metrics = trainer.evaluate()
+    assert {"eval_loss", "eval_reconstruction_loss", "eval_mto/ranking_loss", "eval_mto/heterogeneity/layer_2"} <= set(
+        metrics
+    )
+    assert metrics["eval_loss"] > metrics["eval_reconstruction_loss"] > 0

@@ -1,0 +1,109 @@
+"""Pre-train a ViT with masked image modeling and Masked Token Optimization (MTO).
+
+One GPU, many GPUs or CPU, through accelerate and the HF Trainer:
+
+    # the tiny CPU preset on the embedded default data (Fashion-MNIST), a few minutes on 2 cores
+    accelerate launch recipes/pretrain.py
+
+    # a preset plus overrides
+    accelerate launch recipes/pretrain.py --config recipes/configs/vit_base_mae_mto_in1k.yaml \
+        --dataset_name imagenet-1k --output_dir outputs/vit-b-mae-mto --push_to_hub
+
+    # several processes (CPU test: torchrun --nproc_per_node 2 recipes/pretrain.py ...)
+    accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml recipes/pretrain.py --config ...
+
+Every flag of `ModelArguments` (hf_mto/cli.py), `DataArguments` (hf_mto/data.py) and `MTOTrainingArguments`
+(hf_mto/trainer.py, which extends transformers' `TrainingArguments`) can be set in the YAML/JSON file or on the
+command line; the command line wins.
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+import transformers
+from transformers.trainer_utils import get_last_checkpoint
+
+from hf_mto.cli import ModelArguments, build_config, build_image_processor, build_model, parse_args
+from hf_mto.data import (
+    DataArguments,
+    PixelCollator,
+    apply_transform,
+    build_eval_transform,
+    build_pretraining_transform,
+    load_datasets,
+)
+from hf_mto.trainer import MTOTrainer, MTOTrainingArguments
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny_cpu_mae_mto.yaml"
+
+
+def main(argv=None):
+    model_args, data_args, training_args = parse_args(
+        (ModelArguments, DataArguments, MTOTrainingArguments), argv, default_config=DEFAULT_CONFIG
+    )
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.set_seed(training_args.seed)
+
+    config = build_config(model_args)
+    model = build_model(model_args, config)
+    image_processor = build_image_processor(config)
+    logger.info(
+        "model %s: %.2fM parameters; learning rate %.3g (total batch %d); MTO weights %s",
+        model_args.model_type,
+        model.num_parameters() / 1e6,
+        training_args.learning_rate,
+        training_args.total_train_batch_size,
+        training_args.mto_weights() if training_args.use_mto else "off",
+    )
+
+    datasets = load_datasets(data_args, cache_dir=model_args.cache_dir, seed=training_args.seed)
+    size = image_processor.size["height"]
+    train_dataset = apply_transform(
+        datasets["train"], build_pretraining_transform(size, image_processor.image_mean, image_processor.image_std)
+    )
+    eval_dataset = apply_transform(
+        datasets["validation"], build_eval_transform(size, image_processor.image_mean, image_processor.image_std)
+    )
+
+    trainer = MTOTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset if training_args.do_train else None,
+        eval_dataset=eval_dataset if training_args.do_eval else None,
+        processing_class=image_processor,
+        data_collator=PixelCollator(),
+    )
+
+    if training_args.do_train:
+        resume = training_args.resume_from_checkpoint
+        if resume is None and training_args.output_dir and Path(training_args.output_dir).is_dir():
+            resume = get_last_checkpoint(training_args.output_dir)
+            if resume is not None:
+                logger.info("resuming from the last checkpoint in the output directory: %s", resume)
+        train_result = trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model()
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.save_state()
+
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+
+    if training_args.push_to_hub:
+        trainer.push_to_hub(tags=["masked-image-modeling", "mto", model_args.model_type])
+
+
+if __name__ == "__main__":
+    main()

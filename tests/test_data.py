@@ -1,0 +1,371 @@
+"""Tests for hf_mto.data: Fashion-MNIST IDX loading, dataset assembly, transforms and collation.
+
+Most cases use tiny synthetic IDX files or in-memory datasets, so they run without the Debian package; the cases
+that read the real Fashion-MNIST files skip when it is not installed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import datasets
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import HfArgumentParser
+
+from hf_mto import data as data_mod
+from hf_mto.data import (
+    DEFAULT_FASHION_MNIST_DIR,
+    FASHION_MNIST_CLASSES,
+    DataArguments,
+    PixelCollator,
+    apply_transform,
+    build_eval_transform,
+    build_pretraining_transform,
+    collate_pixel_values,
+    load_datasets,
+    load_fashion_mnist,
+    resolve_image_column,
+    resolve_label_column,
+)
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+REAL_FASHION_MNIST = Path(DEFAULT_FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz").is_file()
+needs_real_fashion_mnist = pytest.mark.skipif(
+    not REAL_FASHION_MNIST, reason="needs `apt-get install dataset-fashion-mnist`"
+)
+
+
+def write_fake_fashion_mnist(root: Path, n_train: int = 12, n_test: int = 4, seed: int = 0) -> np.ndarray:
+    """Write gzipped IDX files like Debian's; returns the train images [n_train, 28, 28]."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    train_images = None
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        with gzip.open(root / f"{split}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes())
+        with gzip.open(root / f"{split}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">II", 0x801, n) + labels.tobytes())
+        if split == "train":
+            train_images = images
+    return train_images
+
+
+def write_image_folder(root: Path, n_per_class: int = 3) -> None:
+    """Two class subfolders: RGB images in one, grayscale in the other, of varied sizes."""
+    rng = np.random.default_rng(0)
+    for cls, channels in (("cat", 3), ("dog", 1)):
+        (root / cls).mkdir(parents=True)
+        for i in range(n_per_class):
+            shape = (20 + i, 30) if channels == 1 else (20 + i, 30, 3)
+            Image.fromarray(rng.integers(0, 256, size=shape, dtype=np.uint8)).save(root / cls / f"{i}.png")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fashion-MNIST
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_fake_fashion_mnist_round_trip(tmp_path):
+    images = write_fake_fashion_mnist(tmp_path)
+    ds = load_fashion_mnist("train", tmp_path)
+    assert len(ds) == 12
+    assert ds.features["label"].names == FASHION_MNIST_CLASSES
+    assert isinstance(ds.features["image"], datasets.Image)
+    for i in (0, 5, 11):
+        example = ds[i]
+        assert example["image"].mode == "L" and example["image"].size == (28, 28)
+        # The hand-written PNG encoding must be lossless.
+        np.testing.assert_array_equal(np.asarray(example["image"]), images[i])
+        assert example["label"] == i % 10
+    assert len(load_fashion_mnist("test", tmp_path)) == 4
+
+
+def test_fashion_mnist_reads_uncompressed_files(tmp_path):
+    write_fake_fashion_mnist(tmp_path)
+    for gz in tmp_path.glob("*.gz"):
+        gz.with_suffix("").write_bytes(gzip.decompress(gz.read_bytes()))
+        gz.unlink()
+    assert len(load_fashion_mnist("test", tmp_path)) == 4
+
+
+@needs_real_fashion_mnist
+def test_real_fashion_mnist():
+    test = load_fashion_mnist("test")
+    assert len(test) == 10_000
+    labels = np.asarray(test["label"])
+    assert labels.min() == 0 and labels.max() == 9 and len(np.unique(labels)) == 10
+    image = test[0]["image"]
+    assert image.mode == "L" and image.size == (28, 28)
+    assert len(load_fashion_mnist("train")) == 60_000
+
+
+def test_fashion_mnist_bad_split(tmp_path):
+    with pytest.raises(ValueError, match="'validation'"):
+        load_fashion_mnist("validation", tmp_path)
+
+
+def test_fashion_mnist_missing_dir_says_how_to_install(tmp_path):
+    with pytest.raises(FileNotFoundError) as excinfo:
+        load_fashion_mnist("train", tmp_path / "nowhere")
+    message = str(excinfo.value)
+    assert "apt-get install dataset-fashion-mnist" in message
+    assert "--dataset_name" in message and "--train_dir" in message
+
+
+def test_fashion_mnist_missing_file(tmp_path):
+    write_fake_fashion_mnist(tmp_path)
+    (tmp_path / "train-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="train-labels-idx1-ubyte.*apt-get install dataset-fashion-mnist"):
+        load_fashion_mnist("train", tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("payload", "match"),
+    [
+        (b"not gzip at all", "Corrupt.*train-images"),  # not a gzip stream
+        (gzip.compress(struct.pack(">IIII", 0x801, 12, 28, 28)), "magic number"),  # labels magic on an image file
+        (gzip.compress(struct.pack(">IIII", 0x803, 12, 28, 28) + bytes(100)), "holds 100 bytes"),  # truncated data
+        (gzip.compress(b"\x00\x00"), "shorter than the IDX header"),
+        (gzip.compress(struct.pack(">IIII", 0x803, 12, 28, 28) + bytes(12 * 784))[:-20], "Corrupt"),  # cut gzip
+    ],
+)
+def test_fashion_mnist_corrupt_file(tmp_path, payload, match):
+    write_fake_fashion_mnist(tmp_path)
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(payload)
+    with pytest.raises(ValueError, match=match):
+        load_fashion_mnist("train", tmp_path)
+
+
+def test_fashion_mnist_image_label_count_mismatch(tmp_path):
+    write_fake_fashion_mnist(tmp_path)
+    with gzip.open(tmp_path / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">II", 0x801, 3) + bytes(3))
+    with pytest.raises(ValueError, match="12 images, 3 labels"):
+        load_fashion_mnist("train", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# load_datasets
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_load_datasets_default_is_fashion_mnist(tmp_path):
+    write_fake_fashion_mnist(tmp_path)
+    args = DataArguments(fashion_mnist_dir=str(tmp_path), max_train_samples=5, max_eval_samples=2)
+    dsd = load_datasets(args)
+    assert set(dsd) == {"train", "validation"}
+    assert (len(dsd["train"]), len(dsd["validation"])) == (5, 2)
+    assert dsd["train"].column_names == ["image", "label"]
+    # Seeded: the same subset every time, and a random one rather than the first five.
+    assert dsd["train"]["label"] == load_datasets(args)["train"]["label"]
+    assert dsd["train"]["label"] != [0, 1, 2, 3, 4]
+
+
+def test_load_datasets_default_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        load_datasets(DataArguments(fashion_mnist_dir=str(tmp_path / "nowhere")))
+
+
+def test_load_datasets_imagefolder_split(tmp_path):
+    write_image_folder(tmp_path / "images", n_per_class=10)
+    args = DataArguments(train_dir=str(tmp_path / "images"), train_val_split=0.25)
+    dsd = load_datasets(args, cache_dir=str(tmp_path / "cache"))
+    assert (len(dsd["train"]), len(dsd["validation"])) == (15, 5)
+    assert set(dsd["train"].column_names) == {"image", "label"}
+    assert dsd["train"].features["label"].names == ["cat", "dog"]
+    assert {dsd["train"][i]["image"].mode for i in range(15)} == {"RGB", "L"}
+
+
+def test_load_datasets_imagefolder_validation_dir(tmp_path):
+    write_image_folder(tmp_path / "train", n_per_class=3)
+    write_image_folder(tmp_path / "val", n_per_class=2)
+    args = DataArguments(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "val"), max_eval_samples=3)
+    dsd = load_datasets(args, cache_dir=str(tmp_path / "cache"))
+    assert (len(dsd["train"]), len(dsd["validation"])) == (6, 3)
+
+
+def test_load_datasets_no_split_when_ratio_zero(tmp_path):
+    write_image_folder(tmp_path / "images", n_per_class=2)
+    args = DataArguments(train_dir=str(tmp_path / "images"), train_val_split=0.0)
+    dsd = load_datasets(args, cache_dir=str(tmp_path / "cache"))
+    assert list(dsd) == ["train"] and len(dsd["train"]) == 4
+
+
+def _tiny_image_dataset(n: int = 4, **extra_columns) -> datasets.Dataset:
+    images = [Image.new("RGB", (8, 6), color=(i, i, i)) for i in range(n)]
+    features = {name: datasets.Value("int64") for name in extra_columns}
+    return datasets.Dataset.from_dict(
+        {"img": images, **extra_columns}, features=datasets.Features({"img": datasets.Image(), **features})
+    )
+
+
+def test_load_datasets_hub_renames_columns(monkeypatch):
+    """A Hub dataset (stubbed) with "img"/"labels" columns and no validation split."""
+    hub = datasets.DatasetDict(
+        {"train": _tiny_image_dataset(10, labels=list(range(10))), "test": _tiny_image_dataset(2, labels=[0, 1])}
+    )
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: calls.append(args) or hub)
+    dsd = load_datasets(DataArguments(dataset_name="org/cifar-like", dataset_config_name="plain", train_val_split=0.2))
+    assert calls == [("org/cifar-like", "plain")]
+    assert set(dsd) == {"train", "validation"}  # "test" is not used as validation
+    assert (len(dsd["train"]), len(dsd["validation"])) == (8, 2)
+    assert dsd["train"].column_names == ["image", "label"]
+
+
+def test_load_datasets_hub_explicit_missing_column(monkeypatch):
+    hub = datasets.DatasetDict({"train": _tiny_image_dataset(4), "validation": _tiny_image_dataset(2)})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: hub)
+    with pytest.raises(ValueError, match=r"'pixels' is not a column.*\['img'\]"):
+        load_datasets(DataArguments(dataset_name="org/x", image_column_name="pixels"))
+
+
+def test_load_datasets_offline_unknown_dataset_is_one_actionable_line(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE=1 with a dataset that is in no cache: one line naming it and the local alternatives."""
+    # The env var is parsed once, at import, into these two constants; datasets and huggingface_hub read the
+    # constants at call time, so patching them switches offline mode on for this test without a fresh interpreter.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConnectionError) as excinfo:
+        load_datasets(DataArguments(dataset_name="no-such-org/no-such-dataset"), cache_dir=str(tmp_path))
+    message = str(excinfo.value)
+    assert "\n" not in message
+    assert "no-such-org/no-such-dataset" in message and "HF_HUB_OFFLINE=1" in message
+    assert "--train_dir" in message and "Fashion-MNIST" in message
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Column resolution
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_resolve_image_column_by_name_and_feature():
+    assert resolve_image_column(_tiny_image_dataset(1)) == "img"
+    renamed = _tiny_image_dataset(1).rename_column("img", "picture")
+    assert resolve_image_column(renamed) == "picture"  # the only Image column
+    assert resolve_image_column(renamed, "picture") == "picture"
+
+
+def test_resolve_image_column_errors_list_columns():
+    no_images = datasets.Dataset.from_dict({"path": ["a.png"], "caption": ["x"]})
+    with pytest.raises(ValueError, match=r"--image_column_name.*\['path', 'caption'\]"):
+        resolve_image_column(no_images)
+    two = datasets.Dataset.from_dict(
+        {"a": [Image.new("L", (2, 2))], "b": [Image.new("L", (2, 2))]},
+        features=datasets.Features({"a": datasets.Image(), "b": datasets.Image()}),
+    )
+    with pytest.raises(ValueError, match="found 2 Image columns"):
+        resolve_image_column(two)
+    with pytest.raises(ValueError, match=r"'photo' is not a column.*\['img'\]"):
+        resolve_image_column(_tiny_image_dataset(1), "photo")
+
+
+def test_resolve_label_column():
+    assert resolve_label_column(_tiny_image_dataset(1, labels=[3])) == "labels"
+    assert resolve_label_column(_tiny_image_dataset(1, label=[3], labels=[3])) == "label"
+    assert resolve_label_column(_tiny_image_dataset(1)) is None
+    with pytest.raises(ValueError, match="'fine_label' is not a column"):
+        resolve_label_column(_tiny_image_dataset(1), "fine_label")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Transforms and collation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
+@pytest.mark.parametrize("build", [build_pretraining_transform, build_eval_transform])
+def test_transforms_give_3_channel_float_tensors(mode, build):
+    image = Image.new(mode, (28, 40), color=128 if mode == "L" else (128,) * len(mode))
+    out = build(32, MEAN, STD)(image)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+
+
+def test_eval_transform_is_deterministic_and_checks_crop_pct():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, size=(28, 28), dtype=np.uint8))
+    transform = build_eval_transform(16, MEAN, STD, crop_pct=1.0)
+    torch.testing.assert_close(transform(image), transform(image))
+    with pytest.raises(ValueError, match="crop_pct must be in \\(0, 1\\], got 0"):
+        build_eval_transform(16, MEAN, STD, crop_pct=0)
+
+
+def test_apply_transform_keeps_label(tmp_path):
+    write_fake_fashion_mnist(tmp_path)
+    dsd = load_datasets(DataArguments(fashion_mnist_dir=str(tmp_path)))
+    apply_transform(dsd, build_pretraining_transform(16, MEAN, STD))
+    example = dsd["validation"][1]
+    assert set(example) == {"pixel_values", "label"}
+    assert example["pixel_values"].shape == (3, 16, 16) and example["label"] == 1
+
+    # Picklable, so DataLoader workers started with "spawn" can receive it.
+    restored = pickle.loads(pickle.dumps(dsd["validation"]))
+    assert restored[1]["pixel_values"].shape == (3, 16, 16)
+
+    unlabelled = apply_transform(
+        _tiny_image_dataset(3).rename_column("img", "image"), build_eval_transform(8, MEAN, STD)
+    )
+    assert set(unlabelled[0]) == {"pixel_values"}
+
+
+def test_apply_transform_needs_image_column():
+    with pytest.raises(ValueError, match=r"'image' column.*\['img'\]"):
+        apply_transform(_tiny_image_dataset(1), build_eval_transform(8, MEAN, STD))
+
+
+def test_collators():
+    examples = [{"pixel_values": torch.randn(3, 16, 16), "label": i} for i in range(5)]
+    batch = collate_pixel_values(examples)
+    assert set(batch) == {"pixel_values"} and batch["pixel_values"].shape == (5, 3, 16, 16)
+
+    batch = PixelCollator(include_labels=True)(examples)
+    assert batch["labels"].dtype == torch.long and batch["labels"].tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="without a 'label'"):
+        PixelCollator(include_labels=True)([{"pixel_values": torch.zeros(3, 4, 4)}])
+
+
+def test_collator_with_dataloader(tmp_path):
+    write_fake_fashion_mnist(tmp_path)
+    train = apply_transform(load_fashion_mnist("train", tmp_path), build_pretraining_transform(16, MEAN, STD))
+    loader = torch.utils.data.DataLoader(train, batch_size=4, collate_fn=PixelCollator(include_labels=True))
+    batch = next(iter(loader))
+    assert batch["pixel_values"].shape == (4, 3, 16, 16) and batch["labels"].shape == (4,)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DataArguments
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"train_val_split": 1.0}, "train_val_split must be in \\[0, 1\\), got 1.0"),
+        ({"train_val_split": -0.1}, "got -0.1"),
+        ({"max_train_samples": 0}, "max_train_samples must be a positive integer, got 0"),
+        ({"max_eval_samples": -3}, "max_eval_samples must be a positive integer, got -3"),
+        ({"dataset_name": "a/b", "train_dir": "imgs"}, "not both"),
+        ({"validation_dir": "val"}, "needs train_dir"),
+    ],
+)
+def test_data_arguments_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DataArguments(**kwargs)
+
+
+def test_data_arguments_parse_from_command_line():
+    (args,) = HfArgumentParser(DataArguments).parse_args_into_dataclasses(
+        ["--dataset_name", "org/ds", "--max_train_samples", "5", "--train_val_split", "0.1"]
+    )
+    assert (args.dataset_name, args.max_train_samples, args.train_val_split) == ("org/ds", 5, 0.1)
+    assert args.image_column_name is None and args.fashion_mnist_dir == data_mod.DEFAULT_FASHION_MNIST_DIR
