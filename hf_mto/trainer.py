@@ -10,6 +10,7 @@ processes. With every weight 0 the model is called with `use_mto=False` and cost
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -62,6 +63,11 @@ class MTOTrainingArguments(TrainingArguments):
             raise ValueError(f"base_learning_rate must be > 0 (or null), got {self.base_learning_rate}")
         if self.lr_scaling_batch_size <= 0:
             raise ValueError(f"lr_scaling_batch_size must be > 0, got {self.lr_scaling_batch_size}")
+        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+            # A multi-process launch (torchrun, accelerate) on a machine without an accelerator: unless told to use
+            # the CPU, accelerate would not set up the gloo process group and each process would silently train
+            # alone on the whole dataset.
+            self.use_cpu = True
         super().__post_init__()
         if self.base_learning_rate is not None:
             self.learning_rate = self.base_learning_rate * self.total_train_batch_size / self.lr_scaling_batch_size

@@ -50,6 +50,16 @@ def parents_of(tree: MergeTree) -> torch.Tensor:
     return parents
 
 
+def ancestors(tree: MergeTree, b: int, leaf: int) -> set[int]:
+    """Node ids on the path from `leaf` to the root of image b, both included."""
+    parents = parents_of(tree)[b].tolist()
+    found, node = {leaf}, leaf
+    while parents[node] != -1:
+        node = parents[node]
+        found.add(node)
+    return found
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # random_mask
 # --------------------------------------------------------------------------------------------------------------------
@@ -221,6 +231,8 @@ def test_beit_block_mask_rejects_bad_settings():
         beit_block_mask(2, 14, 1.0)
     with pytest.raises(ValueError, match="grid height must be a positive int, got 0"):
         beit_block_mask(2, (0, 14), 0.4)
+    with pytest.raises(ValueError, match=r"grid_size must be an int or a \(height, width\) pair, got \(4, 4, 4\)"):
+        beit_block_mask(2, (4, 4, 4), 0.4)
     with pytest.raises(ValueError, match="min_num_patches must be a positive int, got 0"):
         beit_block_mask(2, 14, 0.4, min_num_patches=0)
 
@@ -260,6 +272,8 @@ def test_mask_to_noise_rejects_bad_masks():
         mask_to_noise(torch.zeros(1, 3))
     with pytest.raises(ValueError, match="torch.bool tensor of shape \\[3\\]"):
         mask_to_noise(torch.zeros(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="torch.bool tensor, got list"):
+        mask_to_noise([[True, False]])
 
 
 @pytest.fixture(scope="module")
@@ -355,6 +369,67 @@ def test_merge_tree_ties_break_on_lowest_flat_index():
     assert tree.heights.tolist() == [3]
 
 
+def test_merge_tree_tie_created_by_averaging():
+    # step 0: S[0,1] = 0.9 at the lowest flat index -> node 6 = {0,1} in slot 0; sim(6,2) = (0.1 + 0.7)/2 = 0.4,
+    #   sim(6,3) = 0.9, sim(6,4) = sim(6,5) = 0.3.
+    # step 1: 0.9 ties at slot pairs (0,3), (3,4), (3,5); lowest is (0,3) -> node 7 = {6, 3} (size 3) in slot 0:
+    #   sim(7,2) = (2*0.4 + 0.7)/3 = 0.5, sim(7,4) = (2*0.3 + 0.9)/3 = 0.5, sim(7,5) = 0.5.
+    # step 2: S[2,5] = 0.7 -> node 8 = {2,5} in slot 2; sim(7,8) = (0.5 + 0.5)/2 = 0.5, sim(8,4) = 0.3.
+    # step 3: sim(7,8) = sim(7,4) = 0.5 tie: slot pair (0,2) beats (0,4) -> node 9 = {7,8}; step 4: node 10 = {4,9}.
+    # The step-3 tie arises from averages computed along different paths, so it also checks that the merged
+    # similarities are combined exactly as Eq. 7 says (in float64 both come out as 0.5).
+    similarity = torch.tensor(
+        [
+            [0.0, 0.9, 0.1, 0.9, 0.3, 0.3],
+            [0.9, 0.0, 0.7, 0.9, 0.3, 0.3],
+            [0.1, 0.7, 0.0, 0.7, 0.3, 0.7],
+            [0.9, 0.9, 0.7, 0.0, 0.9, 0.9],
+            [0.3, 0.3, 0.3, 0.9, 0.0, 0.3],
+            [0.3, 0.3, 0.7, 0.9, 0.3, 0.0],
+        ],
+        dtype=torch.float64,
+    )
+    tree = build_merge_tree(similarity.unsqueeze(0))
+    assert tree.merges.tolist() == [[[0, 1], [3, 6], [2, 5], [7, 8], [4, 9]]]
+    assert tree.levels.tolist() == [[0, 0, 0, 0, 0, 0, 1, 2, 1, 3, 4]]
+    assert tree.sizes[0, 6:].tolist() == [2, 3, 2, 5, 6]
+
+
+def reference_full_argmax(similarity: torch.Tensor) -> tuple[list[list[int]], list[int]]:
+    """Slow reference for one image following the documented rule literally: scan the whole slot matrix each step,
+    take the lowest flat index among the maxima, put the merged node in the lower slot (Eq. 7 update)."""
+    n = similarity.shape[0]
+    work = similarity.clone()
+    work.fill_diagonal_(float("-inf"))
+    slot, sizes, levels, merges = list(range(n)), [1] * n, [0] * n, []
+    for k in range(n - 1):
+        keep, drop = sorted(divmod(int(work.argmax()), n))
+        a, b = slot[keep], slot[drop]
+        weight = sizes[a] / (sizes[a] + sizes[b])
+        merged = weight * work[keep] + (1 - weight) * work[drop]
+        work[keep], work[:, keep] = merged, merged
+        work[drop], work[:, drop] = float("-inf"), float("-inf")
+        slot[keep] = n + k
+        sizes.append(sizes[a] + sizes[b])
+        levels.append(max(levels[a], levels[b]) + 1)
+        merges.append(sorted([a, b]))
+    return merges, levels
+
+
+def test_merge_tree_tie_rule_matches_full_scan():
+    # Similarities on a grid of 3 values produce ties at almost every step, so this pins the documented tie rule
+    # (lowest flat index of the slot matrix) for arbitrary inputs, not just the hand-made case above.
+    gen = seeded(10)
+    for n in (8, 20, 40):
+        raw = (torch.rand(4, n, n, generator=gen, dtype=torch.float64) * 2).round() / 2
+        similarity = torch.maximum(raw, raw.transpose(1, 2))
+        tree = build_merge_tree(similarity)
+        for b in range(4):
+            merges, levels = reference_full_argmax(similarity[b])
+            assert tree.merges[b].tolist() == merges
+            assert tree.levels[b].tolist() == levels
+
+
 def reference_upgma(similarity: torch.Tensor) -> tuple[list[list[int]], list[int]]:
     """Slow, independent average linkage for one image: cluster similarity = mean of leaf-to-leaf similarities."""
     n = similarity.shape[0]
@@ -394,15 +469,6 @@ def test_merge_tree_two_groups():
             leaves = [leaf for leaf in range(16) if child in ancestors(tree, b, leaf)]
             assert len(leaves) == 8
             assert len(set(group[b, leaves].tolist())) == 1
-
-
-def ancestors(tree: MergeTree, b: int, leaf: int) -> set[int]:
-    parents = parents_of(tree)[b].tolist()
-    found, node = {leaf}, leaf
-    while parents[node] != -1:
-        node = parents[node]
-        found.add(node)
-    return found
 
 
 def test_merge_tree_rejects_bad_similarity():
@@ -507,6 +573,18 @@ def test_evolved_mask_two_groups_masks_one_whole_group():
             assert torch.equal(mask[b], group[b] == 0) or torch.equal(mask[b], group[b] == 1)
         picked.add(int(group[0][mask[0]][0]))
     assert picked == {0, 1}
+
+
+def test_evolved_mask_truncates_the_last_group_at_random():
+    # Two groups of 8 at depth height - 1, ratio 0.25: 4 masked patches, all inside the group visited first (chosen
+    # with probability 1/2), as a uniformly random 4 of its 8 (probability 1/2). Each patch is therefore masked with
+    # probability 1/4; over 2000 draws the standard error is sqrt(0.1875 / 2000) = 0.0097, so 0.05 is ~5 sigma.
+    similarity, group = two_group_similarity(1, seed=23)
+    tree = build_merge_tree(similarity.expand(2000, 16, 16))
+    mask = evolved_mask(tree, tree.heights - 1, 0.25, generator=seeded(24))
+    masked_groups = torch.where(mask, group, -1)
+    assert all(len(set(row.tolist()) - {-1}) == 1 for row in masked_groups)
+    assert (mask.float().mean(dim=0) - 0.25).abs().max() < 0.05
 
 
 def test_evolved_mask_depth_zero_is_random_masking():

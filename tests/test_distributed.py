@@ -1,0 +1,65 @@
+"""Two real processes (torchrun, gloo on CPU): sharded data, the lr rule over processes, metrics gathered."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from test_recipe_pretrain import FASHION_MNIST, PRESET, ROOT, TINY_FLAGS
+
+pytestmark = pytest.mark.slow
+
+
+def torchrun(args, cwd, timeout=600):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_logged_metrics_are_averaged_over_steps_and_processes(tmp_path):
+    script = tmp_path / "gather.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import json, torch
+            from conftest import TINY_MAE
+            from hf_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining
+            from hf_mto.trainer import MTOTrainer, MTOTrainingArguments
+
+            args = MTOTrainingArguments(output_dir={str(tmp_path)!r}, report_to="none")
+            trainer = MTOTrainer(model=ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**TINY_MAE)), args=args)
+            rank = args.process_index
+            trainer.model.train()
+            # rank 0 records 1 and 3 (mean 2), rank 1 records 2 and 4 (mean 3): the logged value must be 2.5
+            trainer._record({{"reconstruction_loss": torch.tensor(1.0 + rank)}})
+            trainer._record({{"reconstruction_loss": torch.tensor(3.0 + rank)}})
+            logs = {{"loss": 0.0}}
+            trainer.log(logs)
+            print("RESULT", json.dumps({{"world": args.world_size, "value": logs["reconstruction_loss"]}}))
+            """
+        )
+    )
+    result = torchrun([str(script)], cwd=Path(__file__).parent)
+    lines = [json.loads(line.split("RESULT", 1)[1]) for line in result.stdout.splitlines() if "RESULT" in line]
+    assert len(lines) == 2
+    assert all(line == {"world": 2, "value": 2.5} for line in lines)
+
+
+@pytest.mark.skipif(not FASHION_MNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
+def test_pretrain_recipe_with_two_processes_shards_the_data(tmp_path):
+    out = tmp_path / "run"
+    torchrun(
+        [str(ROOT / "recipes" / "pretrain.py"), "--config", str(PRESET), *TINY_FLAGS, "--output_dir", str(out)],
+        tmp_path,
+    )
+    state = json.loads((out / "trainer_state.json").read_text())
+    # 96 images, 16 per process, 2 processes: 3 optimizer steps (one process alone would take 6)
+    assert state["global_step"] == 3
+    first = next(entry for entry in state["log_history"] if "learning_rate" in entry)
+    assert "mto/ranking_loss" in first
+    # lr = 1.5e-4 x (16 x 2) / 256 at its peak; warm-up then cosine keep every logged value at or below it
+    assert 0 < first["learning_rate"] <= 1.5e-4 * 32 / 256 + 1e-12
