@@ -1,6 +1,7 @@
 """Two real processes (torchrun, gloo on CPU): sharded data, the lr rule over processes, metrics gathered."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -14,8 +15,10 @@ pytestmark = pytest.mark.slow
 
 
 def torchrun(args, cwd, timeout=600):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0", *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    # --standalone: a local rendezvous on a free port, so parallel test runs never collide
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}  # the scripts import conftest's tiny config
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
