@@ -10,8 +10,8 @@ Variants are interleaved round by round so drifts in machine load hit them alike
     python benchmarks/step_time.py --preset tiny            # CPU: the tiny pre-training preset, batch 128
     python benchmarks/step_time.py --preset vit-b16         # GPU: ViT-B/16 at 224 px, batch 128, bf16 autocast
 
-Peak memory: on CUDA `torch.cuda.max_memory_allocated` per variant; on CPU the peak resident-set growth during the
-measured steps, each variant in its own subprocess (the process-wide peak cannot be reset).
+Memory: on CUDA the peak `torch.cuda.max_memory_allocated` of a step; on CPU (no per-variant allocator peak) the
+bytes autograd saves for the backward pass during a step.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
@@ -118,18 +116,19 @@ def time_all(preset: dict, device, autocast_dtype, warmup: int, rounds: int, ste
     return {v: {"step_s": statistics.median(times[v]), "peak_bytes": peaks.get(v)} for v in VARIANTS}
 
 
-def cpu_peak_growth(preset_name: str, variant: str) -> int:
-    """Peak RSS growth (bytes) of a few training steps of one variant, measured in a fresh process."""
-    code = (
-        "import resource, sys, torch; sys.path.insert(0, 'benchmarks'); import step_time as b;"
-        f"p = b.PRESETS[{preset_name!r}]; d = torch.device('cpu');"
-        f"m, o = b.build({variant!r}, p['config'], d); x, n = b.inputs_for(p['config'], p['batch_size'], d);"
-        f"s = b.make_step({variant!r}, m, o, x, n, None);"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; [s() for _ in range(3)];"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1]) * 1024  # ru_maxrss is in KiB on Linux
+def saved_activation_bytes(step_fn) -> int:
+    """Bytes autograd keeps for the backward pass during one step (each storage counted once): on CPU, where no
+    allocator peak can be read per variant, this is what makes one variant's step need more memory than another's."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step_fn()
+    return sum(storages.values())
 
 
 def main(argv=None):
@@ -151,11 +150,15 @@ def main(argv=None):
     results = time_all(preset, device, autocast_dtype, args.warmup, args.rounds, args.steps_per_round)
     if device.type == "cpu":
         for variant in VARIANTS:
-            results[variant]["peak_bytes"] = cpu_peak_growth(args.preset, variant)
+            model, optimizer = build(variant, preset["config"], device)
+            pixels, noise = inputs_for(preset["config"], preset["batch_size"], device)
+            step = make_step(variant, model, optimizer, pixels, noise, autocast_dtype)
+            results[variant]["peak_bytes"] = saved_activation_bytes(step)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"preset {args.preset}, batch {preset['batch_size']}, {name}, torch {torch.__version__}")
-    print(f"{'variant':<10} {'step ms':>9} {'x upstream':>11} {'peak MiB':>10} {'x upstream':>11}")
+    memory = "peak MiB" if device.type == "cuda" else "saved MiB"
+    print(f"{'variant':<10} {'step ms':>9} {'x upstream':>11} {memory:>10} {'x upstream':>11}")
     base = results["upstream"]
     for variant in VARIANTS:
         r = results[variant]

@@ -47,6 +47,14 @@ def check_mto_settings(
         raise ValueError(f"mto_spa_layers {list(spa_layers)} has {bad} outside [0, {num_states - 1}]")
 
 
+def _check_spa_layers(spa_layers, num_states: int) -> None:
+    if num_states < 2:
+        raise ValueError(f"need the initial embedding and at least one block output, got {num_states} states")
+    bad = [layer for layer in spa_layers if not 0 <= layer < num_states]
+    if bad:
+        raise ValueError(f"spa_layers {list(spa_layers)} out of range: {bad} not in [0, {num_states - 1}]")
+
+
 def _check_hidden_and_mask(hidden: torch.Tensor, mask: torch.Tensor) -> None:
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, N, D], got shape {list(hidden.shape)}")
@@ -54,6 +62,21 @@ def _check_hidden_and_mask(hidden: torch.Tensor, mask: torch.Tensor) -> None:
         raise ValueError(f"mask must be a bool tensor (True = masked), got dtype {mask.dtype}")
     if mask.shape != hidden.shape[:2]:
         raise ValueError(f"mask must be [B, N] = {list(hidden.shape[:2])}, got shape {list(mask.shape)}")
+
+
+def _affinity_features(hidden: torch.Tensor, affinity: str, temperature: float) -> torch.Tensor:
+    """``[B, N, D]`` float32 features whose pairwise dot products are the affinity logits."""
+    if affinity not in AFFINITY_MODES:
+        raise ValueError(f"affinity must be one of {AFFINITY_MODES}, got {affinity!r}")
+    x = hidden.float()
+    if affinity == "cosine":
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for cosine affinity, got {temperature}")
+        # cos / T = (x_i / |x_i|) . (x_j / |x_j|) / sqrt(T)^2
+        return F.normalize(x, dim=-1) / temperature**0.5
+    if affinity == "scaled":
+        return x / x.shape[-1] ** 0.25
+    return x
 
 
 def affinity_logits(hidden: torch.Tensor, affinity: str = "dot", temperature: float = 0.1) -> torch.Tensor:
@@ -68,20 +91,16 @@ def affinity_logits(hidden: torch.Tensor, affinity: str = "dot", temperature: fl
     Returns:
         ``[B, N, N]`` float32 logits; row i is the affinity of token i to every token j.
     """
-    if affinity not in AFFINITY_MODES:
-        raise ValueError(f"affinity must be one of {AFFINITY_MODES}, got {affinity!r}")
     # Autocast would run the matmul in bf16/fp16 again; the entropies need float32 logits.
     with torch.autocast(device_type=hidden.device.type, enabled=False):
-        x = hidden.float()
-        if affinity == "cosine":
-            if temperature <= 0:
-                raise ValueError(f"temperature must be > 0 for cosine affinity, got {temperature}")
-            x = F.normalize(x, dim=-1)
-            return torch.bmm(x, x.transpose(1, 2)) / temperature
-        logits = torch.bmm(x, x.transpose(1, 2))
-        if affinity == "scaled":
-            logits = logits / x.shape[-1] ** 0.5
-        return logits
+        x = _affinity_features(hidden, affinity, temperature)
+        return torch.bmm(x, x.transpose(1, 2))
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax over the last dimension: ``[..., K] -> [...]``."""
+    log_p = torch.log_softmax(logits, dim=-1)
+    return -(log_p.exp() * log_p).sum(dim=-1)
 
 
 def _mean_row_entropy(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -240,6 +259,7 @@ def mto_terms(
     temperature: float = 0.1,
     eps: float = 1e-6,
     ranking: str = "intended",
+    num_masked: int | None = None,
 ) -> MTOTerms:
     """All MTO terms from the states H^0..H^L of one stack, computing each layer's affinity once.
 
@@ -248,16 +268,25 @@ def mto_terms(
             patch tokens only.
         mask: ``[B, N]`` bool, True = masked.
         spa_layers: indices into ``hidden_states`` where L_spa applies (the paper: ``[0]``).
+        num_masked: the number of masked tokens when it is the same in every row (MAE's masking and every
+            generator in ``hf_mto.masking`` guarantee it; the caller vouches for it, it is not checked). Then
+            only the masked-by-visible and visible-by-all blocks of the affinity are computed, which is the
+            fast path; the values are those of the general path.
 
     Returns:
         ``MTOTerms``.
     """
-    num_states = len(hidden_states)
-    if num_states < 2:
-        raise ValueError(f"need the initial embedding and at least one block output, got {num_states} states")
-    bad = [layer for layer in spa_layers if not 0 <= layer < num_states]
-    if bad:
-        raise ValueError(f"spa_layers {list(spa_layers)} out of range: {bad} not in [0, {num_states - 1}]")
+    _check_spa_layers(spa_layers, len(hidden_states))
+    num_tokens = mask.shape[1]
+    if num_masked is not None and 0 < num_masked < num_tokens:
+        for hidden in hidden_states:
+            _check_hidden_and_mask(hidden, mask)
+        # Visible tokens first, then masked ones, each in their original order; one sort shared by every layer.
+        order = torch.argsort(mask.to(torch.uint8), dim=1, stable=True).unsqueeze(-1)
+        sorted_states = [torch.gather(h, 1, order.expand(-1, -1, h.shape[-1])) for h in hidden_states]
+        return mto_terms_visible_first(
+            sorted_states, num_tokens - num_masked, spa_layers, affinity, temperature, eps, ranking
+        )
     valid = has_masked_and_visible(mask)
     per_layer, spa = [], []
     for layer, hidden in enumerate(hidden_states):
@@ -272,4 +301,45 @@ def mto_terms(
         sparsity_loss=torch.stack(spa).mean() if spa else hs.new_zeros(()),
         singularity_loss=singularity_loss(hs[0], eps, valid),
         ranking_loss=ranking_loss(hs, ranking, valid),
+    )
+
+
+def mto_terms_visible_first(
+    hidden_states: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    num_visible: int,
+    spa_layers: list[int] | tuple[int, ...] = (0,),
+    affinity: str = "dot",
+    temperature: float = 0.1,
+    eps: float = 1e-6,
+    ranking: str = "intended",
+) -> MTOTerms:
+    """`mto_terms` for states whose tokens are ordered visible first, then masked, in every image.
+
+    MAE's decoder produces exactly this order before it unshuffles, so the model gets the terms without selecting
+    tokens at all; only the masked-by-visible (Eq. 2) and visible-by-all (Eq. 3) blocks of the affinity are computed.
+
+    Args:
+        hidden_states: L+1 tensors ``[B, N, D]``, tokens ``[:num_visible]`` visible and the rest masked.
+        num_visible: number of visible tokens, ``0 < num_visible < N``.
+    """
+    num_tokens = hidden_states[0].shape[1]
+    if not 0 < num_visible < num_tokens:
+        raise ValueError(f"num_visible must be in (0, {num_tokens}), got {num_visible}")
+    _check_spa_layers(spa_layers, len(hidden_states))
+    per_layer, spa = [], []
+    with torch.autocast(device_type=hidden_states[0].device.type, enabled=False):
+        for layer, hidden in enumerate(hidden_states):
+            if hidden.dim() != 3 or hidden.shape[1] != num_tokens:
+                raise ValueError(f"every state must be [B, {num_tokens}, D], got shape {list(hidden.shape)}")
+            x = _affinity_features(hidden, affinity, temperature)
+            visible, masked = x[:, :num_visible], x[:, num_visible:]
+            per_layer.append(_entropy(torch.bmm(masked, visible.transpose(1, 2))).mean(dim=1))  # Eq. 2, [B]
+            if layer in spa_layers:
+                spa.append(_entropy(torch.bmm(visible, x.transpose(1, 2))).mean())  # Eq. 3 (mean), []
+    hs = torch.stack(per_layer)  # [L+1, B]
+    return MTOTerms(
+        heterogeneity=hs.mean(dim=1),
+        sparsity_loss=torch.stack(spa).mean() if spa else hs.new_zeros(()),
+        singularity_loss=singularity_loss(hs[0], eps),
+        ranking_loss=ranking_loss(hs, ranking),
     )

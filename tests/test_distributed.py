@@ -8,7 +8,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from test_recipe_pretrain import FASHION_MNIST, PRESET, ROOT, TINY_FLAGS
 
 pytestmark = pytest.mark.slow

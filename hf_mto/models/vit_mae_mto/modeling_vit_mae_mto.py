@@ -24,7 +24,7 @@ from transformers.models.vit_mae.modeling_vit_mae import (
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_vit_mae_mto import ViTMAEMTOConfig
-from .mto import mto_terms
+from .mto import mto_terms_visible_first
 
 
 @dataclass
@@ -103,9 +103,15 @@ class ViTMAEMTOModel(ViTMAEMTOPreTrainedModel, ViTMAEModel):
 
 
 class ViTMAEMTODecoder(ViTMAEDecoder):
-    """Upstream's decoder that can also return its states: H^0 = input to the first block (after `decoder_embed`,
-    mask-token insertion and position embedding), H^l = output of block l; each `[B, 1 + N, D]` with the CLS token
-    first."""
+    """Upstream's decoder that can also return its states H^0 (input of the first block: after `decoder_embed`,
+    mask-token insertion and position embedding) and H^l (output of block l), each `[B, 1 + N, D]`, CLS first.
+
+    With `output_hidden_states=True` the blocks run on the tokens in MAE's shuffled order -- CLS, the visible tokens,
+    then the mask tokens -- and only the predictions are put back in patch order. Every token carries its own
+    position embedding and attention does not depend on token order, so the predictions are upstream's (up to
+    float summation order), while the states come out already split into visible and masked tokens: the MTO terms
+    need no per-layer gather. Without it, the forward is upstream's, operation for operation.
+    """
 
     def forward(
         self,
@@ -114,19 +120,21 @@ class ViTMAEMTODecoder(ViTMAEDecoder):
         interpolate_pos_encoding: bool = False,
         output_hidden_states: bool = False,
     ) -> ViTMAEDecoderOutput:
-        hidden_states = self.decoder_embed(hidden_states)
-
-        # Append mask tokens and unshuffle back to the original patch order.
+        hidden_states = self.decoder_embed(hidden_states)  # [B, 1 + V, D]: CLS, then the visible tokens
         batch_size, num_kept, dim = hidden_states.shape
         mask_tokens = self.mask_token.repeat(batch_size, ids_restore.shape[1] + 1 - num_kept, 1)
-        patch_tokens = torch.cat([hidden_states[:, 1:, :], mask_tokens], dim=1)
-        patch_tokens = torch.gather(patch_tokens, dim=1, index=ids_restore.unsqueeze(-1).expand(-1, -1, dim))
-        hidden_states = torch.cat([hidden_states[:, :1, :], patch_tokens], dim=1)
-
+        patch_tokens = torch.cat([hidden_states[:, 1:, :], mask_tokens], dim=1)  # [B, N, D], shuffled order
         if interpolate_pos_encoding:
-            hidden_states = hidden_states + self.interpolate_pos_encoding(hidden_states)
+            pos_embed = self.interpolate_pos_encoding(torch.cat([hidden_states[:, :1], patch_tokens], dim=1))
         else:
-            hidden_states = hidden_states + self.decoder_pos_embed
+            pos_embed = self.decoder_pos_embed
+        if output_hidden_states:
+            ids_shuffle = torch.argsort(ids_restore, dim=1)
+            patch_pos = pos_embed[0, 1:][ids_shuffle]  # [B, N, D]: each token's own position
+            pos_embed = torch.cat([pos_embed[:, :1].expand(batch_size, -1, -1), patch_pos], dim=1)
+        else:
+            patch_tokens = torch.gather(patch_tokens, dim=1, index=ids_restore.unsqueeze(-1).expand(-1, -1, dim))
+        hidden_states = torch.cat([hidden_states[:, :1, :], patch_tokens], dim=1) + pos_embed
 
         all_states = [hidden_states] if output_hidden_states else None
         for layer_module in self.decoder_layers:
@@ -135,6 +143,8 @@ class ViTMAEMTODecoder(ViTMAEDecoder):
                 all_states.append(hidden_states)
 
         logits = self.decoder_pred(self.decoder_norm(hidden_states))[:, 1:, :]  # drop the CLS token
+        if output_hidden_states:
+            logits = torch.gather(logits, dim=1, index=ids_restore.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
         return ViTMAEDecoderOutput(logits=logits, hidden_states=tuple(all_states) if all_states else None)
 
 
@@ -222,9 +232,10 @@ class ViTMAEMTOForPreTraining(ViTMAEMTOPreTrainedModel, ViTMAEForPreTraining):
         )
         terms = None
         if use_mto:
-            terms = mto_terms(
+            # The decoder states are CLS, the visible tokens, then the masked ones (see ViTMAEMTODecoder).
+            terms = mto_terms_visible_first(
                 [state[:, 1:] for state in decoder_outputs.hidden_states],  # the CLS token never counts
-                outputs.mask.bool(),
+                num_visible=outputs.last_hidden_state.shape[1] - 1,
                 spa_layers=self.config.mto_spa_layers,
                 affinity=self.config.mto_affinity,
                 temperature=self.config.mto_temperature,
