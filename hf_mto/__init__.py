@@ -4,8 +4,13 @@ Importing the package registers its configs and models with transformers' Auto c
 `AutoModelForPreTraining.from_pretrained(path)` works on our checkpoints without `trust_remote_code`.
 """
 
-from transformers import AutoConfig, AutoModelForPreTraining
+from transformers import AutoConfig, AutoModelForMaskedImageModeling, AutoModelForPreTraining
 
+from .models.simmim_mto import (
+    SimMIMMTOConfig,
+    SimMIMMTOForMaskedImageModeling,
+    SimMIMMTOOutput,
+)
 from .models.vit_mae_mto import (
     ViTMAEMTOConfig,
     ViTMAEMTOForPreTraining,
@@ -23,11 +28,18 @@ def _register() -> None:
     # also loads with `trust_remote_code=True` where hf_mto is not installed.
     ViTMAEMTOConfig.register_for_auto_class("AutoConfig")
     ViTMAEMTOForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+    AutoConfig.register(SimMIMMTOConfig.model_type, SimMIMMTOConfig, exist_ok=True)
+    AutoModelForMaskedImageModeling.register(SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling, exist_ok=True)
+    SimMIMMTOConfig.register_for_auto_class("AutoConfig")
+    SimMIMMTOForMaskedImageModeling.register_for_auto_class("AutoModelForMaskedImageModeling")
 
 
 _register()
 
 __all__ = [
+    "SimMIMMTOConfig",
+    "SimMIMMTOForMaskedImageModeling",
+    "SimMIMMTOOutput",
     "ViTMAEMTOConfig",
     "ViTMAEMTOForPreTraining",
     "ViTMAEMTOForPreTrainingOutput",

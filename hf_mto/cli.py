@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser, ViTImageProcessor
 
+from .models.simmim_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling
 from .models.vit_mae_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining
 
 # ImageNet statistics, as the official MAE/SimMIM and `facebook/vit-mae-base`'s image processor use; grayscale data
@@ -21,7 +22,10 @@ from .models.vit_mae_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
-MODEL_CLASSES = {"vit_mae_mto": (ViTMAEMTOConfig, ViTMAEMTOForPreTraining)}
+MODEL_CLASSES = {
+    "vit_mae_mto": (ViTMAEMTOConfig, ViTMAEMTOForPreTraining),
+    "simmim_mto": (SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling),
+}
 
 
 @dataclass
@@ -47,7 +51,7 @@ class ModelArguments:
     )
     mask_ratio: float | None = field(default=None, metadata={"help": "Fraction of patches masked (config default)."})
     norm_pix_loss: bool | None = field(
-        default=None, metadata={"help": "Reconstruct per-patch normalised pixels (MAE; config default)."}
+        default=None, metadata={"help": "Reconstruct per-patch normalised pixels (MAE only; config default)."}
     )
     mto_spa_layers: list[int] | None = field(
         default=None, metadata={"help": "States where L_spa applies (0 = initial embedding). Config default [0]."}
@@ -68,6 +72,8 @@ class ModelArguments:
 
     def config_kwargs(self) -> dict:
         """The config fields given explicitly as arguments."""
+        if self.norm_pix_loss is not None and self.model_type != "vit_mae_mto":
+            raise ValueError(f"norm_pix_loss applies to vit_mae_mto only, not to {self.model_type!r}")
         names = ("mask_ratio", "norm_pix_loss", "mto_spa_layers", "mto_affinity", "mto_temperature", "mto_ranking")
         kwargs = {name: getattr(self, name) for name in (*names, "mto_eps")}
         return {name: value for name, value in kwargs.items() if value is not None}

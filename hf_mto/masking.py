@@ -260,6 +260,77 @@ def beit_block_mask(
 # --------------------------------------------------------------------------------------------------------------------
 
 
+MASKING_STRATEGIES = ("random", "simmim_block", "beit_block")
+
+
+@dataclass(frozen=True)
+class MaskGenerator:
+    """One standard masking strategy for a model's patch grid: ``generator(batch_size, device) -> bool [B, N]``.
+
+    Args:
+        strategy: ``"random"`` (MAE), ``"simmim_block"`` (SimMIM: ``mask_patch_size`` squares) or ``"beit_block"``
+            (BEiT: rectangles of at least 16 patches).
+        image_size: image side in pixels.
+        patch_size: the model's patch side in pixels.
+        mask_ratio: fraction of patches to mask.
+        mask_patch_size: side of SimMIM's mask squares in pixels (a multiple of ``patch_size``).
+    """
+
+    strategy: str
+    image_size: int
+    patch_size: int
+    mask_ratio: float
+    mask_patch_size: int = 32
+
+    def __post_init__(self):
+        if self.strategy not in MASKING_STRATEGIES:
+            raise ValueError(f"masking must be one of {MASKING_STRATEGIES}, got {self.strategy!r}")
+        _check_positive_int("patch_size", self.patch_size)
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} must be divisible by patch_size {self.patch_size}")
+        _num_masked(self.num_patches, self.mask_ratio)  # validates the ratio
+        if self.strategy == "simmim_block" and (
+            self.image_size % self.mask_patch_size or self.mask_patch_size % self.patch_size
+        ):
+            raise ValueError(
+                f"mask_patch_size {self.mask_patch_size} must divide image_size {self.image_size} and be a multiple "
+                f"of patch_size {self.patch_size}"
+            )
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def num_masked(self) -> int:
+        """The exact number of masked patches in every row."""
+        if self.strategy == "simmim_block":
+            scale = self.mask_patch_size // self.patch_size
+            return _num_masked((self.image_size // self.mask_patch_size) ** 2, self.mask_ratio) * scale**2
+        return _num_masked(self.num_patches, self.mask_ratio)
+
+    def __call__(
+        self, batch_size: int, device: torch.device | str | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        if self.strategy == "random":
+            return random_mask(batch_size, self.num_patches, self.mask_ratio, generator=generator, device=device)
+        if self.strategy == "simmim_block":
+            return simmim_block_mask(
+                batch_size,
+                self.image_size,
+                self.patch_size,
+                self.mask_patch_size,
+                self.mask_ratio,
+                generator=generator,
+                device=device,
+            )
+        return beit_block_mask(batch_size, self.grid_size, self.mask_ratio, generator=generator, device=device)
+
+
 def check_mask(mask: torch.Tensor, batch_size: int, num_patches: int) -> None:
     """Raise ``ValueError`` unless ``mask`` is a ``[batch_size, num_patches]`` bool tensor (True = masked).
 

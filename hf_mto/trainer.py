@@ -15,7 +15,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, ViTForMaskedImageModeling, ViTMAEForPreTraining
+
+from .masking import MASKING_STRATEGIES, MaskGenerator, mask_to_noise
 
 MTO_TERMS = ("sparsity_loss", "singularity_loss", "ranking_loss")
 
@@ -36,6 +38,16 @@ class MTOTrainingArguments(TrainingArguments):
     )
     mto_r_weight: float = field(
         default=0.1, metadata={"help": "Weight of the ranking loss L_r (MTO Eq. 7). 0 disables it."}
+    )
+    masking: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Mask generator, one of {MASKING_STRATEGIES}. Default: the model's own (MAE: random, "
+            "SimMIM: simmim_block). The ratio is the model config's mask_ratio."
+        },
+    )
+    mask_patch_size: int = field(
+        default=32, metadata={"help": "Side in pixels of SimMIM's mask squares (simmim_block masking)."}
     )
     base_learning_rate: float | None = field(
         default=1.5e-4,
@@ -59,6 +71,8 @@ class MTOTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if not value >= 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
+        if self.masking is not None and self.masking not in MASKING_STRATEGIES:
+            raise ValueError(f"masking must be one of {MASKING_STRATEGIES}, got {self.masking!r}")
         if self.base_learning_rate is not None and not self.base_learning_rate > 0:
             raise ValueError(f"base_learning_rate must be > 0 (or null), got {self.base_learning_rate}")
         if self.lr_scaling_batch_size <= 0:
@@ -90,19 +104,66 @@ class MTOTrainingArguments(TrainingArguments):
         }
 
 
+def _side(size) -> int:
+    return size if isinstance(size, int) else size[0]
+
+
 class MTOTrainer(Trainer):
-    """Trainer for `ViTMAEMTOForPreTraining` (and the other hf_mto models): weights the MTO terms and logs them."""
+    """Trainer for the hf_mto models (and upstream ViTMAE / ViTForMaskedImageModeling): draws the masks, weights the
+    MTO terms and logs every component.
+
+    Masks are drawn inside the training step, on the device, from the global RNG (which the Trainer seeds and
+    restores on resume): MAE gets them as `noise`, SimMIM as `bool_masked_pos`. A batch that already carries either
+    is left alone. MAE with `random` masking draws its own mask, exactly as upstream.
+    """
 
     args: MTOTrainingArguments
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.mask_generator, self.mask_input_name = self._build_mask_generator()
         # Sums and counts since the last log, per mode; tensors stay on the device until logging (no sync per step).
         self._metric_sums = {"train": defaultdict(lambda: 0.0), "eval": defaultdict(lambda: 0.0)}
         self._metric_counts = {"train": defaultdict(int), "eval": defaultdict(int)}
 
+    def _build_mask_generator(self) -> tuple[MaskGenerator | None, str]:
+        model = self.accelerator.unwrap_model(self.model)
+        config = model.config
+        if isinstance(model, ViTMAEForPreTraining):
+            input_name, default = "noise", "random"
+        elif isinstance(model, ViTForMaskedImageModeling):
+            input_name, default = "bool_masked_pos", "simmim_block"
+        else:
+            raise ValueError(
+                f"MTOTrainer trains ViTMAE or ViTForMaskedImageModeling models, got {type(model).__name__}"
+            )
+        strategy = self.args.masking or default
+        generator = MaskGenerator(
+            strategy, _side(config.image_size), _side(config.patch_size), config.mask_ratio, self.args.mask_patch_size
+        )
+        if input_name == "noise":
+            if strategy == "random":
+                return None, input_name  # MAE's own random masking: upstream's path, same distribution
+            # MAE keeps int(N * (1 - mask_ratio)) patches whatever the mask says; the counts must agree.
+            mae_masked = generator.num_patches - int(generator.num_patches * (1 - config.mask_ratio))
+            if generator.num_masked != mae_masked:
+                raise ValueError(
+                    f"{strategy} masking masks {generator.num_masked} of {generator.num_patches} patches per image "
+                    f"but MAE with mask_ratio {config.mask_ratio} masks {mae_masked}: choose a mask_ratio for which "
+                    f"they agree (e.g. {generator.num_masked / generator.num_patches})"
+                )
+        return generator, input_name
+
+    def _with_masks(self, inputs: dict) -> dict:
+        if self.mask_generator is None or "noise" in inputs or "bool_masked_pos" in inputs:
+            return inputs
+        pixel_values = inputs["pixel_values"]
+        mask = self.mask_generator(pixel_values.shape[0], device=pixel_values.device)  # [B, N] bool
+        value = mask_to_noise(mask) if self.mask_input_name == "noise" else mask
+        return {**inputs, self.mask_input_name: value}
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs, use_mto=self.args.use_mto)
+        outputs = model(**self._with_masks(inputs), use_mto=self.args.use_mto)
         loss = outputs.loss
         components = {"reconstruction_loss": outputs.loss}
         if self.args.use_mto:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoImageProcessor, AutoModelForPreTraining
+from transformers import AutoImageProcessor, AutoModelForMaskedImageModeling, AutoModelForPreTraining
 
 import hf_mto  # noqa: F401  (registers the Auto classes)
 from hf_mto.cli import ModelArguments, parse_args
@@ -39,6 +39,23 @@ TINY_FLAGS = [
     "--report_to",
     "none",
 ]
+
+
+@pytest.mark.skipif(not FASHION_MNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
+def test_simmim_recipe_runs_with_block_masks(tmp_path):
+    out = tmp_path / "run"
+    preset = ROOT / "recipes" / "configs" / "tiny_cpu_simmim_mto.yaml"
+    flags = [f.replace("decoder_", "unused_") for f in TINY_FLAGS]  # same flags, encoder-only overrides below
+    flags[1] = "image_size=32,patch_size=4,encoder_stride=4,hidden_size=32,num_hidden_layers=2,num_attention_heads=4"
+    cmd = [sys.executable, str(ROOT / "recipes" / "pretrain.py"), "--config", str(preset), *flags]
+    result = subprocess.run(
+        cmd + ["--output_dir", str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert "mto/heterogeneity/layer_2" in next(e for e in state["log_history"] if "reconstruction_loss" in e)
+    model = AutoModelForMaskedImageModeling.from_pretrained(out)
+    assert isinstance(model, hf_mto.SimMIMMTOForMaskedImageModeling)
 
 
 @pytest.mark.skipif(not FASHION_MNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
@@ -91,3 +108,5 @@ def test_unknown_preset_key_and_bad_override_are_rejected(tmp_path):
         build_config(ModelArguments(config_overrides="hiden_size=3"))
     with pytest.raises(ValueError, match="'simmim'"):
         ModelArguments(model_type="simmim")
+    with pytest.raises(ValueError, match="norm_pix_loss"):
+        build_config(ModelArguments(model_type="simmim_mto", norm_pix_loss=True))

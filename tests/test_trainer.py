@@ -111,3 +111,56 @@ def test_evaluate_reports_loss_and_mto_terms(tmp_path):
         metrics
     )
     assert metrics["eval_loss"] > metrics["eval_reconstruction_loss"] > 0
+
+
+def tiny_simmim(seed=0):
+    from test_simmim_mto import TINY_VIT
+
+    from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling
+
+    torch.manual_seed(seed)
+    return SimMIMMTOForMaskedImageModeling(SimMIMMTOConfig(**TINY_VIT))
+
+
+def test_simmim_training_steps_change_every_parameter_with_block_masks(tmp_path):
+    model = tiny_simmim()
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    args = make_args(tmp_path, mask_patch_size=8)
+    trainer = MTOTrainer(model=model, args=args, train_dataset=RandomImages())
+    assert trainer.mask_generator.strategy == "simmim_block" and trainer.mask_input_name == "bool_masked_pos"
+    trainer.train()
+    unchanged = [name for name, p in model.named_parameters() if p.requires_grad and torch.equal(p, before[name])]
+    assert unchanged == []
+    assert "mto/heterogeneity/layer_2" in trainer.state.log_history[0]
+
+
+@pytest.mark.parametrize("masking", ["random", "simmim_block", "beit_block"])
+def test_trainer_masks_reach_the_model(tmp_path, masking):
+    model = tiny_simmim().eval()
+    trainer = MTOTrainer(model=model, args=make_args(tmp_path, masking=masking, mask_patch_size=8))
+    _, out = trainer.compute_loss(model, {"pixel_values": torch.randn(4, 3, 32, 32)}, return_outputs=True)
+    assert out.mask.shape == (4, 64)
+    assert (out.mask.sum(dim=1) == trainer.mask_generator.num_masked).all()
+
+
+def test_mae_with_block_masks_masks_exactly_the_generated_patches(tmp_path):
+    # 0.625 x 64 = 40 = 10 SimMIM squares of 2 x 2 patches: both counts agree
+    model = ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**{**TINY_MAE, "mask_ratio": 0.625})).eval()
+    trainer = MTOTrainer(model=model, args=make_args(tmp_path, masking="simmim_block", mask_patch_size=8))
+    pixels = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(5)
+    _, out = trainer.compute_loss(model, {"pixel_values": pixels}, return_outputs=True)
+    torch.manual_seed(5)
+    expected = trainer.mask_generator(4)
+    assert torch.equal(out.mask.bool(), expected)
+
+
+def test_mae_block_mask_count_mismatch_is_a_clear_error(tmp_path):
+    model = ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**{**TINY_MAE, "mask_ratio": 0.6}))  # MAE masks 39 of 64
+    with pytest.raises(ValueError, match="masks 40 of 64.*masks 39.*0.625"):
+        MTOTrainer(model=model, args=make_args(tmp_path, masking="simmim_block", mask_patch_size=8))
+
+
+def test_unknown_masking_strategy_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="'checkerboard'"):
+        make_args(tmp_path, masking="checkerboard")

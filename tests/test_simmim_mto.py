@@ -1,0 +1,167 @@
+"""SimMIMMTOConfig / SimMIMMTOForMaskedImageModeling: upstream equality, MTO terms on the encoder, init, loading."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForMaskedImageModeling, ViTConfig, ViTForMaskedImageModeling
+
+from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling, mto
+from hf_mto.masking import simmim_block_mask
+from hf_mto.models.simmim_mto import modeling_simmim_mto
+
+TINY_VIT = dict(
+    image_size=32,
+    patch_size=4,
+    encoder_stride=4,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+)
+
+
+def make_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return SimMIMMTOForMaskedImageModeling(SimMIMMTOConfig(**{**TINY_VIT, **overrides}))
+
+
+def batch(seed=0, size=3):
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(size, 3, 32, 32, generator=generator)
+    mask = simmim_block_mask(size, 32, 4, mask_patch_size=8, mask_ratio=0.6, generator=generator)
+    return pixels, mask
+
+
+def test_mto_off_loss_equals_upstream_exactly():
+    model = make_model().eval()
+    upstream = ViTForMaskedImageModeling(ViTConfig(**TINY_VIT)).eval()
+    upstream.load_state_dict(model.state_dict())
+    pixels, mask = batch()
+    ours = model(pixels, bool_masked_pos=mask, use_mto=False)
+    theirs = upstream(pixels, bool_masked_pos=mask)
+    assert torch.equal(ours.loss, theirs.loss)
+    assert torch.equal(ours.reconstruction, theirs.reconstruction)
+    assert ours.heterogeneity is None
+    assert torch.equal(model(pixels, bool_masked_pos=mask).loss, theirs.loss)  # MTO on: same reconstruction loss
+
+
+def test_mto_off_does_no_mto_work(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("MTO terms computed although MTO is off")
+
+    monkeypatch.setattr(modeling_simmim_mto, "mto_terms", forbidden)
+    pixels, mask = batch()
+    out = make_model(use_mto=False)(pixels, bool_masked_pos=mask)
+    assert out.hidden_states is None  # the encoder states were not even collected
+
+
+def test_mto_terms_come_from_encoder_states_without_cls():
+    model = make_model().eval()
+    pixels, mask = batch()
+    captured = [model.vit.embeddings(pixels, bool_masked_pos=mask)]  # H^0: mask token substituted + positions
+    for layer in model.vit.layers:
+        layer.register_forward_hook(lambda m, args, out: captured.append(out))
+    out = model(pixels, bool_masked_pos=mask)
+    assert model.config._attn_implementation == "sdpa"
+    expected = mto.mto_terms([state[:, 1:] for state in captured], mask)  # general N x N path
+    assert out.heterogeneity.shape == (3,)
+    for name in ("heterogeneity", "sparsity_loss", "singularity_loss", "ranking_loss"):
+        assert torch.allclose(getattr(out, name), getattr(expected, name), rtol=1e-5), name
+    assert torch.equal(out.mask, mask)
+
+
+def test_ragged_masks_use_the_general_path_with_the_same_values():
+    model = make_model().eval()
+    pixels, mask = batch()
+    mask[0, ~mask[0]] = torch.tensor([True] + [False] * int((~mask[0]).sum() - 1))  # one more masked in row 0
+    out = model(pixels, bool_masked_pos=mask)
+    states = model(pixels, bool_masked_pos=mask, output_hidden_states=True, use_mto=False).hidden_states
+    expected = mto.mto_terms([s[:, 1:] for s in states], mask)
+    assert torch.allclose(out.ranking_loss, expected.ranking_loss, rtol=1e-5)
+
+
+def test_mto_terms_reach_the_mask_token():
+    model = make_model()
+    pixels, mask = batch()
+    out = model(pixels, bool_masked_pos=mask)
+    (out.sparsity_loss + out.singularity_loss + out.ranking_loss).backward()
+    assert model.vit.embeddings.mask_token.grad.abs().sum() > 0
+
+
+def test_mask_token_initialised_like_official_simmim():
+    token = make_model(hidden_size=256, num_attention_heads=4).vit.embeddings.mask_token
+    # official SimMIM: timm's trunc_normal_(std=0.02), whose bounds are +-2 absolute, i.e. effectively N(0, 0.02)
+    assert 0.015 < token.std().item() < 0.025
+    assert abs(token.mean().item()) < 0.006
+    upstream = ViTForMaskedImageModeling(ViTConfig(**TINY_VIT))
+    assert upstream.vit.embeddings.mask_token.abs().sum() == 0  # upstream: zeros
+
+
+def test_round_trip_and_auto_class(tmp_path):
+    model = make_model().eval()
+    model.save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), SimMIMMTOConfig)
+    loaded = AutoModelForMaskedImageModeling.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, SimMIMMTOForMaskedImageModeling)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_trust_remote_code_load_in_fresh_process_without_hf_mto(tmp_path):
+    model = make_model().eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    pixels, mask = batch()
+    expected = model(pixels, bool_masked_pos=mask)
+    torch.save({"pixels": pixels, "mask": mask}, tmp_path / "inputs.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.modules["hf_mto"] = None
+        from transformers import AutoModelForMaskedImageModeling
+        model = AutoModelForMaskedImageModeling.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True)
+        inputs = torch.load({str(tmp_path / "inputs.pt")!r})
+        out = model.eval()(inputs["pixels"], bool_masked_pos=inputs["mask"])
+        print(type(model).__module__, out.loss.item(), out.ranking_loss.item())
+        """
+    )
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    module, loss, ranking = result.stdout.split()
+    assert module.startswith("transformers_modules")
+    assert float(loss) == pytest.approx(expected.loss.item(), rel=1e-6)
+    assert float(ranking) == pytest.approx(expected.ranking_loss.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "mask, message",
+    [
+        (torch.zeros(3, 63, dtype=torch.bool), r"\[3, 64\].*\[3, 63\]"),
+        (torch.zeros(64, dtype=torch.bool), r"\[64\]"),
+        (torch.zeros(3, 64), "float32"),
+    ],
+)
+def test_wrong_masks_are_rejected(mask, message):
+    pixels, _ = batch()
+    with pytest.raises(ValueError, match=message):
+        make_model()(pixels, bool_masked_pos=mask)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"mask_ratio": 1.0}, "1.0"),
+        ({"image_size": 30}, "30"),
+        ({"encoder_stride": 8}, "encoder_stride"),
+        ({"mto_affinity": "l2"}, "'l2'"),
+        ({"mto_spa_layers": [3]}, r"\[3\]"),
+        ({"mto_eps": 0.0}, "mto_eps"),
+    ],
+)
+def test_bad_config_values_raise_value_error_naming_the_value(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        SimMIMMTOConfig(**{**TINY_VIT, **overrides})
