@@ -1,14 +1,15 @@
 """Training-step time and peak memory of hf_mto's models against the upstream HF models, in one run.
 
-Compares, at the same config, weights, batch and mask:
-  upstream  transformers' ViTMAEForPreTraining
-  mto_off   ViTMAEMTOForPreTraining(use_mto=False)
-  mto_on    ViTMAEMTOForPreTraining with the MTO terms added to the loss
+Compares, for each model at the same config, weights, batch and mask:
+  upstream  transformers' ViTMAEForPreTraining / ViTForMaskedImageModeling
+  mto_off   ours (ViTMAEMTOForPreTraining / SimMIMMTOForMaskedImageModeling) with use_mto=False
+  mto_on    ours with the MTO terms added to the loss
 and prints each one's median step time (forward + backward + AdamW step) and peak memory as ratios to upstream.
 Variants are interleaved round by round so drifts in machine load hit them alike.
 
-    python benchmarks/step_time.py --preset tiny            # CPU: the tiny pre-training preset, batch 128
+    python benchmarks/step_time.py --preset tiny            # CPU: the tiny pre-training presets, batch 128
     python benchmarks/step_time.py --preset vit-b16         # GPU: ViT-B/16 at 224 px, batch 128, bf16 autocast
+    python benchmarks/step_time.py --models simmim          # one model only
 
 Memory: on CUDA the peak `torch.cuda.max_memory_allocated` of a step; on CPU (no per-variant allocator peak) the
 bytes autograd saves for the backward pass during a step.
@@ -22,50 +23,62 @@ import statistics
 import time
 
 import torch
-from transformers import ViTMAEConfig, ViTMAEForPreTraining
+from transformers import ViTConfig, ViTForMaskedImageModeling, ViTMAEConfig, ViTMAEForPreTraining
 
-from hf_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining
+from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling, ViTMAEMTOConfig, ViTMAEMTOForPreTraining
+from hf_mto.masking import simmim_block_mask
 
+TINY_ENCODER = dict(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=4, num_attention_heads=4)
+TINY_ENCODER["intermediate_size"] = 256
+# (config, batch size, SimMIM mask square in px) per preset and model: the tiny CPU presets of recipes/configs/, and
+# ViT-B/16 (ViTMAEConfig's defaults have the 512-d, 8-block decoder).
 PRESETS = {
-    # the encoder/decoder of recipes/configs/tiny_cpu_mae_mto.yaml
-    "tiny": dict(
-        config=dict(
-            image_size=32,
-            patch_size=4,
-            hidden_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            intermediate_size=256,
-            decoder_hidden_size=64,
-            decoder_num_hidden_layers=2,
-            decoder_num_attention_heads=4,
-            decoder_intermediate_size=256,
-            norm_pix_loss=True,
+    "tiny": {
+        "mae": (
+            dict(
+                TINY_ENCODER,
+                decoder_hidden_size=64,
+                decoder_num_hidden_layers=2,
+                decoder_num_attention_heads=4,
+                decoder_intermediate_size=256,
+                norm_pix_loss=True,
+            ),
+            128,
+            None,
         ),
-        batch_size=128,
-    ),
-    # ViTMAEConfig's defaults are ViT-B/16 with the 512-d, 8-block decoder
-    "vit-b16": dict(config=dict(norm_pix_loss=True), batch_size=128),
+        "simmim": (dict(TINY_ENCODER, encoder_stride=4), 128, 8),
+    },
+    "vit-b16": {
+        "mae": (dict(norm_pix_loss=True), 128, None),
+        "simmim": (dict(image_size=224, patch_size=16, encoder_stride=16), 128, 32),
+    },
+}
+MODELS = {
+    "mae": ((ViTMAEConfig, ViTMAEForPreTraining), (ViTMAEMTOConfig, ViTMAEMTOForPreTraining)),
+    "simmim": ((ViTConfig, ViTForMaskedImageModeling), (SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling)),
 }
 VARIANTS = ("upstream", "mto_off", "mto_on")
 MTO_WEIGHT = 0.1
 
 
-def build(variant: str, config_kwargs: dict, device: torch.device):
+def build(model_name: str, variant: str, config_kwargs: dict, device: torch.device):
     torch.manual_seed(0)
+    (upstream_config, upstream_model), (our_config, our_model) = MODELS[model_name]
     if variant == "upstream":
-        model = ViTMAEForPreTraining(ViTMAEConfig(**config_kwargs))
+        model = upstream_model(upstream_config(**config_kwargs))
     else:
-        model = ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**config_kwargs, use_mto=variant == "mto_on"))
+        model = our_model(our_config(**config_kwargs, use_mto=variant == "mto_on"))
     model.to(device).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     return model, optimizer
 
 
-def make_step(variant: str, model, optimizer, pixels, noise, autocast_dtype):
+def make_step(variant: str, model, optimizer, inputs: dict, autocast_dtype):
+    device_type = inputs["pixel_values"].device.type
+
     def step():
-        with torch.autocast(pixels.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = model(pixel_values=pixels, noise=noise)
+        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = model(**inputs)
             loss = out.loss
             if variant == "mto_on":
                 loss = loss + MTO_WEIGHT * (out.sparsity_loss + out.singularity_loss + out.ranking_loss)
@@ -76,26 +89,28 @@ def make_step(variant: str, model, optimizer, pixels, noise, autocast_dtype):
     return step
 
 
+def inputs_for(model_name: str, config_kwargs: dict, batch_size: int, mask_patch_size, device) -> dict:
+    """Same images and mask for every variant: MAE gets `noise`, SimMIM a block mask as `bool_masked_pos`."""
+    image_size, patch_size = config_kwargs.get("image_size", 224), config_kwargs.get("patch_size", 16)
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
+    if model_name == "mae":
+        mask = {"noise": torch.rand(batch_size, (image_size // patch_size) ** 2, generator=generator)}
+    else:
+        mask = {"bool_masked_pos": simmim_block_mask(batch_size, image_size, patch_size, mask_patch_size, 0.6)}
+    return {"pixel_values": pixels.to(device), **{k: v.to(device) for k, v in mask.items()}}
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def inputs_for(config_kwargs, batch_size, device):
-    config = ViTMAEConfig(**config_kwargs)
-    num_patches = (config.image_size // config.patch_size) ** 2
-    generator = torch.Generator().manual_seed(0)
-    pixels = torch.randn(batch_size, 3, config.image_size, config.image_size, generator=generator)
-    noise = torch.rand(batch_size, num_patches, generator=generator)
-    return pixels.to(device), noise.to(device)
-
-
-def time_all(preset: dict, device, autocast_dtype, warmup: int, rounds: int, steps_per_round: int) -> dict:
-    pixels, noise = inputs_for(preset["config"], preset["batch_size"], device)
+def time_all(model_name, config, inputs, device, autocast_dtype, warmup: int, rounds: int, steps_per_round: int):
     steps, peaks = {}, {}
     for variant in VARIANTS:
-        model, optimizer = build(variant, preset["config"], device)
-        steps[variant] = make_step(variant, model, optimizer, pixels, noise, autocast_dtype)
+        model, optimizer = build(model_name, variant, config, device)
+        steps[variant] = make_step(variant, model, optimizer, inputs, autocast_dtype)
         for _ in range(warmup):
             steps[variant]()
         if device.type == "cuda":
@@ -134,6 +149,7 @@ def saved_activation_bytes(step_fn) -> int:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch_size", type=int, default=None, help="Override the preset's batch size.")
     parser.add_argument("--warmup", type=int, default=3)
@@ -142,36 +158,38 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="Also write the results to this JSON file.")
     args = parser.parse_args(argv)
 
-    preset = dict(PRESETS[args.preset])
-    if args.batch_size:
-        preset["batch_size"] = args.batch_size
     device = torch.device(args.device)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
-    results = time_all(preset, device, autocast_dtype, args.warmup, args.rounds, args.steps_per_round)
-    if device.type == "cpu":
-        for variant in VARIANTS:
-            model, optimizer = build(variant, preset["config"], device)
-            pixels, noise = inputs_for(preset["config"], preset["batch_size"], device)
-            step = make_step(variant, model, optimizer, pixels, noise, autocast_dtype)
-            results[variant]["peak_bytes"] = saved_activation_bytes(step)
-
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"preset {args.preset}, batch {preset['batch_size']}, {name}, torch {torch.__version__}")
     memory = "peak MiB" if device.type == "cuda" else "saved MiB"
-    print(f"{'variant':<10} {'step ms':>9} {'x upstream':>11} {memory:>10} {'x upstream':>11}")
-    base = results["upstream"]
-    for variant in VARIANTS:
-        r = results[variant]
-        print(
-            f"{variant:<10} {r['step_s'] * 1e3:>9.2f} {r['step_s'] / base['step_s']:>11.3f} "
-            f"{r['peak_bytes'] / 2**20:>10.1f} {r['peak_bytes'] / max(base['peak_bytes'], 1):>11.3f}"
+    report = {"preset": args.preset, "device": name, "torch": torch.__version__}
+    for model_name in args.models:
+        config, batch_size, mask_patch_size = PRESETS[args.preset][model_name]
+        batch_size = args.batch_size or batch_size
+        inputs = inputs_for(model_name, config, batch_size, mask_patch_size, device)
+        results = time_all(
+            model_name, config, inputs, device, autocast_dtype, args.warmup, args.rounds, args.steps_per_round
         )
+        if device.type == "cpu":
+            for variant in VARIANTS:
+                model, optimizer = build(model_name, variant, config, device)
+                results[variant]["peak_bytes"] = saved_activation_bytes(
+                    make_step(variant, model, optimizer, inputs, autocast_dtype)
+                )
+        print(f"\n{model_name}: preset {args.preset}, batch {batch_size}, {name}, torch {torch.__version__}")
+        print(f"{'variant':<10} {'step ms':>9} {'x upstream':>11} {memory:>10} {'x upstream':>11}")
+        base = results["upstream"]
+        for variant in VARIANTS:
+            r = results[variant]
+            print(
+                f"{variant:<10} {r['step_s'] * 1e3:>9.2f} {r['step_s'] / base['step_s']:>11.3f} "
+                f"{r['peak_bytes'] / 2**20:>10.1f} {r['peak_bytes'] / max(base['peak_bytes'], 1):>11.3f}"
+            )
+        report[model_name] = {"batch_size": batch_size, **results}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(
-                {"preset": args.preset, "batch_size": preset["batch_size"], "device": name, **results}, f, indent=2
-            )
-    return results
+            json.dump(report, f, indent=2)
+    return report
 
 
 if __name__ == "__main__":
