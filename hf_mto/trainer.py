@@ -17,7 +17,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer, TrainingArguments, ViTForMaskedImageModeling, ViTMAEForPreTraining
 
+from .evolved import EvolvedMasking
 from .masking import MASKING_STRATEGIES, MaskGenerator, mask_to_noise
+
+TRAINER_MASKING = (*MASKING_STRATEGIES, "evolved")
 
 MTO_TERMS = ("sparsity_loss", "singularity_loss", "ranking_loss")
 
@@ -42,13 +45,25 @@ class MTOTrainingArguments(TrainingArguments):
     masking: str | None = field(
         default=None,
         metadata={
-            "help": f"Mask generator, one of {MASKING_STRATEGIES}. Default: the model's own (MAE: random, "
-            "SimMIM: simmim_block). The ratio is the model config's mask_ratio."
+            "help": f"Mask generator, one of {TRAINER_MASKING}. Default: the model's own (MAE: random, "
+            "SimMIM: simmim_block). The ratio is the model config's mask_ratio. `evolved` is evolved hierarchical "
+            "masking, cut from a tree built from the model's own attention at a depth that rises with the epoch."
         },
     )
     mask_patch_size: int = field(
         default=32, metadata={"help": "Side in pixels of SimMIM's mask squares (simmim_block masking)."}
     )
+    evolved_attention_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Evolved masking: how many of the first encoder blocks' attention defines the patch similarity. "
+            "Default: half the encoder depth (the EHM paper uses 6 of 12)."
+        },
+    )
+    evolved_f0: float = field(
+        default=0.0, metadata={"help": "Evolved masking: depth = floor(height x (f0 + (f1 - f0) x epoch / epochs))."}
+    )
+    evolved_f1: float = field(default=1.0, metadata={"help": "Evolved masking: see evolved_f0."})
     base_learning_rate: float | None = field(
         default=1.5e-4,
         metadata={
@@ -71,8 +86,14 @@ class MTOTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if not value >= 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
-        if self.masking is not None and self.masking not in MASKING_STRATEGIES:
-            raise ValueError(f"masking must be one of {MASKING_STRATEGIES}, got {self.masking!r}")
+        if self.masking is not None and self.masking not in TRAINER_MASKING:
+            raise ValueError(f"masking must be one of {TRAINER_MASKING}, got {self.masking!r}")
+        if not 0.0 <= self.evolved_f0 <= self.evolved_f1 <= 1.0:
+            raise ValueError(
+                f"evolved masking needs 0 <= evolved_f0 <= evolved_f1 <= 1, got {self.evolved_f0}, {self.evolved_f1}"
+            )
+        if self.evolved_attention_layers is not None and self.evolved_attention_layers < 1:
+            raise ValueError(f"evolved_attention_layers must be >= 1, got {self.evolved_attention_layers}")
         if self.base_learning_rate is not None and not self.base_learning_rate > 0:
             raise ValueError(f"base_learning_rate must be > 0 (or null), got {self.base_learning_rate}")
         if self.lr_scaling_batch_size <= 0:
@@ -126,7 +147,7 @@ class MTOTrainer(Trainer):
         self._metric_sums = {"train": defaultdict(lambda: 0.0), "eval": defaultdict(lambda: 0.0)}
         self._metric_counts = {"train": defaultdict(int), "eval": defaultdict(int)}
 
-    def _build_mask_generator(self) -> tuple[MaskGenerator | None, str]:
+    def _build_mask_generator(self) -> tuple[MaskGenerator | EvolvedMasking | None, str]:
         model = self.accelerator.unwrap_model(self.model)
         config = model.config
         if isinstance(model, ViTMAEForPreTraining):
@@ -138,32 +159,58 @@ class MTOTrainer(Trainer):
                 f"MTOTrainer trains ViTMAE or ViTForMaskedImageModeling models, got {type(model).__name__}"
             )
         strategy = self.args.masking or default
-        generator = MaskGenerator(
-            strategy, _side(config.image_size), _side(config.patch_size), config.mask_ratio, self.args.mask_patch_size
-        )
+        num_patches = (_side(config.image_size) // _side(config.patch_size)) ** 2
+        if strategy == "evolved":
+            depth = config.num_hidden_layers
+            layers = self.args.evolved_attention_layers or max(1, depth // 2)
+            if layers > depth:
+                raise ValueError(f"evolved_attention_layers must be in [1, {depth}] for this model, got {layers}")
+            generator = EvolvedMasking(config.mask_ratio, layers, self.args.evolved_f0, self.args.evolved_f1)
+            num_masked = generator.num_masked(num_patches)
+        else:
+            generator = MaskGenerator(
+                strategy,
+                _side(config.image_size),
+                _side(config.patch_size),
+                config.mask_ratio,
+                self.args.mask_patch_size,
+            )
+            num_masked = generator.num_masked
         if input_name == "noise":
             if strategy == "random":
                 return None, input_name  # MAE's own random masking: upstream's path, same distribution
             # MAE keeps int(N * (1 - mask_ratio)) patches whatever the mask says; the counts must agree.
-            mae_masked = generator.num_patches - int(generator.num_patches * (1 - config.mask_ratio))
-            if generator.num_masked != mae_masked:
+            mae_masked = num_patches - int(num_patches * (1 - config.mask_ratio))
+            if num_masked != mae_masked:
                 raise ValueError(
-                    f"{strategy} masking masks {generator.num_masked} of {generator.num_patches} patches per image "
-                    f"but MAE with mask_ratio {config.mask_ratio} masks {mae_masked}: choose a mask_ratio for which "
-                    f"they agree (e.g. {generator.num_masked / generator.num_patches})"
+                    f"{strategy} masking masks {num_masked} of {num_patches} patches per image but MAE with "
+                    f"mask_ratio {config.mask_ratio} masks {mae_masked}: choose a mask_ratio for which they agree "
+                    f"(e.g. {num_masked / num_patches})"
                 )
         return generator, input_name
 
-    def _with_masks(self, inputs: dict) -> dict:
+    def _with_masks(self, model, inputs: dict) -> dict:
         if self.mask_generator is None or "noise" in inputs or "bool_masked_pos" in inputs:
             return inputs
         pixel_values = inputs["pixel_values"]
-        mask = self.mask_generator(pixel_values.shape[0], device=pixel_values.device)  # [B, N] bool
+        if isinstance(self.mask_generator, EvolvedMasking):
+            # From the current weights, inside the step: the epoch comes from the Trainer state, so a resumed run
+            # continues the depth schedule where it stopped.
+            with self.accelerator.autocast():
+                mask, depth, height = self.mask_generator(
+                    self.accelerator.unwrap_model(model),
+                    pixel_values,
+                    epoch=int(self.state.epoch or 0),
+                    total_epochs=max(self.state.num_train_epochs or self.args.num_train_epochs, 1),
+                )
+            self._record({"evolved/depth": depth.float().mean(), "evolved/tree_height": height.float().mean()})
+        else:
+            mask = self.mask_generator(pixel_values.shape[0], device=pixel_values.device)  # [B, N] bool
         value = mask_to_noise(mask) if self.mask_input_name == "noise" else mask
         return {**inputs, self.mask_input_name: value}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**self._with_masks(inputs), use_mto=self.args.use_mto)
+        outputs = model(**self._with_masks(model, inputs), use_mto=self.args.use_mto)
         loss = outputs.loss
         components = {"reconstruction_loss": outputs.loss}
         if self.args.use_mto:

@@ -1,0 +1,98 @@
+"""Evolved hierarchical masking (EHM) from the model being trained: the model-side half of `hf_mto.masking`.
+
+Per training step, on the training device and from the current weights (DESIGN.md, "Evolved hierarchical masking"):
+
+1. `encoder_similarity`: one no-grad pass of the encoder over the *unmasked* images through its first
+   `num_layers` blocks; post-softmax attention averaged over heads and layers, CLS dropped, symmetrised.
+2. `masking.build_merge_tree`: average-linkage tree over the patches, batched over images.
+3. `masking.evolved_depth`: depth d = floor(h * (f0 + (f1 - f0) * epoch / total_epochs)) per image.
+4. `masking.evolved_mask`: whole subtrees at depth d masked in random order, exactly round(ratio * N) patches.
+
+The attention maps are computed from each block's own query/key projections, so the training forward keeps its
+attention implementation (SDPA, flash): nothing is switched to eager.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .masking import attention_similarity, build_merge_tree, evolved_depth, evolved_mask
+
+
+def _unmasked_embeddings(embeddings, pixel_values: torch.Tensor) -> torch.Tensor:
+    """``[B, 1 + N, D]`` token embeddings of the whole image (CLS first), without any masking.
+
+    ViTMAE's embedding module always drops patches, and SimMIM's substitutes the mask token only where asked, so
+    both are rebuilt here from the same parameters: patch projection + position embedding, CLS + its position.
+    """
+    patches = embeddings.patch_embeddings(pixel_values)  # [B, N, D]
+    position = embeddings.position_embeddings  # [1, 1 + N, D]
+    cls = (embeddings.cls_token + position[:, :1]).expand(patches.shape[0], -1, -1)
+    return torch.cat([cls, patches + position[:, 1:]], dim=1)
+
+
+@torch.no_grad()
+def encoder_similarity(model, pixel_values: torch.Tensor, num_layers: int) -> torch.Tensor:
+    """Patch-to-patch similarity from the model's own attention over the unmasked image.
+
+    Args:
+        model: a ViTMAE or ViT masked-image-modeling model (ours or upstream): anything with `.vit.embeddings` and
+            `.vit.layers` whose blocks have `layernorm_before` and `attention.q_proj/k_proj`.
+        pixel_values: ``[B, C, H, W]``.
+        num_layers: how many of the first blocks to average over (the EHM paper uses 6 of 12).
+
+    Returns:
+        ``[B, N, N]`` float32, symmetric, CLS excluded.
+    """
+    layers = model.vit.layers
+    if not 1 <= num_layers <= len(layers):
+        raise ValueError(f"evolved_attention_layers must be in [1, {len(layers)}], got {num_layers}")
+    hidden = _unmasked_embeddings(model.vit.embeddings, pixel_values)
+    batch_size, num_tokens, _ = hidden.shape
+    maps = []
+    for layer in layers[:num_layers]:
+        attention = layer.attention
+        normed = layer.layernorm_before(hidden)
+        shape = (batch_size, num_tokens, -1, attention.head_dim)
+        query = attention.q_proj(normed).view(shape).transpose(1, 2)  # [B, heads, T, hd]
+        key = attention.k_proj(normed).view(shape).transpose(1, 2)
+        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attention.scaling
+        maps.append(torch.softmax(scores, dim=-1).mean(dim=1, keepdim=True))  # [B, 1, T, T], mean over heads
+        hidden = layer(hidden)  # the block's own forward, with its configured attention implementation
+    return attention_similarity(maps)
+
+
+@dataclass
+class EvolvedMasking:
+    """Evolved hierarchical masks for a batch, from the model's current weights.
+
+    Args:
+        mask_ratio: fraction of patches masked; every row masks exactly ``round(mask_ratio * N)``.
+        num_layers: encoder blocks whose attention defines the similarity.
+        f0, f1: the depth schedule d = floor(h * (f0 + (f1 - f0) * epoch / total_epochs)); EHM Eq. 14 is (0, 1).
+    """
+
+    mask_ratio: float
+    num_layers: int
+    f0: float = 0.0
+    f1: float = 1.0
+
+    def __post_init__(self):
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if not 0.0 <= self.f0 <= self.f1 <= 1.0:
+            raise ValueError(f"the depth schedule needs 0 <= f0 <= f1 <= 1, got f0={self.f0}, f1={self.f1}")
+
+    def num_masked(self, num_patches: int) -> int:
+        return round(self.mask_ratio * num_patches)
+
+    def __call__(
+        self, model, pixel_values: torch.Tensor, epoch: float, total_epochs: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns ``mask [B, N]`` bool (True = masked), ``depth [B]`` and tree ``height [B]``."""
+        similarity = encoder_similarity(model, pixel_values, self.num_layers)
+        tree = build_merge_tree(similarity)
+        depth = evolved_depth(tree.heights, epoch, total_epochs, self.f0, self.f1)
+        return evolved_mask(tree, depth, self.mask_ratio), depth, tree.heights
