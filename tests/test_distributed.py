@@ -65,3 +65,20 @@ def test_pretrain_recipe_with_two_processes_shards_the_data(tmp_path):
     assert "mto/ranking_loss" in first
     # lr = 1.5e-4 x (16 x 2) / 256 at its peak; warm-up then cosine keep every logged value at or below it
     assert 0 < first["learning_rate"] <= 1.5e-4 * 32 / 256 + 1e-12
+
+
+@pytest.mark.skipif(not FASHION_MNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
+def test_simmim_with_mto_and_evolved_masking_on_two_processes(tmp_path):
+    out = tmp_path / "run"
+    preset = ROOT / "recipes" / "configs" / "tiny_cpu_simmim_mto.yaml"
+    overrides = "image_size=32,patch_size=4,encoder_stride=4,hidden_size=32,num_hidden_layers=2,num_attention_heads=4"
+    flags = ["--config_overrides", overrides]
+    flags += TINY_FLAGS[2:] + ["--masking", "evolved", "--num_train_epochs", "2"]
+    torchrun(
+        [str(ROOT / "recipes" / "pretrain.py"), "--config", str(preset), *flags, "--output_dir", str(out)], tmp_path
+    )
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 6  # 96 images / (16 x 2 processes) x 2 epochs
+    logged = [entry for entry in state["log_history"] if "evolved/depth" in entry]
+    assert logged and logged[-1]["evolved/depth"] > 0  # the second epoch cuts the trees below the leaves
+    assert all("mto/ranking_loss" in entry for entry in logged)
