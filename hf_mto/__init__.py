@@ -4,7 +4,13 @@ Importing the package registers its configs and models with transformers' Auto c
 `AutoModelForPreTraining.from_pretrained(path)` works on our checkpoints without `trust_remote_code`.
 """
 
-from transformers import AutoConfig, AutoModelForMaskedImageModeling, AutoModelForPreTraining
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForMaskedImageModeling,
+    AutoModelForPreTraining,
+    ViTImageProcessor,
+)
 
 from .models.simmim_mto import (
     SimMIMMTOConfig,
@@ -32,6 +38,10 @@ def _register() -> None:
     AutoModelForMaskedImageModeling.register(SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling, exist_ok=True)
     SimMIMMTOConfig.register_for_auto_class("AutoConfig")
     SimMIMMTOForMaskedImageModeling.register_for_auto_class("AutoModelForMaskedImageModeling")
+    # Both are plain ViTs to their inputs: scripts that look up an image processor by model type (run_mim.py,
+    # run_image_classification.py) get the stock ViT one.
+    for config_class in (ViTMAEMTOConfig, SimMIMMTOConfig):
+        AutoImageProcessor.register(config_class, slow_image_processor_class=ViTImageProcessor, exist_ok=True)
 
 
 _register()

@@ -165,3 +165,13 @@ def test_wrong_masks_are_rejected(mask, message):
 def test_bad_config_values_raise_value_error_naming_the_value(overrides, message):
     with pytest.raises(ValueError, match=message):
         SimMIMMTOConfig(**{**TINY_VIT, **overrides})
+
+
+def test_image_processor_is_registered_for_both_model_types():
+    from transformers import ViTImageProcessor
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
+
+    from hf_mto import ViTMAEMTOConfig
+
+    for config_class in (SimMIMMTOConfig, ViTMAEMTOConfig):
+        assert ViTImageProcessor in IMAGE_PROCESSOR_MAPPING[config_class].values()
