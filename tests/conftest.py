@@ -1,6 +1,8 @@
 """Shared tiny configurations (image 32, patch 4, hidden 32, 2 layers) so the suite stays fast on 2 CPU cores."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -26,3 +28,15 @@ TINY_MAE = dict(
 @pytest.fixture
 def tiny_mae_kwargs():
     return dict(TINY_MAE)
+
+
+def run_without_hf_mto(script: str, tmp_path) -> str:
+    """Run `script` in a fresh Python where `import hf_mto` fails, as for a user who only has transformers; returns
+    its stdout. Remote code is cached under `tmp_path` so no run sees another's modules."""
+    blocked = 'import sys\nsys.modules["hf_mto"] = None  # any import of hf_mto fails\n'
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run(
+        [sys.executable, "-c", blocked + script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout

@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import TINY_MAE
 from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
 from hf_mto.masking import (
@@ -278,19 +279,7 @@ def test_mask_to_noise_rejects_bad_masks():
 
 @pytest.fixture(scope="module")
 def tiny_mae():
-    config = ViTMAEConfig(
-        image_size=32,
-        patch_size=4,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        decoder_hidden_size=32,
-        decoder_num_hidden_layers=1,
-        decoder_num_attention_heads=4,
-        decoder_intermediate_size=64,
-        mask_ratio=0.75,
-    )
+    config = ViTMAEConfig(**{**TINY_MAE, "decoder_num_hidden_layers": 1})
     torch.manual_seed(0)
     return ViTMAEForPreTraining(config).eval()
 

@@ -1,12 +1,10 @@
 """SimMIMMTOConfig / SimMIMMTOForMaskedImageModeling: upstream equality, MTO terms on the encoder, init, loading."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from conftest import run_without_hf_mto
 from transformers import AutoConfig, AutoModelForMaskedImageModeling, ViTConfig, ViTForMaskedImageModeling
 
 from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling, mto
@@ -119,8 +117,7 @@ def test_trust_remote_code_load_in_fresh_process_without_hf_mto(tmp_path):
     torch.save({"pixels": pixels, "mask": mask}, tmp_path / "inputs.pt")
     script = textwrap.dedent(
         f"""
-        import sys, torch
-        sys.modules["hf_mto"] = None
+        import torch
         from transformers import AutoModelForMaskedImageModeling
         model = AutoModelForMaskedImageModeling.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True)
         inputs = torch.load({str(tmp_path / "inputs.pt")!r})
@@ -128,10 +125,7 @@ def test_trust_remote_code_load_in_fresh_process_without_hf_mto(tmp_path):
         print(type(model).__module__, out.loss.item(), out.ranking_loss.item())
         """
     )
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert result.returncode == 0, result.stderr
-    module, loss, ranking = result.stdout.split()
+    module, loss, ranking = run_without_hf_mto(script, tmp_path).split()
     assert module.startswith("transformers_modules")
     assert float(loss) == pytest.approx(expected.loss.item(), rel=1e-6)
     assert float(ranking) == pytest.approx(expected.ranking_loss.item(), rel=1e-6)

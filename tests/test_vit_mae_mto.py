@@ -1,12 +1,11 @@
 """ViTMAEMTOConfig / ViTMAEMTOForPreTraining: upstream equality, MTO terms, initialisation, loading, validation."""
 
 import math
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from conftest import run_without_hf_mto
 from transformers import AutoConfig, AutoModelForPreTraining, ViTMAEConfig, ViTMAEForPreTraining
 
 import hf_mto
@@ -133,8 +132,7 @@ def test_trust_remote_code_load_in_fresh_process_without_hf_mto(tmp_path):
     torch.save({"pixels": pixels, "noise": noise}, tmp_path / "inputs.pt")
     script = textwrap.dedent(
         f"""
-        import sys, torch
-        sys.modules["hf_mto"] = None  # make any import of hf_mto fail: the checkpoint must stand alone
+        import torch
         from transformers import AutoModelForPreTraining
         model = AutoModelForPreTraining.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True).eval()
         inputs = torch.load({str(tmp_path / "inputs.pt")!r})
@@ -142,16 +140,7 @@ def test_trust_remote_code_load_in_fresh_process_without_hf_mto(tmp_path):
         print(type(model).__module__, out.loss.item(), out.singularity_loss.item())
         """
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
-        env={**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "modules")},
-    )
-    assert result.returncode == 0, result.stderr
-    module, loss, singularity = result.stdout.split()
+    module, loss, singularity = run_without_hf_mto(script, tmp_path).split()
     assert module.startswith("transformers_modules")
     assert float(loss) == pytest.approx(expected.loss.item(), rel=1e-6)
     assert float(singularity) == pytest.approx(expected.singularity_loss.item(), rel=1e-6)
