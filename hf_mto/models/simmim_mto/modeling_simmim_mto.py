@@ -11,12 +11,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import ViTForMaskedImageModeling, ViTModel
-from transformers.modeling_outputs import MaskedImageModelingOutput
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_outputs import BaseModelOutputWithPooling, MaskedImageModelingOutput
 from transformers.models.vit.modeling_vit import ViTEmbeddings, ViTPreTrainedModel
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_simmim_mto import SimMIMMTOConfig
-from .mto import mto_terms
+from .mto import mto_terms, mto_terms_visible_first
 
 
 @dataclass
@@ -54,7 +55,51 @@ class SimMIMMTOPreTrainedModel(ViTPreTrainedModel):
 
 
 class SimMIMMTOModel(SimMIMMTOPreTrainedModel, ViTModel):
-    """Upstream's `ViTModel` (the encoder), with the official SimMIM mask-token initialisation."""
+    """Upstream's `ViTModel` (the encoder), with the official SimMIM mask-token initialisation.
+
+    With `visible_first=True` (MTO on, same masked count in every image) the blocks run on the tokens reordered as
+    CLS, visible patches, masked patches, and only the final sequence is put back in patch order. Every token
+    carries its own position embedding and attention does not depend on token order, so the output is upstream's
+    (up to float summation order), while the returned states come out already split into visible and masked
+    tokens: the MTO terms need no per-layer token selection. Otherwise the forward is upstream's.
+    """
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        bool_masked_pos: torch.BoolTensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        attention_mask: torch.Tensor | None = None,
+        visible_first: bool = False,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        if not visible_first:
+            return super().forward(
+                pixel_values,
+                bool_masked_pos=bool_masked_pos,
+                interpolate_pos_encoding=interpolate_pos_encoding,
+                attention_mask=attention_mask,
+                **kwargs,
+            )
+        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
+        embeddings = self.embeddings(
+            pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=bool(interpolate_pos_encoding)
+        )
+        batch_size, num_tokens, dim = embeddings.shape
+        order = torch.argsort(bool_masked_pos.to(torch.uint8), dim=1, stable=True) + 1  # visible first
+        order = torch.cat([order.new_zeros(batch_size, 1), order], dim=1).unsqueeze(-1)  # CLS stays first
+        hidden_states = torch.gather(embeddings, 1, order.expand(-1, -1, dim))
+        mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
+        )
+        states = [hidden_states]
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, mask)
+            states.append(hidden_states)
+        sequence_output = torch.empty_like(hidden_states).scatter_(
+            1, order.expand(-1, -1, dim), self.layernorm(hidden_states)
+        )
+        return BaseModelOutputWithPooling(last_hidden_state=sequence_output, hidden_states=tuple(states))
 
 
 class SimMIMMTOForMaskedImageModeling(SimMIMMTOPreTrainedModel, ViTForMaskedImageModeling):
@@ -114,11 +159,15 @@ class SimMIMMTOForMaskedImageModeling(SimMIMMTOPreTrainedModel, ViTForMaskedImag
             bool_masked_pos = self._check_mask(pixel_values, bool_masked_pos)
         if use_mto:
             counts = bool_masked_pos.sum(dim=1)
-            # Every mask generator of hf_mto masks the same count in each image: then the fast path applies. This
-            # is read before any heavy kernel is queued, so the host waits for nothing but the mask itself.
-            if bool((counts == counts[0]).all()):
-                num_masked = int(counts[0])
-            kwargs["output_hidden_states"] = True
+            # Every mask generator of hf_mto masks the same count in each image: then the encoder runs on
+            # visible-first order (see SimMIMMTOModel). This is read before any heavy kernel is queued, so the host
+            # waits for nothing but the mask itself.
+            first = int(counts[0])
+            if bool((counts == first).all()) and 0 < first < bool_masked_pos.shape[1]:
+                num_masked = first
+                kwargs["visible_first"] = True
+            else:
+                kwargs["output_hidden_states"] = True
         outputs = super().forward(
             pixel_values,
             bool_masked_pos=bool_masked_pos,
@@ -128,16 +177,18 @@ class SimMIMMTOForMaskedImageModeling(SimMIMMTOPreTrainedModel, ViTForMaskedImag
         )
         terms = None
         if use_mto:
-            terms = mto_terms(
-                [state[:, 1:] for state in outputs.hidden_states],  # the CLS token never counts
-                bool_masked_pos,
+            states = [state[:, 1:] for state in outputs.hidden_states]  # the CLS token never counts
+            settings = dict(
                 spa_layers=self.config.mto_spa_layers,
                 affinity=self.config.mto_affinity,
                 temperature=self.config.mto_temperature,
                 eps=self.config.mto_eps,
                 ranking=self.config.mto_ranking,
-                num_masked=num_masked,
             )
+            if num_masked is not None:
+                terms = mto_terms_visible_first(states, bool_masked_pos.shape[1] - num_masked, **settings)
+            else:
+                terms = mto_terms(states, bool_masked_pos, **settings)
         return SimMIMMTOOutput(
             loss=outputs.loss,
             reconstruction=outputs.reconstruction,
