@@ -259,7 +259,6 @@ def mto_terms(
     temperature: float = 0.1,
     eps: float = 1e-6,
     ranking: str = "intended",
-    num_masked: int | None = None,
 ) -> MTOTerms:
     """All MTO terms from the states H^0..H^L of one stack, computing each layer's affinity once.
 
@@ -268,32 +267,10 @@ def mto_terms(
             patch tokens only.
         mask: ``[B, N]`` bool, True = masked.
         spa_layers: indices into ``hidden_states`` where L_spa applies (the paper: ``[0]``).
-        num_masked: the number of masked tokens when it is the same in every row (MAE's masking and every
-            generator in ``hf_mto.masking`` guarantee it; the caller vouches for it, it is not checked). Then
-            only the masked-by-visible and visible-by-all blocks of the affinity are computed, which is the
-            fast path; the values are those of the general path.
-
     Returns:
         ``MTOTerms``.
     """
     _check_spa_layers(spa_layers, len(hidden_states))
-    num_tokens = mask.shape[1]
-    if num_masked is not None and 0 < num_masked < num_tokens:
-        for hidden in hidden_states:
-            _check_hidden_and_mask(hidden, mask)
-        # Visible tokens first, then masked ones, each in their original order; one sort shared by every layer.
-        # Selecting whole rows of the flattened [B*N, D] states (index_select, backward index_add) is markedly
-        # cheaper than a gather with a [B, N, D] index.
-        order = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)
-        batch_size = mask.shape[0]
-        rows = (order + torch.arange(batch_size, device=mask.device).unsqueeze(1) * num_tokens).flatten()
-        sorted_states = [
-            h.reshape(batch_size * num_tokens, -1).index_select(0, rows).view(batch_size, num_tokens, -1)
-            for h in hidden_states
-        ]
-        return mto_terms_visible_first(
-            sorted_states, num_tokens - num_masked, spa_layers, affinity, temperature, eps, ranking
-        )
     valid = has_masked_and_visible(mask)
     per_layer, spa = [], []
     for layer, hidden in enumerate(hidden_states):

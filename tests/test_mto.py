@@ -181,16 +181,21 @@ def test_bad_inputs_raise_clear_errors():
         mto.mto_terms([HIDDEN, HIDDEN], MASK, spa_layers=[5])
     with pytest.raises(ValueError, match="0.0"):
         mto.affinity_logits(HIDDEN, "cosine", temperature=0.0)
+    with pytest.raises(ValueError, match=r"num_visible must be in \(0, 3\), got 3"):
+        mto.mto_terms_visible_first([HIDDEN, HIDDEN], num_visible=3)
 
 
 @pytest.mark.parametrize("affinity", mto.AFFINITY_MODES)
-def test_equal_count_fast_path_matches_general_path_values_and_gradients(affinity):
+def test_visible_first_path_matches_general_path_values_and_gradients(affinity):
     torch.manual_seed(4)
     states = [torch.randn(3, 12, 8, requires_grad=True) for _ in range(3)]
     noise = torch.rand(3, 12)
     mask = noise.argsort(dim=1).argsort(dim=1) >= 3  # exactly 9 masked per row, at random places
     general = mto.mto_terms(states, mask, spa_layers=[0, 1], affinity=affinity)
-    fast = mto.mto_terms(states, mask, spa_layers=[0, 1], affinity=affinity, num_masked=9)
+    # the same states reordered visible first (as the models' blocks produce them), then the fast path
+    order = torch.argsort(mask.to(torch.uint8), dim=1, stable=True).unsqueeze(-1).expand(-1, -1, 8)
+    sorted_states = [torch.gather(state, 1, order) for state in states]
+    fast = mto.mto_terms_visible_first(sorted_states, num_visible=3, spa_layers=[0, 1], affinity=affinity)
     for name in ("heterogeneity", "sparsity_loss", "singularity_loss", "ranking_loss"):
         assert torch.allclose(getattr(general, name), getattr(fast, name), rtol=1e-5, atol=1e-6), name
     grads = []
