@@ -251,6 +251,19 @@ class MTOTerms:
     ranking_loss: torch.Tensor
 
 
+def _collect_terms(
+    hs: torch.Tensor, spa: list[torch.Tensor], eps: float, ranking: str, valid: torch.Tensor | None = None
+) -> MTOTerms:
+    """``hs [L+1, B]`` per-image heterogeneity and the per-layer L_spa values -> ``MTOTerms`` (batch means over the
+    ``valid [B]`` images, or all of them)."""
+    return MTOTerms(
+        heterogeneity=torch.stack([_batch_mean(layer, valid) for layer in hs]),
+        sparsity_loss=torch.stack(spa).mean() if spa else hs.new_zeros(()),
+        singularity_loss=singularity_loss(hs[0], eps, valid),
+        ranking_loss=ranking_loss(hs, ranking, valid),
+    )
+
+
 def mto_terms(
     hidden_states: list[torch.Tensor] | tuple[torch.Tensor, ...],
     mask: torch.Tensor,
@@ -267,6 +280,7 @@ def mto_terms(
             patch tokens only.
         mask: ``[B, N]`` bool, True = masked.
         spa_layers: indices into ``hidden_states`` where L_spa applies (the paper: ``[0]``).
+
     Returns:
         ``MTOTerms``.
     """
@@ -279,13 +293,7 @@ def mto_terms(
         per_layer.append(_mean_row_entropy(logits, rows=mask, cols=~mask))
         if layer in spa_layers:
             spa.append(_sparsity_from_logits(logits, mask))
-    hs = torch.stack(per_layer)  # [L+1, B]
-    return MTOTerms(
-        heterogeneity=(hs * valid.float()).sum(dim=1) / valid.float().sum().clamp(min=1.0),
-        sparsity_loss=torch.stack(spa).mean() if spa else hs.new_zeros(()),
-        singularity_loss=singularity_loss(hs[0], eps, valid),
-        ranking_loss=ranking_loss(hs, ranking, valid),
-    )
+    return _collect_terms(torch.stack(per_layer), spa, eps, ranking, valid)
 
 
 def mto_terms_visible_first(
@@ -320,10 +328,4 @@ def mto_terms_visible_first(
             per_layer.append(_entropy(torch.bmm(masked, visible.transpose(1, 2))).mean(dim=1))  # Eq. 2, [B]
             if layer in spa_layers:
                 spa.append(_entropy(torch.bmm(visible, x.transpose(1, 2))).mean())  # Eq. 3 (mean), []
-    hs = torch.stack(per_layer)  # [L+1, B]
-    return MTOTerms(
-        heterogeneity=hs.mean(dim=1),
-        sparsity_loss=torch.stack(spa).mean() if spa else hs.new_zeros(()),
-        singularity_loss=singularity_loss(hs[0], eps),
-        ranking_loss=ranking_loss(hs, ranking),
-    )
+    return _collect_terms(torch.stack(per_layer), spa, eps, ranking)
