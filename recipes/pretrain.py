@@ -104,6 +104,10 @@ def main(argv=None):
     if training_args.push_to_hub:
         trainer.push_to_hub(tags=["masked-image-modeling", "mto", model_args.model_type])
 
+    # Tear down the process group before the interpreter exits: a gloo group left alive can abort a process
+    # (SIGABRT, "terminate called without an active exception") after all the work is done.
+    trainer.accelerator.end_training()
+
 
 if __name__ == "__main__":
     main()
