@@ -204,3 +204,24 @@ def test_visible_first_path_matches_general_path_values_and_gradients(affinity):
         grads.append(torch.autograd.grad(total, states))
     for general_grad, fast_grad in zip(*grads, strict=True):
         assert torch.allclose(general_grad, fast_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_row_entropy_hand_written_backward_passes_gradcheck():
+    torch.manual_seed(5)
+    a = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(mto._RowEntropy.apply, (a, b))
+    expected = [sum(entropy((a[i, r] @ b[i].T).tolist()) for r in range(3)) / 3 for i in range(2)]
+    assert torch.allclose(mto._RowEntropy.apply(a, b), torch.tensor(expected, dtype=torch.float64))
+
+
+def test_visible_first_path_under_autocast_and_extreme_magnitudes_is_float32_and_finite():
+    torch.manual_seed(6)
+    hidden = (torch.randn(2, 10, 6) * 1e4).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_hidden = torch.nn.functional.linear(hidden, torch.eye(6))
+        terms = mto.mto_terms_visible_first([bf16_hidden, bf16_hidden * 0.5], num_visible=3, spa_layers=[0, 1])
+        total = terms.sparsity_loss + terms.singularity_loss + terms.ranking_loss
+    total.backward()
+    assert terms.heterogeneity.dtype == torch.float32
+    assert torch.isfinite(total) and torch.isfinite(hidden.grad).all()
