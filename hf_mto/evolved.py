@@ -52,15 +52,22 @@ def encoder_similarity(model, pixel_values: torch.Tensor, num_layers: int) -> to
     hidden = _unmasked_embeddings(model.vit.embeddings, pixel_values)
     batch_size, num_tokens, _ = hidden.shape
     maps = []
-    for layer in layers[:num_layers]:
+    for index, layer in enumerate(layers[:num_layers]):
         attention = layer.attention
         normed = layer.layernorm_before(hidden)
         shape = (batch_size, num_tokens, -1, attention.head_dim)
         query = attention.q_proj(normed).view(shape).transpose(1, 2)  # [B, heads, T, hd]
         key = attention.k_proj(normed).view(shape).transpose(1, 2)
-        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attention.scaling
-        maps.append(torch.softmax(scores, dim=-1).mean(dim=1, keepdim=True))  # [B, 1, T, T], mean over heads
-        hidden = layer(hidden)  # the block's own forward, with its configured attention implementation
+        probs = torch.softmax(torch.matmul(query.float(), key.float().transpose(-1, -2)) * attention.scaling, dim=-1)
+        maps.append(probs.mean(dim=1, keepdim=True))  # [B, 1, T, T], mean over heads
+        if index == num_layers - 1:
+            break  # the last block's output is never used: its attention map is all we need from it
+        # The rest of the block (ViT pre-norm: x + attn(ln(x)), then x + mlp(ln(x)); dropout off, as in eval) from
+        # the probabilities already at hand: calling the block would project the queries and keys a second time.
+        value = attention.v_proj(normed).view(shape).transpose(1, 2)
+        context = torch.matmul(probs.to(value.dtype), value).transpose(1, 2).reshape(batch_size, num_tokens, -1)
+        hidden = hidden + attention.o_proj(context)
+        hidden = hidden + layer.mlp(layer.layernorm_after(hidden))
     return attention_similarity(maps)
 
 
