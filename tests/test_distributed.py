@@ -83,3 +83,56 @@ def test_simmim_with_mto_and_evolved_masking_on_two_processes(tmp_path):
     logged = [entry for entry in state["log_history"] if "evolved/depth" in entry]
     assert logged and logged[-1]["evolved/depth"] > 0  # the second epoch cuts the trees below the leaves
     assert all("mto/ranking_loss" in entry for entry in logged)
+
+
+@pytest.mark.parametrize("model_type", ["mae", "simmim"])
+def test_processes_end_with_identical_weights_and_share_the_gathered_mto_logs(tmp_path, model_type):
+    """Each process masks its own shard (evolved masks from the model's own attention, MTO on); DDP must still
+    leave both with the same weights, and the logged MTO terms must be the means over both processes."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import json, torch
+            from conftest import TINY_MAE
+            from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling
+            from hf_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining
+            from hf_mto.trainer import MTOTrainer, MTOTrainingArguments
+
+            torch.manual_seed(0)
+            if {model_type!r} == "mae":
+                model = ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**TINY_MAE))
+            else:
+                vit = {{k: v for k, v in TINY_MAE.items() if not k.startswith("decoder_") and k != "mask_ratio"}}
+                model = SimMIMMTOForMaskedImageModeling(SimMIMMTOConfig(**vit, encoder_stride=4, mask_ratio=0.5))
+            initial = {{k: v.clone() for k, v in model.state_dict().items()}}
+            # different images on each process (the sampler shards them), 4 per process per step
+            images = [{{"pixel_values": torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(i))}}
+                      for i in range(32)]
+            args = MTOTrainingArguments(
+                output_dir={str(tmp_path)!r}, report_to="none", masking="evolved", per_device_train_batch_size=4,
+                max_steps=4, logging_steps=1, save_strategy="no", num_train_epochs=2, mask_patch_size=8,
+            )
+            trainer = MTOTrainer(model=model, args=args, train_dataset=images)
+            trainer.train()
+            rank = args.process_index
+            torch.save(trainer.model.state_dict(), {str(tmp_path)!r} + f"/weights{{rank}}.pt")
+            logs = [e for e in trainer.state.log_history if "mto/ranking_loss" in e]
+            record = {{"world": args.world_size, "logs": logs, "changed": [
+                k for k, v in trainer.model.state_dict().items() if not torch.equal(v, initial[k])]}}
+            open({str(tmp_path)!r} + f"/rank{{rank}}.json", "w").write(json.dumps(record))
+            trainer.accelerator.end_training()
+            """
+        )
+    )
+    torchrun([str(script)], cwd=Path(__file__).parent)
+    import torch
+
+    weights = [torch.load(tmp_path / f"weights{rank}.pt") for rank in (0, 1)]
+    records = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert records[0]["world"] == 2 and records[0]["changed"]  # a real two-process run that trained
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+    # the logs are gathered: every process logs the same means although each saw different images
+    assert len(records[0]["logs"]) == 4 and records[0]["logs"] == records[1]["logs"]

@@ -1,0 +1,75 @@
+"""A pre-training run killed mid-training resumes from its last checkpoint onto the uninterrupted trajectory."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from test_recipe_pretrain import FASHION_MNIST, PRESET, ROOT, TINY_FLAGS
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not FASHION_MNIST.exists(), reason="needs Debian's dataset-fashion-mnist"),
+]
+
+# 96 images, batch 16: 6 steps per epoch, 3 epochs, a checkpoint at every epoch end, every step logged.
+FLAGS = [*TINY_FLAGS, "--num_train_epochs", "3", "--logging_steps", "1", "--masking", "evolved"]
+FLAGS += ["--save_strategy", "epoch", "--eval_strategy", "no", "--save_total_limit", "2", "--seed", "7"]
+CRASH_AT_STEP = 9  # in the second epoch, three steps after checkpoint-6
+
+
+def run(output_dir, *extra, crash_at=None):
+    """The recipe in a fresh process; with `crash_at`, the process dies abruptly (os._exit) after that step, as a
+    killed job would: no clean-up, no final save."""
+    script = textwrap.dedent(
+        f"""
+        import os, sys
+        sys.path.insert(0, {str(ROOT / "recipes")!r})
+        import transformers
+        from hf_mto.trainer import MTOTrainer
+        crash_at = {crash_at!r}
+        if crash_at is not None:
+            class Crash(transformers.TrainerCallback):
+                def on_step_end(self, args, state, control, **kwargs):
+                    if state.global_step == crash_at:
+                        os._exit(9)
+            init = MTOTrainer.__init__
+            def patched(self, *args, **kwargs):
+                init(self, *args, **kwargs)
+                self.add_callback(Crash())
+            MTOTrainer.__init__ = patched
+        import pretrain
+        pretrain.main(sys.argv[1:])
+        """
+    )
+    cmd = [sys.executable, "-c", script, "--config", str(PRESET), *FLAGS, "--output_dir", str(output_dir), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=output_dir.parent, timeout=600)
+
+
+def train_logs(output_dir):
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return {entry["step"]: entry for entry in history if "loss" in entry}
+
+
+def test_killed_run_resumes_onto_the_uninterrupted_trajectory(tmp_path):
+    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
+    done = run(reference)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    killed = run(crashed, crash_at=CRASH_AT_STEP)
+    assert killed.returncode == 9, killed.stdout[-3000:] + killed.stderr[-3000:]
+    assert sorted(p.name for p in crashed.glob("checkpoint-*")) == ["checkpoint-6"]  # nothing written after it
+
+    resumed = run(crashed, "--resume_from_checkpoint", str(crashed / "checkpoint-6"))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+    expected, got = train_logs(reference), train_logs(crashed)
+    assert sorted(got) == sorted(expected) == list(range(1, 19))
+    for step in range(7, 19):
+        for key in ("loss", "reconstruction_loss", "mto/ranking_loss", "evolved/depth", "evolved/tree_height"):
+            assert got[step][key] == pytest.approx(expected[step][key], rel=1e-4, abs=1e-6), (step, key)
+    # the depth schedule continued: epoch 2 of 3 masks deeper than epoch 1 did, exactly as uninterrupted
+    assert got[7]["evolved/depth"] > 0 == expected[1]["evolved/depth"]
+    # save_total_limit=2 is respected across the restart
+    assert sorted(p.name for p in crashed.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-18"]
