@@ -10,6 +10,8 @@ processes. With every weight 0 the model is called with `use_mto=False` and cost
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -19,6 +21,8 @@ from transformers import Trainer, TrainingArguments, ViTForMaskedImageModeling, 
 
 from .evolved import EvolvedMasking
 from .masking import MASKING_STRATEGIES, MaskGenerator, mask_to_noise
+
+logger = logging.getLogger(__name__)
 
 TRAINER_MASKING = (*MASKING_STRATEGIES, "evolved")
 
@@ -237,6 +241,25 @@ class MTOTrainer(Trainer):
             self._metric_sums[mode][key] = self._metric_sums[mode][key] + value.detach().float()
             self._metric_counts[mode][key] += 1
 
+    def _warn_non_finite(self, values: dict[str, float], mode: str) -> None:
+        """Name the loss terms that went NaN/inf since the last log (checked here, where the means reach the host
+        anyway, so training never waits on a per-step check)."""
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if not bad:
+            return
+        # The loss components first: a term that is non-finite on its own is the culprit; heterogeneity diagnostics
+        # follow whatever the states did.
+        bad.sort(key=lambda k: (k.startswith("mto/heterogeneity/"), k))
+        logger.warning(
+            "%s step %d: non-finite %s since the last log (%s). Checkpoints saved so far are intact. With fp16 a "
+            "transient overflow skips the step; if it persists, lower the weight of that term (mto_*_weight), use "
+            "bf16, or resume from the last checkpoint.",
+            mode,
+            self.state.global_step,
+            ", ".join(bad),
+            ", ".join(f"{k}={values[k]}" for k in bad),
+        )
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         sums, counts = self._metric_sums[mode], self._metric_counts[mode]
@@ -246,7 +269,9 @@ class MTOTrainer(Trainer):
             # One all-gather for every metric; every process reaches `log` at the same step with the same keys.
             means = self.accelerator.gather(means[None]).mean(dim=0)
             prefix = "eval_" if mode == "eval" else ""
-            logs.update({f"{prefix}{k}": v for k, v in zip(keys, means.tolist(), strict=True)})
+            values = dict(zip(keys, means.tolist(), strict=True))
+            self._warn_non_finite(values, mode)
+            logs.update({f"{prefix}{k}": v for k, v in values.items()})
             sums.clear()
             counts.clear()
         super().log(logs, start_time)
