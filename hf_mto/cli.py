@@ -124,11 +124,13 @@ def build_image_processor(config) -> ViTImageProcessor:
 def parse_args(dataclass_types, argv: list[str] | None = None, default_config: str | Path | None = None):
     """Parse `dataclass_types` from `--config FILE` (YAML or JSON) plus command-line overrides.
 
-    `default_config` is used when `argv` is empty, so `accelerate launch recipes/pretrain.py` runs a preset.
+    `default_config` is the preset used when no config file is named, so `accelerate launch recipes/pretrain.py`
+    runs it and `... pretrain.py --num_train_epochs 1` runs it with one override.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv and default_config is not None:
-        argv = ["--config", str(default_config)]
+    names_a_config = "--config" in argv or (argv and argv[0].endswith((".yaml", ".yml", ".json")))
+    if default_config is not None and not names_a_config:
+        argv = ["--config", str(default_config), *argv]
     parser = HfArgumentParser(dataclass_types)
     config_file = None
     if "--config" in argv:

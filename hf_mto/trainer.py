@@ -15,6 +15,8 @@ import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments, ViTForMaskedImageModeling, ViTMAEForPreTraining
@@ -68,6 +70,13 @@ class MTOTrainingArguments(TrainingArguments):
         default=0.0, metadata={"help": "Evolved masking: depth = floor(height x (f0 + (f1 - f0) x epoch / epochs))."}
     )
     evolved_f1: float = field(default=1.0, metadata={"help": "Evolved masking: see evolved_f0."})
+    reconstruction_images: int = field(
+        default=8,
+        metadata={
+            "help": "At every evaluation, the recipe writes original / masked / reconstruction pictures of this many "
+            "validation images to output_dir/reconstructions (and TensorBoard). 0 disables them."
+        },
+    )
     base_learning_rate: float | None = field(
         default=1.5e-4,
         metadata={
@@ -102,6 +111,8 @@ class MTOTrainingArguments(TrainingArguments):
             raise ValueError(f"base_learning_rate must be > 0 (or null), got {self.base_learning_rate}")
         if self.lr_scaling_batch_size <= 0:
             raise ValueError(f"lr_scaling_batch_size must be > 0, got {self.lr_scaling_batch_size}")
+        if self.reconstruction_images < 0:
+            raise ValueError(f"reconstruction_images must be >= 0, got {self.reconstruction_images}")
         if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
             # A multi-process launch (torchrun, accelerate) on a machine without an accelerator: unless told to use
             # the CPU, accelerate would not set up the gloo process group and each process would silently train
@@ -275,3 +286,146 @@ class MTOTrainer(Trainer):
             sums.clear()
             counts.clear()
         super().log(logs, start_time)
+
+    # ---- Model card: written into every saved checkpoint and pushed as the repo's README.md ----
+
+    # Facts about the run that the Trainer cannot see, as keyword arguments of `hf_mto.model_card.model_card_context`
+    # (`data_args`, `license`, ...); the recipes set them.
+    model_card_kwargs: dict | None = None
+
+    def _render_model_card(self, folder: str, **kwargs) -> str:
+        from .model_card import render_model_card
+
+        model = self.accelerator.unwrap_model(self.model)
+        defaults = {
+            "repo_id": self.hub_model_id or self.args.hub_model_id or folder,
+            "model_class": type(model).__name__,
+        }
+        for name, dataset in (("train_size", self.train_dataset), ("eval_size", self.eval_dataset)):
+            if dataset is not None and not isinstance(dataset, dict) and hasattr(dataset, "__len__"):
+                defaults[name] = len(dataset)
+        source = getattr(model, "name_or_path", "") or ""
+        if source and not os.path.isdir(source):  # started from a Hub checkpoint
+            defaults["base_model"] = source
+        recorded = dict(self.model_card_kwargs or {})
+        given = {key: value for key, value in kwargs.items() if value is not None}
+        if "tags" in given and "tags" in recorded:  # tags add up; everything else given wins
+            given["tags"] = [
+                tag
+                for tags in (recorded["tags"], given["tags"])
+                for tag in ([tags] if isinstance(tags, str) else tags)
+            ]
+        return render_model_card(model.config, self.args, self.state, **{**defaults, **recorded, **given})
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # Every save (`checkpoint-*` folders, `save_model`, `push_to_hub`) writes the card beside the weights.
+        super()._save(output_dir, state_dict=state_dict)
+        if not self.args.should_save:
+            return
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        try:
+            card = self._render_model_card(
+                folder, checkpoint=os.path.basename(os.path.normpath(folder)).startswith("checkpoint-")
+            )
+        except Exception as err:  # a card must never cost a run its checkpoints
+            logger.warning("could not write the model card into %s: %s", folder, err)
+            return
+        with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
+            f.write(card)
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+        **kwargs,
+    ) -> None:
+        """Write `output_dir/README.md` from hf_mto's template (`model_cards/`, see `hf_mto.model_card`) in place of
+        the Trainer's generic card. `push_to_hub(**kwargs)` calls it with its keyword arguments, then uploads the
+        folder. `language`, `tasks` and `dataset_tags` are accepted for the Trainer's signature and not used; further
+        keyword arguments go to `model_card_context`."""
+        if not self.is_world_process_zero():
+            return
+        card = self._render_model_card(
+            self.args.output_dir,
+            license=license,
+            tags=tags,
+            model_name=model_name,
+            base_model=finetuned_from,
+            dataset=dataset,
+            dataset_args=dataset_args,
+            **kwargs,
+        )
+        with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as f:
+            f.write(card)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # The Trainer copies only the weights, config and processor of the checkpoint into output_dir and uploads
+        # output_dir: bring the checkpoint's card along, when the push happens (the Trainer's own conditions).
+        import shutil
+
+        in_progress = getattr(self, "push_in_progress", None)
+        busy = in_progress is not None and not in_progress.is_done()
+        card = os.path.join(checkpoint_folder, "README.md")
+        if (
+            self.is_world_process_zero()
+            and self.args.hub_strategy != "end"
+            and (self.args.hub_always_push or not busy)
+            and os.path.isfile(card)
+        ):
+            shutil.copy(card, os.path.join(self.args.output_dir, "README.md"))
+        if self.is_world_process_zero() and getattr(self, "hub_model_id", None) is None:
+            self.init_hf_repo()  # the Hub was unreachable at start; try again, once per checkpoint
+            if self.hub_model_id is None:
+                return
+        try:
+            super()._push_from_checkpoint(checkpoint_folder)
+        except Exception as error:  # noqa: BLE001 -- whatever the Hub does, the run goes on
+            self._hub_failed(f"Pushing {checkpoint_folder}", error)
+            return
+        # The uploads run in the background and their errors would be dropped silently: report them.
+        for job in getattr(self.push_in_progress, "jobs", None) or []:
+            job.add_done_callback(partial(self._report_upload, checkpoint_folder))
+
+    # ---- The Hub is never allowed to cost a run or a checkpoint ----
+
+    def _hub_failed(self, action: str, error: BaseException) -> None:
+        logger.warning(
+            "%s on the Hub (%s) failed: %s: %s. Training goes on and everything stays saved locally in %s; push it "
+            "later with `hf upload %s %s`.",
+            action,
+            self.args.hub_model_id or Path(self.args.output_dir).absolute().name,
+            type(error).__name__,
+            error,
+            self.args.output_dir,
+            self.args.hub_model_id or "<user>/<repo>",
+            self.args.output_dir,
+        )
+
+    def _report_upload(self, checkpoint_folder: str, job) -> None:
+        if not job.cancelled() and job.exception() is not None:
+            self._hub_failed(f"Uploading {checkpoint_folder}", job.exception())
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """The Trainer's, except that an unreachable Hub (offline, no token, network down) is a warning instead of
+        an error before training starts: pushing is retried at each checkpoint and at the end."""
+        try:
+            super().init_hf_repo(token=token, private=private)
+        except Exception as error:  # noqa: BLE001
+            self.hub_model_id = None
+            self._hub_failed("Creating the repository", error)
+
+    def push_to_hub(self, *args, **kwargs):
+        """The Trainer's `push_to_hub` (which saves the model and its card locally first); a failed upload is reported
+        and returns None instead of raising, so the end of a run never loses what it trained."""
+        try:
+            return super().push_to_hub(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001
+            self._hub_failed("Pushing the final model", error)
+            return None

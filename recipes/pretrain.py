@@ -12,9 +12,10 @@ One GPU, many GPUs or CPU, through accelerate and the HF Trainer:
     # several processes (CPU test: torchrun --nproc_per_node 2 recipes/pretrain.py ...)
     accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml recipes/pretrain.py --config ...
 
-Every flag of `ModelArguments` (hf_mto/cli.py), `DataArguments` (hf_mto/data.py) and `MTOTrainingArguments`
-(hf_mto/trainer.py, which extends transformers' `TrainingArguments`) can be set in the YAML/JSON file or on the
-command line; the command line wins.
+Every flag of `ModelArguments` (hf_mto/cli.py), `DataArguments` (hf_mto/data.py), `EncoderEvalArguments`
+(hf_mto/evaluation.py: `--encoder_eval` adds k-NN and linear-probe accuracy to every evaluation) and
+`MTOTrainingArguments` (hf_mto/trainer.py, which extends transformers' `TrainingArguments`) can be set in the
+YAML/JSON file or on the command line; the command line wins.
 """
 
 import logging
@@ -24,6 +25,7 @@ from pathlib import Path
 import transformers
 from transformers.trainer_utils import get_last_checkpoint
 
+from hf_mto.analysis import ReconstructionCallback
 from hf_mto.cli import ModelArguments, build_config, build_image_processor, build_model, parse_args
 from hf_mto.data import (
     DataArguments,
@@ -33,6 +35,7 @@ from hf_mto.data import (
     build_pretraining_transform,
     load_datasets,
 )
+from hf_mto.evaluation import EncoderEvalArguments, EncoderEvalCallback, labelled_eval_splits
 from hf_mto.trainer import MTOTrainer, MTOTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -41,8 +44,10 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny_cpu_mae_mto.yaml"
 
 
 def main(argv=None):
-    model_args, data_args, training_args = parse_args(
-        (ModelArguments, DataArguments, MTOTrainingArguments), argv, default_config=DEFAULT_CONFIG
+    model_args, data_args, eval_args, training_args = parse_args(
+        (ModelArguments, DataArguments, EncoderEvalArguments, MTOTrainingArguments),
+        argv,
+        default_config=DEFAULT_CONFIG,
     )
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -71,9 +76,8 @@ def main(argv=None):
     train_dataset = apply_transform(
         datasets["train"], build_pretraining_transform(size, image_processor.image_mean, image_processor.image_std)
     )
-    eval_dataset = apply_transform(
-        datasets["validation"], build_eval_transform(size, image_processor.image_mean, image_processor.image_std)
-    )
+    eval_transform = build_eval_transform(size, image_processor.image_mean, image_processor.image_std)
+    eval_dataset = apply_transform(datasets["validation"], eval_transform)
 
     trainer = MTOTrainer(
         model=model,
@@ -83,6 +87,15 @@ def main(argv=None):
         processing_class=image_processor,
         data_collator=PixelCollator(),
     )
+    # The model card written into every checkpoint (and pushed with --push_to_hub) names the data.
+    trainer.model_card_kwargs = {"data_args": data_args}
+    if training_args.do_eval and training_args.reconstruction_images > 0:
+        mean, std = image_processor.image_mean, image_processor.image_std
+        ReconstructionCallback(eval_dataset, mean, std, num_images=training_args.reconstruction_images).attach(trainer)
+    if eval_args.encoder_eval:
+        # k-NN and linear-probe accuracy of the frozen encoder at every evaluation, logged like any metric
+        bank, queries = labelled_eval_splits(datasets, eval_transform, eval_args, seed=training_args.seed)
+        EncoderEvalCallback.from_args(bank, queries, eval_args).attach(trainer)
 
     if training_args.do_train:
         resume = training_args.resume_from_checkpoint
@@ -102,7 +115,10 @@ def main(argv=None):
         trainer.save_metrics("eval", metrics)
 
     if training_args.push_to_hub:
+        # saves the model and its card first; a Hub failure is a warning (MTOTrainer.push_to_hub)
         trainer.push_to_hub(tags=["masked-image-modeling", "mto", model_args.model_type])
+    else:
+        trainer.create_model_card()  # the card of output_dir, now with the final evaluation
 
     # Tear down the process group before the interpreter exits: a gloo group left alive can abort a process
     # (SIGABRT, "terminate called without an active exception") after all the work is done.

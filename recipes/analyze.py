@@ -1,0 +1,116 @@
+"""Heterogeneity analysis of a pre-trained checkpoint (the MTO paper's Section 3) and reconstruction pictures.
+
+Writes to --output_dir:
+  - heterogeneity.json / heterogeneity.png: H^0..H^L of the MTO stack (MAE: decoder, SimMIM: encoder), averaged over
+    the validation images with seeded masks (the paper's Table 1 and Fig. 1 a); the table is printed too;
+  - affinity.png: for one image, each layer's token-token affinity with masked tokens first (Fig. 2);
+  - reconstructions.png: original / masked / reconstruction / reconstruction + visible for a few images.
+
+    python recipes/analyze.py --checkpoint outputs/vit-mae-mto-tiny --output_dir outputs/analysis \
+        --max_eval_samples 2000
+    python recipes/analyze.py --checkpoint outputs/simmim-mto-tiny --mask_patch_size 8 --num_reconstructions 0
+
+Data arguments are those of `recipes/pretrain.py` (default: the embedded Fashion-MNIST); the validation split is
+used, with the evaluation transform. Works whether the checkpoint trained with MTO on or off.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoImageProcessor
+
+from hf_mto.analysis import (
+    analyze_affinity,
+    analyze_heterogeneity,
+    draw_mask_inputs,
+    load_checkpoint,
+    plot_heterogeneity,
+    plot_reconstructions,
+    reconstruct,
+)
+from hf_mto.cli import parse_args
+from hf_mto.data import DataArguments, apply_transform, build_eval_transform, load_datasets
+from hf_mto.masking import MASKING_STRATEGIES
+
+
+@dataclass
+class AnalyzeArguments:
+    checkpoint: str = field(metadata={"help": "A pre-trained hf_mto checkpoint (local path or Hub id)."})
+    output_dir: str = field(default="outputs/analysis", metadata={"help": "Where the JSON and PNGs go."})
+    batch_size: int = field(default=64, metadata={"help": "Images per forward pass."})
+    seed: int = field(default=0, metadata={"help": "Seed of the masks."})
+    masking: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Mask generator, one of {MASKING_STRATEGIES}; default the model's own (MAE: random, "
+            "SimMIM: simmim_block)."
+        },
+    )
+    mask_patch_size: int | None = field(
+        default=None, metadata={"help": "SimMIM block side in pixels (default 32, or a quarter of a small image)."}
+    )
+    affinity_image: int = field(default=0, metadata={"help": "Index of the validation image whose affinity is drawn."})
+    affinity_layers: list[int] | None = field(
+        default=None, metadata={"help": "Layer depths to draw affinity maps for (default: all, 0 = embedding)."}
+    )
+    num_reconstructions: int = field(default=8, metadata={"help": "Images in reconstructions.png; 0 skips it."})
+    device: str | None = field(default=None, metadata={"help": "Where the model runs (default: cuda if available)."})
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.num_reconstructions < 0:
+            raise ValueError(f"num_reconstructions must be >= 0, got {self.num_reconstructions}")
+        if self.affinity_image < 0:
+            raise ValueError(f"affinity_image must be >= 0, got {self.affinity_image}")
+
+
+def main(argv=None):
+    args, data_args = parse_args((AnalyzeArguments, DataArguments), argv)
+    model = load_checkpoint(args.checkpoint).to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    processor = AutoImageProcessor.from_pretrained(args.checkpoint)
+    mean, std = processor.image_mean, processor.image_std
+    dataset = load_datasets(data_args)
+    if "validation" not in dataset:
+        raise ValueError("the data has no validation split (set --train_val_split > 0 or --validation_dir)")
+    dataset = apply_transform(dataset["validation"], build_eval_transform(processor.size["height"], mean, std))
+    if args.affinity_image >= len(dataset):
+        raise ValueError(f"affinity_image {args.affinity_image} out of range: the validation split has {len(dataset)}")
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    masks = dict(masking=args.masking, mask_patch_size=args.mask_patch_size)
+
+    result = analyze_heterogeneity(model, dataset, batch_size=args.batch_size, seed=args.seed, **masks)
+    result.extra["checkpoint"] = args.checkpoint
+    result.save_json(out / "heterogeneity.json")
+    plot_heterogeneity(result, out / "heterogeneity.png")
+    print(result.table())
+
+    affinity = analyze_affinity(
+        model,
+        dataset[args.affinity_image]["pixel_values"],
+        out / "affinity.png",
+        seed=args.seed,
+        layers=args.affinity_layers,
+        image_mean=mean,
+        image_std=std,
+        **masks,
+    )
+    (out / "affinity.json").write_text(json.dumps({"image": args.affinity_image, **affinity}) + "\n")
+
+    if args.num_reconstructions:
+        count = min(args.num_reconstructions, len(dataset))
+        pixels = torch.stack([dataset[i]["pixel_values"] for i in range(count)])
+        mask_inputs = draw_mask_inputs(model, count, torch.Generator().manual_seed(args.seed), **masks)
+        pictures = reconstruct(model, pixels, mask_inputs, mean, std)
+        plot_reconstructions(
+            pictures, out / "reconstructions.png", title=f"{model.config.model_type}: {args.checkpoint}"
+        )
+    print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
