@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 from transformers import AutoConfig, TrainerCallback
 
 from .cli import MODEL_CLASSES
-from .data import collate_pixel_values
+from .data import collate_pixel_values, first_readable_pixels
 from .masking import MaskGenerator, mask_to_noise
 from .models.simmim_mto import SimMIMMTOForMaskedImageModeling
 from .models.vit_mae_mto import ViTMAEMTOForPreTraining
@@ -657,7 +657,7 @@ class ReconstructionCallback(TrainerCallback):
         if isinstance(eval_dataset, torch.Tensor):
             self.pixel_values = eval_dataset[:num_images].float()
         else:
-            self.pixel_values = torch.stack([eval_dataset[i]["pixel_values"] for i in range(num_images)]).float()
+            self.pixel_values = first_readable_pixels(eval_dataset, num_images).float()
         self.image_mean, self.image_std = list(image_mean), list(image_std)
         self.seed, self.masking, self.mask_patch_size, self.dirname = seed, masking, mask_patch_size, dirname
         self._mask_inputs = None

@@ -11,11 +11,33 @@ Three sources give a `datasets.DatasetDict` with "train" and "validation" splits
 The transforms follow transformers' `run_mae.py` example: random resized crops and flips for pre-training, resize
 and centre crop for evaluation, both ending in `ToTensor` + `Normalize` and giving `pixel_values` of shape
 [3, H, W]. `PixelCollator` stacks them into the [B, 3, H, W] batch the models take.
+
+Unusual and unreadable images (what a real image folder or Hub dataset contains sooner or later):
+
+* Every image becomes 8-bit RGB (`to_rgb`). Grayscale ("L", "1") is replicated into three equal channels;
+  palette and CMYK go through PIL. Images with transparency (RGBA, LA, a palette or grayscale with a transparent
+  colour) are composited onto white, as transformers' `convert_to_rgb` does, rather than having the alpha channel
+  dropped (which would expose whatever colour the transparent pixels happen to hold). 16-bit images ("I;16*", and
+  "I", which is how some Pillow versions open 16-bit PNGs) are scaled to 8 bits by 255/65535 with rounding: PIL's
+  own `convert("RGB")` clips them at 255, so almost every 16-bit photograph would come out white.
+* Images smaller than the model's input are upscaled: `RandomResizedCrop` resizes its crop to `image_size` whatever
+  the source size (down to 1x1), and the eval transform's `Resize` scales the shorter side up before the centre crop.
+* Unreadable images (random bytes with an image extension, a truncated JPEG/PNG, an unsupported mode, a file that
+  has disappeared) are **skipped**, not fatal: `apply_transform` has the dataset hand over the encoded image and
+  decodes it itself, so a decoding error becomes a logged warning naming the file (once per file and process, with a
+  running count; `skipped_images()` lists them) and `pixel_values=None`, and `PixelCollator` drops such examples
+  from the batch. A batch whose every image is unreadable stops the run with an error instead (there is nothing to
+  train on; clean the data or use a larger batch). Decoding happens anyway when an image is read, so this costs
+  nothing extra, unlike a full validation pass over a large folder at start-up; `--verify_images` does that pass
+  when wanted (every image decoded once at load time, unreadable ones dropped from the splits and listed, with a
+  count). PIL's `ImageFile.LOAD_TRUNCATED_IMAGES` must stay False (its default; this module never sets it): set, it
+  makes a truncated file decode silently as a partly grey image, and `apply_transform` warns about it.
 """
 
 from __future__ import annotations
 
 import gzip
+import logging
 import struct
 import zlib
 from collections.abc import Callable, Sequence
@@ -27,8 +49,10 @@ import datasets
 import numpy as np
 import torch
 from huggingface_hub.errors import LocalEntryNotFoundError
-from PIL import Image
+from PIL import Image, ImageFile
 from torchvision import transforms as T
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -102,6 +126,14 @@ class DataArguments:
     fashion_mnist_dir: str = field(
         default=DEFAULT_FASHION_MNIST_DIR,
         metadata={"help": "Folder of the Fashion-MNIST IDX files (.gz or not) for the embedded default dataset."},
+    )
+    verify_images: bool = field(
+        default=False,
+        metadata={
+            "help": "Decode every image once at load time (after max_*_samples) and drop the unreadable ones, "
+            "logging each file and the count. Costs a full decoding pass; without it unreadable images are skipped, "
+            "with a warning, when they are read."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -276,14 +308,15 @@ def _load_hub_dataset(
     # Offline (HF_HUB_OFFLINE=1) or unreachable Hub; an uncached file when offline is a LocalEntryNotFoundError.
     # DatasetNotFoundError (a FileNotFoundError too) is left alone: the Hub answered, and its message is clear.
     except (ConnectionError, LocalEntryNotFoundError) as err:
-        # Keep the message to one line: the cause's first line only (the full chain stays in `__cause__`).
+        # Keep the message to one line: the cause's first line only. `from None` keeps datasets' own ~15-line
+        # traceback out of what a user sees; the original exception stays available as `__context__`.
         cause = (str(err).splitlines() or [""])[0] or type(err).__name__
         raise ConnectionError(
             f"Cannot load dataset {data_args.dataset_name!r}: the Hugging Face Hub is unreachable or offline mode is "
             f"on (HF_HUB_OFFLINE=1), and it is not in the local cache [{cause}]. Download it while "
             "online, or use --train_dir DIR for local images, or drop --dataset_name to use the embedded "
             "Fashion-MNIST default."
-        ) from err
+        ) from None
 
 
 def _load_raw(data_args: DataArguments, cache_dir: str | None, token: str | bool | None) -> datasets.DatasetDict:
@@ -319,7 +352,8 @@ def load_datasets(
     Source: `data_args.dataset_name` (Hub), else `train_dir`/`validation_dir` (imagefolder), else Fashion-MNIST
     (train → "train", test → "validation"). Without a "validation" split, `train_val_split` of train is split off
     (seeded); with `train_val_split == 0` the result then has "train" only. Other splits (e.g. "test") are dropped.
-    `max_train_samples`/`max_eval_samples` then keep a seeded random subset.
+    `max_train_samples`/`max_eval_samples` then keep a seeded random subset. With `verify_images`, every image
+    of the result is decoded once and the unreadable ones are dropped (see `drop_unreadable_images`).
 
     Raises:
         ConnectionError: `dataset_name` cannot be fetched (offline / no network) and is not cached.
@@ -340,6 +374,8 @@ def load_datasets(
     splits["train"] = _subsample(splits["train"], data_args.max_train_samples, seed)
     if "validation" in splits:
         splits["validation"] = _subsample(splits["validation"], data_args.max_eval_samples, seed)
+    if data_args.verify_images:
+        splits = {name: drop_unreadable_images(split, name) for name, split in splits.items()}
     return datasets.DatasetDict(splits)
 
 
@@ -348,9 +384,128 @@ def load_datasets(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    # Grayscale (Fashion-MNIST), palette or RGBA inputs all become 3-channel, as the ViT patch embedding expects.
-    return image if image.mode == "RGB" else image.convert("RGB")
+# Modes holding more than 8 bits per sample that PIL's convert("RGB") would clip at 255 rather than scale. "I" is
+# 32-bit signed, but it is what some Pillow versions give for 16-bit PNGs, so it is read as 16-bit data too.
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image → 8-bit "RGB", as the ViT patch embedding expects (see the module docstring).
+
+    Grayscale is replicated into three channels; transparency is composited onto white (as transformers'
+    `convert_to_rgb`); 16-bit data ("I;16*", "I") is scaled by 255/65535 and rounded, not clipped at 255 as PIL's
+    `convert` does; anything else goes through `convert("RGB")`.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES:
+        eight_bit = np.clip(np.rint(np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)), 0, 255)
+        return Image.fromarray(eight_bit.astype(np.uint8), mode="L").convert("RGB")
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+# Kept under the old private name for code that used it.
+_to_rgb = to_rgb
+
+# Decoding follows datasets' own `Image.decode_example` (local path, bytes or remote file; `load()`; EXIF rotation).
+_DECODER = datasets.Image()
+
+# How many dropped files `drop_unreadable_images` names in its summary (each is also named in its own warning).
+_MAX_NAMES_LOGGED = 20
+
+# Unreadable images met by this process: name → reason. Per process: DataLoader workers keep their own.
+_SKIPPED: dict[str, str] = {}
+
+
+def skipped_images() -> dict[str, str]:
+    """The unreadable images skipped so far by this process (file name or description → error), in order met.
+
+    DataLoader worker processes keep their own records (their warnings still name every file)."""
+    return dict(_SKIPPED)
+
+
+def _describe_image(value: Any) -> str:
+    """The file name of a stored image (Hub datasets usually keep it next to the bytes), else what it is."""
+    if isinstance(value, dict):
+        if value.get("path"):
+            return str(value["path"])
+        if value.get("bytes") is not None:
+            return f"<in-memory image of {len(value['bytes'])} bytes>"
+    return f"<{type(value).__name__}>"
+
+
+def decode_image(value: Any, on_error: Callable[[str], None] | None = None) -> Image.Image | None:
+    """Decode one stored image (a `datasets.Image(decode=False)` value: {"path", "bytes"}, or a PIL image) to RGB.
+
+    Returns None for an unreadable image (corrupt or truncated file, unsupported mode, missing file) after logging a
+    warning that names it, the first time this process meets it (`skipped_images()` lists them), and calling
+    `on_error(name)` when given.
+    """
+    try:
+        image = value if isinstance(value, Image.Image) else _DECODER.decode_example(value)
+        return to_rgb(image)
+    # Corrupt data makes PIL raise many kinds of errors (OSError for truncation, UnidentifiedImageError, SyntaxError,
+    # ValueError, struct.error, DecompressionBombError, ...); only the decoding and the conversion are guarded here.
+    except Exception as err:  # noqa: BLE001
+        name = _describe_image(value)
+        if on_error is not None:
+            on_error(name)
+        if name not in _SKIPPED:
+            _SKIPPED[name] = f"{type(err).__name__}: {err}"
+            logger.warning(
+                "Skipping unreadable image %s (%s: %s); %d unreadable image(s) skipped so far by this process.",
+                name,
+                type(err).__name__,
+                err,
+                len(_SKIPPED),
+            )
+        return None
+
+
+def _without_decoding(dataset: datasets.Dataset) -> datasets.Dataset:
+    """`dataset` with its "image" column left encoded ({"path", "bytes"}), so that `decode_image` can catch errors."""
+    feature = dataset.features["image"]
+    if isinstance(feature, datasets.Image) and feature.decode:
+        return dataset.cast_column("image", datasets.Image(mode=feature.mode, decode=False))
+    return dataset
+
+
+def drop_unreadable_images(dataset: datasets.Dataset, split: str = "train") -> datasets.Dataset:
+    """Decode every image of `dataset` once and return it without the unreadable ones (`--verify_images`).
+
+    Each dropped file is named in a warning, and the count is logged. Costs one full decoding pass.
+    """
+    if "image" not in dataset.column_names:
+        raise ValueError(f"drop_unreadable_images needs an 'image' column; columns: {dataset.column_names}.")
+    encoded = _without_decoding(dataset)
+    dropped: list[str] = []
+    kept = encoded.filter(
+        lambda images: [decode_image(image, on_error=dropped.append) is not None for image in images],
+        input_columns=["image"],
+        batched=True,
+        keep_in_memory=True,
+        load_from_cache_file=False,
+        desc=f"Verifying {split} images",
+    )
+    if dropped:
+        shown = ", ".join(dropped[:_MAX_NAMES_LOGGED])
+        more = f" and {len(dropped) - _MAX_NAMES_LOGGED} more" if len(dropped) > _MAX_NAMES_LOGGED else ""
+        logger.warning(
+            "verify_images: dropped %d unreadable image(s) of %d from the %s split: %s%s.",
+            len(dropped),
+            len(dataset),
+            split,
+            shown,
+            more,
+        )
+    else:
+        logger.info("verify_images: all %d %s images are readable.", len(dataset), split)
+    # Give the column back its decoding feature, so the result reads like the input.
+    return kept.cast_column("image", dataset.features["image"]) if encoded is not dataset else kept
 
 
 def build_pretraining_transform(
@@ -362,7 +517,7 @@ def build_pretraining_transform(
     """
     return T.Compose(
         [
-            T.Lambda(_to_rgb),
+            T.Lambda(to_rgb),
             T.RandomResizedCrop(image_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
@@ -385,7 +540,7 @@ def build_eval_transform(
     resize = int(min(size) / crop_pct)
     return T.Compose(
         [
-            T.Lambda(_to_rgb),
+            T.Lambda(to_rgb),
             T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC),
             T.CenterCrop(size),
             T.ToTensor(),
@@ -396,7 +551,10 @@ def build_eval_transform(
 
 @dataclass
 class _PixelValuesTransform:
-    """Batch transform for `set_transform`: {"image": [PIL], "label"?: [int]} → {"pixel_values": [[3, H, W]], ...}.
+    """Batch transform for `set_transform`: {"image": [encoded], "label"?: [int]} → {"pixel_values": [...], ...}.
+
+    Images arrive encoded (`datasets.Image(decode=False)`) and are decoded here by `decode_image`, so an unreadable
+    one gives `pixel_values=None` (and a warning) instead of an exception that would abort the whole batch.
 
     A module-level class rather than a closure so that the dataset stays picklable (DataLoader workers under the
     "spawn" start method, the default on macOS and Windows, pickle it).
@@ -406,7 +564,8 @@ class _PixelValuesTransform:
     keep_label: bool
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        out = {"pixel_values": [self.transform(image) for image in batch["image"]]}
+        images = [decode_image(value) for value in batch["image"]]
+        out = {"pixel_values": [None if image is None else self.transform(image) for image in images]}
         if self.keep_label:
             out["label"] = batch["label"]
         return out
@@ -418,15 +577,27 @@ def apply_transform(
     """Set an on-the-fly transform: each example reads as {"pixel_values": [3, H, W] float tensor, "label"?: int}.
 
     Uses `set_transform`, so the images are decoded and augmented when read (fresh augmentation every epoch) and
-    nothing is written to the cache. Modifies `dataset` in place and returns it. Expects the "image" column (see
-    `load_datasets`); "label" is passed through when present. Use with `remove_unused_columns=False` in Trainer.
+    nothing is written to the cache. An unreadable image reads as `pixel_values=None` with a logged warning naming
+    it; `PixelCollator` drops such examples. Expects the "image" column (see `load_datasets`); "label" is passed
+    through when present. Use with `remove_unused_columns=False` in Trainer.
+
+    Returns:
+        For a `Dataset`, a new `Dataset` (the image column is recast to stay encoded until the transform decodes
+        it; `dataset` itself is not changed): use the returned object. A `DatasetDict` is updated in place and
+        returned.
     """
     if isinstance(dataset, datasets.DatasetDict):
-        for split in dataset.values():
-            apply_transform(split, transform)
+        for name in list(dataset):
+            dataset[name] = apply_transform(dataset[name], transform)
         return dataset
     if "image" not in dataset.column_names:
         raise ValueError(f"apply_transform needs an 'image' column; columns: {dataset.column_names}.")
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        logger.warning(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process: truncated image files will decode as "
+            "partly grey images instead of being skipped. Leave it False (its default)."
+        )
+    dataset = _without_decoding(dataset)
     has_label = "label" in dataset.column_names
     # Restricting to the needed columns keeps other (possibly large) columns from being decoded on every read.
     dataset.set_transform(
@@ -439,6 +610,8 @@ def apply_transform(
 class PixelCollator:
     """Stack examples into a batch: {"pixel_values": [B, 3, H, W]} and, with `include_labels`, "labels" [B] long.
 
+    Examples whose `pixel_values` is None (unreadable images, see `apply_transform`; already reported by a warning)
+    are dropped, so the batch can be smaller than requested; a batch with no readable image raises ValueError.
     Pre-training uses the default (the model takes `pixel_values` only); evaluation (linear probe, k-NN) sets
     `include_labels=True`.
     """
@@ -446,14 +619,33 @@ class PixelCollator:
     include_labels: bool = False
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = {"pixel_values": torch.stack([example["pixel_values"] for example in examples])}
+        kept = [example for example in examples if example.get("pixel_values") is not None]
+        if not kept:
+            raise ValueError(
+                f"All {len(examples)} images of this batch are unreadable (their files are named in the warnings "
+                "above): remove or repair them, or pass --verify_images to drop them at load time."
+            )
+        batch = {"pixel_values": torch.stack([example["pixel_values"] for example in kept])}
         if self.include_labels:
-            if any("label" not in example for example in examples):
+            if any("label" not in example for example in kept):
                 raise ValueError("PixelCollator(include_labels=True) got examples without a 'label'.")
-            batch["labels"] = torch.tensor([int(example["label"]) for example in examples], dtype=torch.long)
+            batch["labels"] = torch.tensor([int(example["label"]) for example in kept], dtype=torch.long)
         return batch
 
 
 def collate_pixel_values(examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Pre-training collate function: {"pixel_values": [B, 3, H, W]}; labels, if any, are dropped."""
     return PixelCollator()(examples)
+
+
+def first_readable_pixels(dataset, count: int) -> torch.Tensor:
+    """``[count, 3, H, W]``: the `pixel_values` of the first `count` readable examples of a transformed dataset
+    (unreadable images, already reported by a warning, are passed over). Raises ValueError when there are fewer."""
+    pixels = []
+    for index in range(len(dataset)):
+        value = dataset[index]["pixel_values"]
+        if value is not None:
+            pixels.append(value)
+            if len(pixels) == count:
+                return torch.stack(pixels)
+    raise ValueError(f"needed {count} readable images, the dataset has {len(pixels)} (of {len(dataset)} examples)")

@@ -31,7 +31,7 @@ from hf_mto.analysis import (
     reconstruct,
 )
 from hf_mto.cli import parse_args
-from hf_mto.data import DataArguments, apply_transform, build_eval_transform, load_datasets
+from hf_mto.data import DataArguments, apply_transform, build_eval_transform, first_readable_pixels, load_datasets
 from hf_mto.masking import MASKING_STRATEGIES
 
 
@@ -88,9 +88,12 @@ def main(argv=None):
     plot_heterogeneity(result, out / "heterogeneity.png")
     print(result.table())
 
+    image = dataset[args.affinity_image]["pixel_values"]
+    if image is None:
+        raise ValueError(f"--affinity_image {args.affinity_image} is unreadable (see the warning above); pick another")
     affinity = analyze_affinity(
         model,
-        dataset[args.affinity_image]["pixel_values"],
+        image,
         out / "affinity.png",
         seed=args.seed,
         layers=args.affinity_layers,
@@ -102,7 +105,7 @@ def main(argv=None):
 
     if args.num_reconstructions:
         count = min(args.num_reconstructions, len(dataset))
-        pixels = torch.stack([dataset[i]["pixel_values"] for i in range(count)])
+        pixels = first_readable_pixels(dataset, count)
         mask_inputs = draw_mask_inputs(model, count, torch.Generator().manual_seed(args.seed), **masks)
         pictures = reconstruct(model, pixels, mask_inputs, mean, std)
         plot_reconstructions(

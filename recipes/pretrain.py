@@ -34,6 +34,7 @@ from hf_mto.data import (
     build_eval_transform,
     build_pretraining_transform,
     load_datasets,
+    skipped_images,
 )
 from hf_mto.evaluation import EncoderEvalArguments, EncoderEvalCallback, labelled_eval_splits
 from hf_mto.trainer import MTOTrainer, MTOTrainingArguments
@@ -71,7 +72,13 @@ def main(argv=None):
         training_args.mto_weights() if training_args.use_mto else "off",
     )
 
-    datasets = load_datasets(data_args, cache_dir=model_args.cache_dir, seed=training_args.seed)
+    try:
+        datasets = load_datasets(data_args, cache_dir=model_args.cache_dir, seed=training_args.seed)
+    except (
+        ValueError,
+        ConnectionError,
+    ) as error:  # wrong name, column or folder, or offline: the message says what to do
+        raise SystemExit(f"pretrain.py: {error}") from None
     size = image_processor.size["height"]
     train_dataset = apply_transform(
         datasets["train"], build_pretraining_transform(size, image_processor.image_mean, image_processor.image_std)
@@ -108,6 +115,9 @@ def main(argv=None):
         trainer.log_metrics("train", train_result.metrics)
         trainer.save_metrics("train", train_result.metrics)
         trainer.save_state()
+
+    if skipped_images():
+        logger.warning("%d unreadable images were skipped (each named in a warning above)", len(skipped_images()))
 
     if training_args.do_eval:
         metrics = trainer.evaluate()

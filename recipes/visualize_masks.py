@@ -25,7 +25,13 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForMaskedImage
 
 import hf_mto  # noqa: E402,F401  (registers the Auto classes)
 from hf_mto.cli import parse_args  # noqa: E402
-from hf_mto.data import DataArguments, apply_transform, build_eval_transform, load_datasets  # noqa: E402
+from hf_mto.data import (  # noqa: E402
+    DataArguments,
+    apply_transform,
+    build_eval_transform,
+    first_readable_pixels,
+    load_datasets,
+)
 from hf_mto.evolved import encoder_similarity  # noqa: E402
 from hf_mto.masking import build_merge_tree, cut_tree, evolved_depth, evolved_mask  # noqa: E402
 
@@ -101,7 +107,7 @@ def main(argv=None):
     dataset = apply_transform(
         load_datasets(data_args)["validation"], build_eval_transform(size, processor.image_mean, processor.image_std)
     )
-    pixels = torch.stack([dataset[i]["pixel_values"] for i in range(vis_args.num_images)])
+    pixels = first_readable_pixels(dataset, vis_args.num_images)
 
     layers = vis_args.evolved_attention_layers or max(1, config.num_hidden_layers // 2)
     ratio = vis_args.mask_ratio or config.mask_ratio

@@ -1,6 +1,7 @@
 """recipes/pretrain.py end to end, as a user runs it: a subprocess on the embedded default data."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +111,13 @@ def test_unknown_preset_key_and_bad_override_are_rejected(tmp_path):
         ModelArguments(model_type="simmim")
     with pytest.raises(ValueError, match="norm_pix_loss"):
         build_config(ModelArguments(model_type="simmim_mto", norm_pix_loss=True))
+
+
+def test_unknown_dataset_offline_is_a_one_line_error(tmp_path):
+    cmd = [sys.executable, str(ROOT / "recipes" / "pretrain.py"), "--dataset_name", "nobody/no-such-dataset"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("pretrain.py: Cannot load dataset 'nobody/no-such-dataset'") and "--train_dir" in last
+    assert "Traceback" not in result.stderr

@@ -65,6 +65,8 @@ def _mae_sincos_position_embedding(num_patches: int, dim: int) -> torch.Tensor:
 
 class ViTMAEMTOPreTrainedModel(ViTMAEPreTrainedModel):
     config: ViTMAEMTOConfig
+    # upstream names its decoder class; ours has its own name (FSDP / device_map look these classes up by name)
+    _no_split_modules = ["ViTMAEEmbeddings", "ViTMAELayer", "ViTMAEMTODecoder"]
 
     @torch.no_grad()
     def _init_weights(self, module):
