@@ -3,7 +3,7 @@
 Every arm pre-trains the tiny CPU preset (recipes/configs/tiny_cpu_*.yaml) on a Fashion-MNIST train subset with the
 same seed, budget and hyper-parameters, through the real recipe (`recipes/pretrain.py`, one fresh process per run).
 After every epoch the frozen encoder is scored on the Fashion-MNIST test split: k-NN accuracy (k=20, cosine,
-T=0.07) and linear-probe accuracy (`hf_mto.evaluation`). The report gives, per arm, the accuracy curves (mean and
+T=0.07) and linear-probe accuracy (`hf_mto.evaluation`) of the mean-pooled patch features. The report gives, per arm, the accuracy curves (mean and
 spread over seeds), the RAUC of each arm against its baseline (MTO paper Eq. 8, `hf_mto.metrics.RAUC_PATH`) over
 epochs [1, E], and the training wall-clock per epoch as a ratio to the baseline's (evaluation excluded).
 
@@ -91,6 +91,7 @@ def run_arm(arm: str, seed: int, weight: float, args, output_dir: Path) -> dict:
     ]
     flags += ["--eval_strategy", "epoch", "--save_strategy", "no", "--report_to", "none", "--logging_steps", "50"]
     flags += ["--encoder_eval", "true", "--encoder_eval_train_samples", str(args.bank_samples)]
+    flags += ["--encoder_eval_pooling", args.pooling]
     flags += ["--reconstruction_images", "0", "--dataloader_num_workers", "0"]
     if masking:
         flags += ["--masking", masking]
@@ -222,6 +223,13 @@ def main(argv=None):
     parser.add_argument("--train_samples", type=int, default=10000, help="Fashion-MNIST train images pre-trained on.")
     parser.add_argument("--test_samples", type=int, default=2000, help="Fashion-MNIST test images scored.")
     parser.add_argument("--bank_samples", type=int, default=5000, help="Labelled train images: k-NN bank and probe.")
+    parser.add_argument(
+        "--pooling",
+        choices=["cls", "mean"],
+        default="mean",
+        help="Encoder features scored: MAE's loss never trains the CLS token, so the mean of the patch tokens is "
+        "the informative default here.",
+    )
     parser.add_argument("--output_dir", type=Path, default=ROOT / "outputs" / "convergence")
     parser.add_argument("--smoke", action="store_true", help="Two steps per arm, for CI: checks the plumbing only.")
     args = parser.parse_args(argv)

@@ -7,6 +7,7 @@ Importing the package registers its configs and models with transformers' Auto c
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
+    AutoModelForImageClassification,
     AutoModelForMaskedImageModeling,
     AutoModelForPreTraining,
     ViTImageProcessor,
@@ -17,6 +18,7 @@ from .models.simmim_mto import (
     SimMIMMTOForMaskedImageModeling,
     SimMIMMTOOutput,
 )
+from .models.vit_gap import ViTGAPConfig, ViTGAPForImageClassification
 from .models.vit_mae_mto import (
     ViTMAEMTOConfig,
     ViTMAEMTOForPreTraining,
@@ -40,7 +42,12 @@ def _register() -> None:
     SimMIMMTOForMaskedImageModeling.register_for_auto_class("AutoModelForMaskedImageModeling")
     # Both are plain ViTs to their inputs: scripts that look up an image processor by model type (run_mim.py,
     # run_image_classification.py) get the stock ViT one.
-    for config_class in (ViTMAEMTOConfig, SimMIMMTOConfig):
+    # The fine-tuning classifier with global average pooling (recipes/finetune.py --global_pool).
+    AutoConfig.register(ViTGAPConfig.model_type, ViTGAPConfig, exist_ok=True)
+    AutoModelForImageClassification.register(ViTGAPConfig, ViTGAPForImageClassification, exist_ok=True)
+    ViTGAPConfig.register_for_auto_class("AutoConfig")
+    ViTGAPForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+    for config_class in (ViTMAEMTOConfig, SimMIMMTOConfig, ViTGAPConfig):
         AutoImageProcessor.register(config_class, slow_image_processor_class=ViTImageProcessor, exist_ok=True)
 
 
@@ -50,6 +57,8 @@ __all__ = [
     "SimMIMMTOConfig",
     "SimMIMMTOForMaskedImageModeling",
     "SimMIMMTOOutput",
+    "ViTGAPConfig",
+    "ViTGAPForImageClassification",
     "ViTMAEMTOConfig",
     "ViTMAEMTOForPreTraining",
     "ViTMAEMTOForPreTrainingOutput",

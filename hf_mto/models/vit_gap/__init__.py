@@ -1,0 +1,4 @@
+from .configuration_vit_gap import ViTGAPConfig
+from .modeling_vit_gap import ViTGAPForImageClassification
+
+__all__ = ["ViTGAPConfig", "ViTGAPForImageClassification"]
