@@ -186,7 +186,13 @@ def summarise_log_history(log_history: Sequence[Mapping]) -> dict:
     (at most `MAX_CURVE_ROWS` rows of step, epoch, loss, reconstruction loss and the eval loss at that step).
     """
     train_logs = [e for e in log_history if not _is_eval(e) and ("reconstruction_loss" in e or "loss" in e)]
-    eval_logs = [e for e in log_history if "eval_loss" in e]
+    # The Trainer logs its evaluation metrics before the callbacks run, so callback metrics (k-NN, linear probe)
+    # arrive as separate entries at the same step: merge every eval_* entry of a step into that step's evaluation.
+    merged: dict[int, dict] = {}
+    for entry in log_history:
+        if any(key.startswith("eval_") for key in entry):
+            merged.setdefault(entry.get("step"), {}).update(entry)
+    eval_logs = [e for e in merged.values() if "eval_loss" in e]
     final = train_logs[-1] if train_logs else None
     last_eval = eval_logs[-1] if eval_logs else None
 

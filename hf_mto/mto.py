@@ -319,6 +319,7 @@ class _RowEntropy(torch.autograd.Function):
         return entropy.mean(dim=1)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the closed form is not itself differentiated
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a, b, log_p, entropy = ctx.saved_tensors
         # The backward may run where autocast is on; the gradient, like the forward, stays in float32.

@@ -19,12 +19,30 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import HfHubHTTPError
 from transformers import Trainer, TrainingArguments, ViTForMaskedImageModeling, ViTMAEForPreTraining
 
 from .evolved import EvolvedMasking
+
+try:  # the HTTP client of huggingface_hub: httpx2 from version 2, httpx before
+    from httpx2 import TransportError
+except ImportError:  # pragma: no cover
+    from httpx import TransportError
 from .masking import MASKING_STRATEGIES, MaskGenerator, mask_to_noise
 
 logger = logging.getLogger(__name__)
+
+# Hub failures that a later retry can fix: offline mode, network down, timeouts, server errors (see
+# `_hub_unreachable`); anything else (no token, no write access, bad repo id, a full disk) is raised.
+HUB_UNREACHABLE = (ConnectionError, TimeoutError, TransportError, HfHubHTTPError)
+
+
+def _hub_unreachable(error: BaseException) -> bool:
+    if isinstance(error, HfHubHTTPError):
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        return status is None or status >= 500 or status == 429
+    return isinstance(error, HUB_UNREACHABLE)
+
 
 TRAINER_MASKING = (*MASKING_STRATEGIES, "evolved")
 
@@ -158,9 +176,14 @@ class MTOTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.mask_generator, self.mask_input_name = self._build_mask_generator()
+        if isinstance(self.mask_generator, EvolvedMasking) and self.is_fsdp_enabled:
+            # The similarity pass calls the encoder's blocks one by one, outside FSDP's forward, where their
+            # parameters are still sharded.
+            raise ValueError("evolved masking does not work under FSDP (sharded blocks); use DDP (multi_gpu.yaml)")
         # Sums and counts since the last log, per mode; tensors stay on the device until logging (no sync per step).
         self._metric_sums = {"train": defaultdict(lambda: 0.0), "eval": defaultdict(lambda: 0.0)}
         self._metric_counts = {"train": defaultdict(int), "eval": defaultdict(int)}
+        self._eval_prefix: str | None = None  # set while `evaluate` runs
 
     def _build_mask_generator(self) -> tuple[MaskGenerator | EvolvedMasking | None, str]:
         model = self.accelerator.unwrap_model(self.model)
@@ -256,7 +279,7 @@ class MTOTrainer(Trainer):
         """Name the loss terms that went NaN/inf since the last log (checked here, where the means reach the host
         anyway, so training never waits on a per-step check)."""
         bad = [k for k, v in values.items() if not math.isfinite(v)]
-        if not bad:
+        if not bad or not self.is_world_process_zero():  # the values are gathered: one process says it
             return
         # The loss components first: a term that is non-finite on its own is the culprit; heterogeneity diagnostics
         # follow whatever the states did.
@@ -271,15 +294,24 @@ class MTOTrainer(Trainer):
             ", ".join(f"{k}={values[k]}" for k in bad),
         )
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        # `log` prefixes the evaluation's components as the Trainer prefixes its own metrics (also for a dict of
+        # eval datasets, where the Trainer calls evaluate once per dataset with "eval_<name>").
+        outer, self._eval_prefix = self._eval_prefix, metric_key_prefix
+        try:
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        finally:
+            self._eval_prefix = outer
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        mode = "train" if self._eval_prefix is None else "eval"
         sums, counts = self._metric_sums[mode], self._metric_counts[mode]
         if sums:
             keys = sorted(sums)
             means = torch.stack([torch.as_tensor(sums[k]) / counts[k] for k in keys]).to(self.args.device)
             # One all-gather for every metric; every process reaches `log` at the same step with the same keys.
             means = self.accelerator.gather(means[None]).mean(dim=0)
-            prefix = "eval_" if mode == "eval" else ""
+            prefix = f"{self._eval_prefix}_" if mode == "eval" else ""
             values = dict(zip(keys, means.tolist(), strict=True))
             self._warn_non_finite(values, mode)
             logs.update({f"{prefix}{k}": v for k, v in values.items()})
@@ -380,18 +412,24 @@ class MTOTrainer(Trainer):
             and os.path.isfile(card)
         ):
             shutil.copy(card, os.path.join(self.args.output_dir, "README.md"))
-        if self.is_world_process_zero() and getattr(self, "hub_model_id", None) is None:
+        if (
+            self.is_world_process_zero()
+            and self.args.hub_strategy != "end"
+            and getattr(self, "hub_model_id", None) is None
+        ):
             self.init_hf_repo()  # the Hub was unreachable at start; try again, once per checkpoint
             if self.hub_model_id is None:
                 return
+        earlier = set(getattr(getattr(self, "push_in_progress", None), "jobs", None) or [])
         try:
             super()._push_from_checkpoint(checkpoint_folder)
-        except Exception as error:  # noqa: BLE001 -- whatever the Hub does, the run goes on
+        except HUB_UNREACHABLE as error:
             self._hub_failed(f"Pushing {checkpoint_folder}", error)
             return
-        # The uploads run in the background and their errors would be dropped silently: report them.
+        # The uploads run in the background and their errors would be dropped silently: report those of this push.
         for job in getattr(self.push_in_progress, "jobs", None) or []:
-            job.add_done_callback(partial(self._report_upload, checkpoint_folder))
+            if job not in earlier:
+                job.add_done_callback(partial(self._report_upload, checkpoint_folder))
 
     # ---- The Hub is never allowed to cost a run or a checkpoint ----
 
@@ -409,23 +447,40 @@ class MTOTrainer(Trainer):
         )
 
     def _report_upload(self, checkpoint_folder: str, job) -> None:
-        if not job.cancelled() and job.exception() is not None:
+        if not job.cancelled() and job.exception() is not None:  # in the background: any failure is reported
             self._hub_failed(f"Uploading {checkpoint_folder}", job.exception())
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
-        """The Trainer's, except that an unreachable Hub (offline, no token, network down) is a warning instead of
-        an error before training starts: pushing is retried at each checkpoint and at the end."""
+        """The Trainer's, except that an unreachable Hub (offline, network down, server error) is a warning instead
+        of an error before training starts: pushing is retried at each checkpoint and at the end. Errors that no
+        retry can fix (no token, no write access, a malformed repo id) still stop the run before it trains."""
         try:
             super().init_hf_repo(token=token, private=private)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
+            if not _hub_unreachable(error):
+                raise
             self.hub_model_id = None
             self._hub_failed("Creating the repository", error)
 
     def push_to_hub(self, *args, **kwargs):
-        """The Trainer's `push_to_hub` (which saves the model and its card locally first); a failed upload is reported
-        and returns None instead of raising, so the end of a run never loses what it trained."""
+        """The Trainer's `push_to_hub`, which saves the model and its card locally first; an unreachable Hub is
+        reported and returns None instead of raising, so the end of a run never loses what it trained."""
+        if self.is_world_process_zero() and getattr(self, "hub_model_id", None) is None:
+            self.init_hf_repo(token=kwargs.get("token"), private=kwargs.get("private"))
+        if self.hub_model_id is None:  # still unreachable: save locally, as the push would have, and say so
+            self.save_model(_internal_call=True)
+            card_kwargs = {
+                k: v
+                for k, v in kwargs.items()
+                if k not in ("commit_message", "blocking", "token", "revision", "private")
+            }
+            self.create_model_card(**card_kwargs)
+            self._hub_failed("Pushing the final model", ConnectionError("the repository could not be created"))
+            return None
         try:
             return super().push_to_hub(*args, **kwargs)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
+            if not _hub_unreachable(error):
+                raise
             self._hub_failed("Pushing the final model", error)
             return None

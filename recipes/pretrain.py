@@ -96,6 +96,10 @@ def main(argv=None):
     )
     # The model card written into every checkpoint (and pushed with --push_to_hub) names the data.
     trainer.model_card_kwargs = {"data_args": data_args}
+    if trainer.is_fsdp_enabled and (training_args.reconstruction_images > 0 or eval_args.encoder_eval):
+        # Both run the model's submodules outside FSDP's forward, where the parameters are sharded.
+        logger.warning("FSDP: reconstruction pictures and --encoder_eval are off (they need unsharded weights)")
+        training_args.reconstruction_images, eval_args.encoder_eval = 0, False
     if training_args.do_eval and training_args.reconstruction_images > 0:
         mean, std = image_processor.image_mean, image_processor.image_std
         ReconstructionCallback(eval_dataset, mean, std, num_images=training_args.reconstruction_images).attach(trainer)

@@ -40,3 +40,21 @@ def test_offline_push_to_hub_keeps_every_checkpoint_and_finishes(tmp_path, caplo
     trained = trainer.model.state_dict()
     assert all(torch.equal(final[k], trained[k]) for k in final)
     assert (tmp_path / "README.md").is_file() and (tmp_path / "checkpoint-6" / "README.md").is_file()
+
+
+def test_errors_no_retry_can_fix_still_stop_the_run_before_training(tmp_path, monkeypatch):
+    import httpx2
+    import pytest
+    import transformers.trainer
+    from huggingface_hub.errors import HfHubHTTPError
+
+    class NoWriteAccess:
+        def create_repo(self, *args, **kwargs):
+            request = httpx2.Request("POST", "https://huggingface.co/api/repos/create")
+            raise HfHubHTTPError("403 Forbidden: no write access", response=httpx2.Response(403, request=request))
+
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: NoWriteAccess())
+    model = ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**TINY_MAE))
+    args = MTOTrainingArguments(output_dir=str(tmp_path), report_to="none", push_to_hub=True, hub_model_id="a/b")
+    with pytest.raises(HfHubHTTPError, match="403"):
+        MTOTrainer(model=model, args=args, train_dataset=[{"pixel_values": torch.randn(3, 32, 32)}])

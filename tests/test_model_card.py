@@ -328,3 +328,16 @@ def test_custom_template_and_clear_errors(tmp_path):
     custom.write_text("---\ntags: [unclosed\n---\n")
     with pytest.raises(ValueError, match="front matter"):
         render_model_card(config, template=custom)
+
+
+def test_callback_metrics_logged_after_the_evaluation_reach_the_card():
+    # The Trainer logs eval_loss & co. first; EncoderEvalCallback logs its accuracies as a second entry, same step.
+    history = [
+        {"loss": 1.5, "reconstruction_loss": 1.0, "step": 10, "epoch": 1.0},
+        {"eval_loss": 1.2, "eval_reconstruction_loss": 0.9, "step": 10, "epoch": 1.0},
+        {"eval_knn_accuracy": 0.61, "eval_linear_probe_accuracy": 0.72, "step": 10, "epoch": 1.0},
+    ]
+    summary = summarise_log_history(history)
+    metrics = dict(summary["evaluation"]["metrics"])
+    assert metrics["eval_knn_accuracy"] == 0.61 and metrics["eval_linear_probe_accuracy"] == 0.72
+    assert {row["key"]: row["eval"] for row in summary["losses"]}["loss"] == 1.2

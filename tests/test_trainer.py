@@ -164,3 +164,22 @@ def test_mae_block_mask_count_mismatch_is_a_clear_error(tmp_path):
 def test_unknown_masking_strategy_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="'checkerboard'"):
         make_args(tmp_path, masking="checkerboard")
+
+
+def test_evaluation_components_take_the_evaluation_prefix(tmp_path):
+    import torch
+    from conftest import TINY_MAE
+
+    from hf_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining
+    from hf_mto.trainer import MTOTrainer, MTOTrainingArguments
+
+    model = ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**TINY_MAE))
+    images = [{"pixel_values": torch.randn(3, 32, 32)} for _ in range(8)]
+    args = MTOTrainingArguments(output_dir=str(tmp_path), report_to="none", per_device_eval_batch_size=4)
+    trainer = MTOTrainer(model=model, args=args, eval_dataset={"a": images, "b": images[:4]})
+    metrics = trainer.evaluate()
+    assert "eval_a_reconstruction_loss" in metrics and "eval_b_mto/ranking_loss" in metrics
+    test = trainer.evaluate(images, metric_key_prefix="test")
+    assert "test_reconstruction_loss" in test and not any(k.startswith("eval_") for k in test)
+    logged = [k for entry in trainer.state.log_history for k in entry]
+    assert "test_mto/sparsity_loss" in logged and "eval_a_mto/sparsity_loss" in logged
