@@ -41,6 +41,7 @@ ARMS = {
     "simmim_mto": (SIMMIM, True, None, "simmim"),
 }
 METRICS = ("eval_knn_accuracy", "eval_linear_probe_accuracy")
+DEFAULT_OUTPUT_DIR = ROOT / "outputs" / "convergence"
 
 # The run itself: the recipe's main() plus a callback timing each training epoch (the Trainer evaluates after
 # `on_epoch_end`, so evaluation is excluded).
@@ -70,13 +71,9 @@ RUNNER = textwrap.dedent(
 )
 
 
-def run_arm(arm: str, seed: int, weight: float, args, output_dir: Path) -> dict:
+def run_flags(arm: str, seed: int, weight: float, args, run_dir: Path) -> list[str]:
+    """The recipe's command line for one run."""
     preset, use_mto, masking, _ = ARMS[arm]
-    run_dir = output_dir / f"{arm}-w{weight:g}-seed{seed}"
-    times_file = run_dir / "epoch_seconds.json"
-    result_file = run_dir / "trainer_state.json"
-    if result_file.is_file() and times_file.is_file():  # finished earlier: reuse (delete the folder to rerun)
-        return collect(arm, seed, weight, run_dir)
     mto_weight = weight if use_mto else 0.0
     flags = ["--config", str(preset), "--output_dir", str(run_dir)]
     flags += ["--seed", str(seed), "--num_train_epochs", str(args.epochs)]
@@ -97,11 +94,23 @@ def run_arm(arm: str, seed: int, weight: float, args, output_dir: Path) -> dict:
         flags += ["--masking", masking]
     if args.smoke:
         flags += ["--max_steps", "2", "--eval_strategy", "steps", "--eval_steps", "1"]
+    return flags
+
+
+def run_arm(arm: str, seed: int, weight: float, args, output_dir: Path) -> dict:
+    run_dir = output_dir / f"{arm}-w{weight:g}-seed{seed}"
+    times_file = run_dir / "epoch_seconds.json"
+    flags = run_flags(arm, seed, weight, args, run_dir)
+    # A finished run is reused only if it ran with exactly these flags (delete the folder to rerun it anyway).
+    done = [run_dir / "trainer_state.json", times_file, run_dir / "flags.json"]
+    if all(path.is_file() for path in done) and json.loads((run_dir / "flags.json").read_text()) == flags:
+        return collect(arm, seed, weight, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     script = RUNNER.format(recipes=str(ROOT / "recipes"), times_file=str(times_file))
     result = subprocess.run([sys.executable, "-c", script, *flags], capture_output=True, text=True, cwd=run_dir)
     if result.returncode != 0:
         raise RuntimeError(f"{arm} seed {seed} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    (run_dir / "flags.json").write_text(json.dumps(flags))
     return collect(arm, seed, weight, run_dir)
 
 
@@ -227,15 +236,18 @@ def main(argv=None):
         "--pooling",
         choices=["cls", "mean"],
         default="mean",
-        help="Encoder features scored: MAE's loss never trains the CLS token, so the mean of the patch tokens is "
-        "the informative default here.",
+        help="Encoder features scored. At this scale the mean of the patch tokens is far more informative than the "
+        "CLS token (3-epoch tiny MAE + MTO: k-NN 67%% vs 52%%, probe 77%% vs 64%%; the CLS token is trained only "
+        "through the decoder's attention), so it is the default here.",
     )
-    parser.add_argument("--output_dir", type=Path, default=ROOT / "outputs" / "convergence")
+    parser.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT_DIR)
     parser.add_argument("--smoke", action="store_true", help="Two steps per arm, for CI: checks the plumbing only.")
     args = parser.parse_args(argv)
     args.output_dir = args.output_dir.resolve()  # each run works in its own folder
     if args.smoke:
         args.train_samples, args.test_samples, args.bank_samples = 64, 64, 64
+        if args.output_dir == DEFAULT_OUTPUT_DIR:
+            args.output_dir = DEFAULT_OUTPUT_DIR.with_name("convergence-smoke")
     plan = [(arm, weight) for arm in args.arms for weight in (args.weights if ARMS[arm][1] else [0.0])]
     if args.sweep:
         plan = [("mae", 0.0)] + [("mae_mto", weight) for weight in args.sweep]
