@@ -62,13 +62,19 @@ def load_model(checkpoint: str, **hub_kwargs) -> torch.nn.Module:
     if model_type in MODEL_CLASSES:
         model_class = MODEL_CLASSES[model_type][1]
         return model_class.from_pretrained(checkpoint, **hub_kwargs)
-    if model_type in ("vit", "vit_gap"):
+    if model_type == "vit_gap":
+        # Its encoder has no final layernorm (fc_norm after pooling replaces it): as a ViTModel it would get a
+        # freshly initialised one.
+        raise ValueError(
+            f"{checkpoint!r} is a fine-tuned vit_gap classifier; evaluate the pre-trained or exported encoder instead"
+        )
+    if model_type == "vit":
         return ViTModel.from_pretrained(checkpoint, add_pooling_layer=False, **hub_kwargs)
     if model_type == "vit_mae":
         return ViTMAEModel.from_pretrained(checkpoint, **hub_kwargs)
     raise ValueError(
         f"cannot evaluate {checkpoint!r}: model_type {model_type!r} is not a ViT (expected one of "
-        f"{sorted(MODEL_CLASSES) + ['vit', 'vit_gap', 'vit_mae']})"
+        f"{sorted(MODEL_CLASSES) + ['vit', 'vit_mae']})"
     )
 
 

@@ -317,6 +317,10 @@ def test_recipe_rejects_a_non_vit_checkpoint(tmp_path):
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="model_type 'bert' is not a ViT"):
         load_model(str(tmp_path / "bert"))
+    (tmp_path / "gap").mkdir()
+    (tmp_path / "gap" / "config.json").write_text(json.dumps({"model_type": "vit_gap"}))
+    with pytest.raises(ValueError, match="fine-tuned vit_gap classifier"):
+        load_model(str(tmp_path / "gap"))
 
 
 # ---- two processes ------------------------------------------------------------------------------------------------
