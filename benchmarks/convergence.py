@@ -214,7 +214,7 @@ def plot(runs: list[dict], path: Path) -> None:
             ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.15)
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric[5:].replace("_", " "))
-        ax.set_title(f"Fashion-MNIST test, {metric[5:].replace('_', ' ')} (mean, min-max over seeds)")
+        ax.set_title(f"Fashion-MNIST test, {metric[5:].replace('_', ' ')}")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
