@@ -33,7 +33,7 @@ from transformers import AutoConfig, TrainerCallback
 
 from .cli import MODEL_CLASSES
 from .data import collate_pixel_values, first_readable_pixels
-from .masking import MaskGenerator, mask_to_noise
+from .masking import MaskGenerator, mask_to_noise, square_side
 from .models.simmim_mto import SimMIMMTOForMaskedImageModeling
 from .models.vit_mae_mto import ViTMAEMTOForPreTraining
 from .mto import _mean_row_entropy, affinity_logits, has_masked_and_visible
@@ -45,10 +45,6 @@ MASKED_GREY = 0.5
 # --------------------------------------------------------------------------------------------------------------------
 # Models and masks
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def _side(size) -> int:
-    return size if isinstance(size, int) else size[0]
 
 
 def check_model(model) -> None:
@@ -109,7 +105,7 @@ def draw_mask_inputs(
     """
     check_model(model)
     config = model.config
-    image_size, patch_size = _side(config.image_size), _side(config.patch_size)
+    image_size, patch_size = square_side(config.image_size), square_side(config.patch_size)
     num_patches = (image_size // patch_size) ** 2
     is_mae = isinstance(model, ViTMAEMTOForPreTraining)
     if is_mae and masking in (None, "random"):
@@ -313,7 +309,7 @@ def analyze_heterogeneity(
     visible = torch.cat(per_image["visible_entropy"], dim=1)
     is_mae = isinstance(model, ViTMAEMTOForPreTraining)
     strategy = masking or ("random" if is_mae else "simmim_block")
-    image_size, patch_size = _side(config.image_size), _side(config.patch_size)
+    image_size, patch_size = square_side(config.image_size), square_side(config.patch_size)
     return HeterogeneityResult(
         model_type=config.model_type,
         stack=mto_stack(model),
@@ -507,7 +503,7 @@ def analyze_affinity(
     image = None
     if image_mean is not None and image_std is not None:
         image = to_display(pixel_values, image_mean, image_std)[0]
-        image_size, patch_size = pixel_values.shape[-1], _side(config.patch_size)
+        image_size, patch_size = pixel_values.shape[-1], square_side(config.patch_size)
         hidden = patch_mask_to_pixels(model_pass.mask.cpu(), image_size, patch_size)[0, 0].numpy() > 0
         image[hidden] = MASKED_GREY
     plot_affinity_maps(
@@ -571,7 +567,7 @@ def reconstruct(
     [0, 1] for display (MAE's `norm_pix_loss` normalisation is undone with the original patches' statistics)."""
     model_pass = run_model(model, pixel_values, mask_inputs)
     pixels = pixel_values.float().cpu()
-    hidden = patch_mask_to_pixels(model_pass.mask.cpu(), pixels.shape[-1], _side(model.config.patch_size))
+    hidden = patch_mask_to_pixels(model_pass.mask.cpu(), pixels.shape[-1], square_side(model.config.patch_size))
     original = to_display(pixels, image_mean, image_std)
     prediction = to_display(model_pass.prediction.cpu(), image_mean, image_std)
     hidden_hw = hidden.permute(0, 2, 3, 1).numpy()  # [B, H, W, 1]

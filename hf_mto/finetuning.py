@@ -13,7 +13,7 @@ Trainer: the pieces `recipes/finetune.py` puts together.
   (`rand-m9-mstd0.5-inc1`, bicubic, `reprob` 0.25 in pixel mode).
 * **Global average pooling** (`--global_pool`): `ViTGAPForImageClassification` (`hf_mto.models.vit_gap`),
   `classifier(fc_norm(mean of the patch tokens))` as MAE. It saves as model type `vit_gap` (loads with
-  `import hf_mto.finetuning`, or with `trust_remote_code=True` where hf_mto is not installed). Without it the model
+  `import hf_mto`, or with `trust_remote_code=True` where hf_mto is not installed). Without it the model
   is transformers' own `ViTForImageClassification` (CLS token) and saves as a plain `vit` checkpoint.
 * **Stochastic depth** (`apply_drop_path`): transformers' `ViTLayer` has no drop path, but it applies one dropout
   module (`layer.dropout`) to the output of each residual branch (attention, MLP) right before the residual

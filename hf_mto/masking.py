@@ -35,6 +35,11 @@ _DEPTH_EPS = 1e-9
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def square_side(size: int | tuple[int, int] | list[int]) -> int:
+    """The side of a square image or patch size given as an int or as ``(height, width)`` (configs allow both)."""
+    return size if isinstance(size, int) else size[0]
+
+
 def _check_positive_int(name: str, value: int) -> None:
     # bool is an int subclass; rejecting it catches swapped positional arguments such as a flag passed as a size.
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -33,6 +33,10 @@ from typing import Any
 import jinja2
 from huggingface_hub import ModelCard, ModelCardData
 
+from .masking import square_side
+from .trainer import HETEROGENEITY_PREFIX
+from .trainer import MTO_TERMS as TRAINER_MTO_TERMS
+
 DEFAULT_TEMPLATE = "pretraining.md.jinja"
 TEMPLATE_FOLDER = "model_cards"
 
@@ -41,13 +45,13 @@ FASHION_MNIST_HUB_ID = "zalando-datasets/fashion_mnist"
 
 BASE_TAGS = ("vision", "vit", "masked-image-modeling", "mto", "hf-mto")
 
-HETEROGENEITY_PREFIX = "mto/heterogeneity/layer_"
-# (log key, symbol, where in the MTO paper); the trainer logs each raw term as `mto/<key>`.
-MTO_TERMS = (
-    ("sparsity_loss", "L_spa", "Eq. 3 (sparsity)"),
-    ("singularity_loss", "L_e", "Eq. 6 (singularity)"),
-    ("ranking_loss", "L_r", "Eq. 7 (ranking)"),
-)
+# (log key, symbol, where in the MTO paper) for the trainer's terms, logged as `mto/<key>`.
+_PAPER = {
+    "sparsity_loss": ("L_spa", "Eq. 3 (sparsity)"),
+    "singularity_loss": ("L_e", "Eq. 6 (singularity)"),
+    "ranking_loss": ("L_r", "Eq. 7 (ranking)"),
+}
+MTO_TERMS = tuple((key, *_PAPER[key]) for key in TRAINER_MTO_TERMS)
 # Evaluation bookkeeping that is not a result.
 _EVAL_BOOKKEEPING = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
 # Evaluation values the losses and heterogeneity tables already show.
@@ -246,10 +250,6 @@ def summarise_log_history(log_history: Sequence[Mapping]) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _side(size) -> int:
-    return size if isinstance(size, int) else size[0]
-
-
 def _model_info(config, model_class: str | None) -> dict:
     model_type = getattr(config, "model_type", None)
     info = dict(
@@ -265,7 +265,7 @@ def _model_info(config, model_class: str | None) -> dict:
     image, patch = getattr(config, "image_size", None), getattr(config, "patch_size", None)
     rows = []
     if image is not None and patch is not None:
-        side = _side(image) // _side(patch)
+        side = square_side(image) // square_side(patch)
         rows.append(("image / patch size", f"{image} px / {patch} px ({side * side} patches)"))
     rows.append(
         (

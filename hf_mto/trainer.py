@@ -28,7 +28,7 @@ try:  # the HTTP client of huggingface_hub: httpx2 from version 2, httpx before
     from httpx2 import TransportError
 except ImportError:  # pragma: no cover
     from httpx import TransportError
-from .masking import MASKING_STRATEGIES, MaskGenerator, mask_to_noise
+from .masking import MASKING_STRATEGIES, MaskGenerator, mask_to_noise, square_side
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ def _hub_unreachable(error: BaseException) -> bool:
 
 TRAINER_MASKING = (*MASKING_STRATEGIES, "evolved")
 
-MTO_TERMS = ("sparsity_loss", "singularity_loss", "ranking_loss")
+MTO_TERMS = ("sparsity_loss", "singularity_loss", "ranking_loss")  # the models' output fields, logged as mto/<name>
+HETEROGENEITY_PREFIX = "mto/heterogeneity/layer_"  # + l: the batch-mean heterogeneity H^l
 
 
 @dataclass
@@ -158,10 +159,6 @@ class MTOTrainingArguments(TrainingArguments):
         }
 
 
-def _side(size) -> int:
-    return size if isinstance(size, int) else size[0]
-
-
 class MTOTrainer(Trainer):
     """Trainer for the hf_mto models (and upstream ViTMAE / ViTForMaskedImageModeling): draws the masks, weights the
     MTO terms and logs every component.
@@ -197,7 +194,7 @@ class MTOTrainer(Trainer):
                 f"MTOTrainer trains ViTMAE or ViTForMaskedImageModeling models, got {type(model).__name__}"
             )
         strategy = self.args.masking or default
-        num_patches = (_side(config.image_size) // _side(config.patch_size)) ** 2
+        num_patches = (square_side(config.image_size) // square_side(config.patch_size)) ** 2
         if strategy == "evolved":
             depth = config.num_hidden_layers
             layers = self.args.evolved_attention_layers or max(1, depth // 2)
@@ -208,8 +205,8 @@ class MTOTrainer(Trainer):
         else:
             generator = MaskGenerator(
                 strategy,
-                _side(config.image_size),
-                _side(config.patch_size),
+                square_side(config.image_size),
+                square_side(config.patch_size),
                 config.mask_ratio,
                 self.args.mask_patch_size,
             )
@@ -258,7 +255,7 @@ class MTOTrainer(Trainer):
                 if weight > 0:
                     loss = loss + weight * term
             for layer, value in enumerate(outputs.heterogeneity):
-                components[f"mto/heterogeneity/layer_{layer}"] = value
+                components[f"{HETEROGENEITY_PREFIX}{layer}"] = value
         self._record(components)
         return (loss, outputs) if return_outputs else loss
 

@@ -21,7 +21,7 @@ any transformers ViT checkpoint (model_type vit). Every flag of `FinetuneArgumen
 can be set in the YAML/JSON preset or on the command line; the command line wins. The learning rate is
 `base_learning_rate x total batch / 256`. The output folder holds the classifier and its image processor: a plain
 `vit` checkpoint that `AutoModelForImageClassification.from_pretrained` loads with transformers alone, or with
-`--global_pool` a `vit_gap` one (load it after `import hf_mto.finetuning`, or with `trust_remote_code=True`).
+`--global_pool` a `vit_gap` one (load it after `import hf_mto`, or with `trust_remote_code=True`).
 """
 
 import logging
@@ -32,7 +32,14 @@ import transformers
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_mto.cli import parse_args
-from hf_mto.data import DataArguments, PixelCollator, apply_transform, build_eval_transform, load_datasets
+from hf_mto.data import (
+    DataArguments,
+    PixelCollator,
+    apply_transform,
+    build_eval_transform,
+    drop_unreadable_images,
+    load_datasets,
+)
 from hf_mto.finetuning import (
     AccuracyMetric,
     FinetuneArguments,
@@ -88,7 +95,12 @@ def main(argv=None):
     train_dataset = apply_transform(splits["train"], build_train_transform(size, mean, std, args))
     eval_dataset = None
     if "validation" in splits:
-        eval_dataset = apply_transform(splits["validation"], build_eval_transform(size, mean, std, args.eval_crop_pct))
+        validation = splits["validation"]
+        if training_args.world_size > 1:
+            # Skipping an unreadable image at read time would give the processes batches of different sizes,
+            # which the gathering of predictions cannot take: drop them once, up front (the split is small).
+            validation = drop_unreadable_images(validation, split="validation")
+        eval_dataset = apply_transform(validation, build_eval_transform(size, mean, std, args.eval_crop_pct))
 
     trainer = FinetuneTrainer(
         model=model,

@@ -704,3 +704,9 @@ def test_attention_to_mask_pipeline():
     depth = evolved_depth(tree.heights, epoch=40, total_epochs=80)
     assert torch.equal(depth, tree.heights // 2)
     assert evolved_mask(tree, depth, 0.75, generator=seeded(22)).sum(dim=1).tolist() == [48] * 3
+
+
+def test_square_side_accepts_int_and_pairs():
+    from hf_mto.masking import square_side
+
+    assert square_side(32) == 32 and square_side((224, 224)) == 224 and square_side([16, 16]) == 16
