@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import tempfile
 from collections.abc import Callable, Sequence
@@ -61,6 +60,7 @@ from .metrics import ACCURACY_PATH
 from .models.simmim_mto import SimMIMMTOConfig
 from .models.vit_gap import ViTGAPConfig, ViTGAPForImageClassification
 from .models.vit_mae_mto import ViTMAEMTOConfig
+from .trainer import ScaledLRTrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class FinetuneArguments:
 
 
 @dataclass
-class FinetuneTrainingArguments(TrainingArguments):
+class FinetuneTrainingArguments(ScaledLRTrainingArguments):
     """`TrainingArguments` plus MAE's fine-tuning optimisation: base lr scaled by the batch, layer-wise lr decay, Mixup
     / CutMix. Defaults are the official MAE fine-tuning recipe's (AdamW (0.9, 0.999), weight decay 0.05, label
     smoothing 0.1, layer decay 0.75, blr 1e-3), with Mixup / CutMix off unless asked for."""
@@ -165,7 +165,6 @@ class FinetuneTrainingArguments(TrainingArguments):
             "--learning_rate as given."
         },
     )
-    lr_scaling_batch_size: int = field(default=256, metadata={"help": "Batch size the base learning rate refers to."})
     layer_decay: float | None = field(
         default=0.75,
         metadata={
@@ -192,10 +191,6 @@ class FinetuneTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
-        if self.base_learning_rate is not None and not self.base_learning_rate > 0:
-            raise ValueError(f"base_learning_rate must be > 0 (or null), got {self.base_learning_rate}")
-        if self.lr_scaling_batch_size <= 0:
-            raise ValueError(f"lr_scaling_batch_size must be > 0, got {self.lr_scaling_batch_size}")
         if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
             raise ValueError(f"layer_decay must be in (0, 1] (or null), got {self.layer_decay}")
         for name in ("mixup", "cutmix"):
@@ -217,18 +212,7 @@ class FinetuneTrainingArguments(TrainingArguments):
                 f"Mixup/CutMix mixes each batch with itself reversed and needs an even per_device_train_batch_size, "
                 f"got {self.per_device_train_batch_size}"
             )
-        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
-            # A multi-process launch (torchrun, accelerate) without an accelerator: unless told to use the CPU,
-            # accelerate would not set up the gloo process group and each process would train alone.
-            self.use_cpu = True
         super().__post_init__()
-        if self.base_learning_rate is not None:
-            self.learning_rate = self.base_learning_rate * self.total_train_batch_size / self.lr_scaling_batch_size
-
-    @property
-    def total_train_batch_size(self) -> int:
-        """Images per optimizer step over all processes."""
-        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
 
     @property
     def use_mixup(self) -> bool:

@@ -51,7 +51,45 @@ HETEROGENEITY_PREFIX = "mto/heterogeneity/layer_"  # + l: the batch-mean heterog
 
 
 @dataclass
-class MTOTrainingArguments(TrainingArguments):
+class ScaledLRTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with MAE's and SimMIM's learning-rate rule, lr = base lr x total batch / reference batch,
+    and a multi-process launch on a machine without an accelerator set up as a gloo (CPU) run. Shared by
+    `MTOTrainingArguments` (pre-training) and `hf_mto.finetuning.FinetuneTrainingArguments`."""
+
+    base_learning_rate: float | None = field(
+        default=1.5e-4,
+        metadata={
+            "help": "Base learning rate: the absolute learning_rate is base_learning_rate x total batch size / "
+            "lr_scaling_batch_size (total batch = per-device batch x gradient accumulation x processes), as in MAE "
+            "and SimMIM. Set to null (YAML/JSON) to use --learning_rate as given."
+        },
+    )
+    lr_scaling_batch_size: int = field(
+        default=256, metadata={"help": "Batch size the base learning rate refers to: 256 for MAE, 512 for SimMIM."}
+    )
+
+    def __post_init__(self):
+        if self.base_learning_rate is not None and not self.base_learning_rate > 0:
+            raise ValueError(f"base_learning_rate must be > 0 (or null), got {self.base_learning_rate}")
+        if self.lr_scaling_batch_size <= 0:
+            raise ValueError(f"lr_scaling_batch_size must be > 0, got {self.lr_scaling_batch_size}")
+        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+            # A multi-process launch (torchrun, accelerate) on a machine without an accelerator: unless told to use
+            # the CPU, accelerate would not set up the gloo process group and each process would silently train
+            # alone on the whole dataset.
+            self.use_cpu = True
+        super().__post_init__()
+        if self.base_learning_rate is not None:
+            self.learning_rate = self.base_learning_rate * self.total_train_batch_size / self.lr_scaling_batch_size
+
+    @property
+    def total_train_batch_size(self) -> int:
+        """Images per optimizer step over all processes."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
+
+
+@dataclass
+class MTOTrainingArguments(ScaledLRTrainingArguments):
     """`TrainingArguments` for masked image modeling with MTO.
 
     Defaults follow the official MAE pre-training recipe (AdamW betas (0.9, 0.95), lr = base lr x total batch / 256,
@@ -96,17 +134,6 @@ class MTOTrainingArguments(TrainingArguments):
             "validation images to output_dir/reconstructions (and TensorBoard). 0 disables them."
         },
     )
-    base_learning_rate: float | None = field(
-        default=1.5e-4,
-        metadata={
-            "help": "Base learning rate: the absolute learning_rate is base_learning_rate x total batch size / "
-            "lr_scaling_batch_size (total batch = per-device batch x gradient accumulation x processes), as in MAE "
-            "and SimMIM. Set to null (YAML/JSON) to use --learning_rate as given."
-        },
-    )
-    lr_scaling_batch_size: int = field(
-        default=256, metadata={"help": "Batch size the base learning rate refers to: 256 for MAE, 512 for SimMIM."}
-    )
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (MAE uses 0.95)."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (MAE uses 0.05)."})
     remove_unused_columns: bool = field(
@@ -126,25 +153,9 @@ class MTOTrainingArguments(TrainingArguments):
             )
         if self.evolved_attention_layers is not None and self.evolved_attention_layers < 1:
             raise ValueError(f"evolved_attention_layers must be >= 1, got {self.evolved_attention_layers}")
-        if self.base_learning_rate is not None and not self.base_learning_rate > 0:
-            raise ValueError(f"base_learning_rate must be > 0 (or null), got {self.base_learning_rate}")
-        if self.lr_scaling_batch_size <= 0:
-            raise ValueError(f"lr_scaling_batch_size must be > 0, got {self.lr_scaling_batch_size}")
         if self.reconstruction_images < 0:
             raise ValueError(f"reconstruction_images must be >= 0, got {self.reconstruction_images}")
-        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
-            # A multi-process launch (torchrun, accelerate) on a machine without an accelerator: unless told to use
-            # the CPU, accelerate would not set up the gloo process group and each process would silently train
-            # alone on the whole dataset.
-            self.use_cpu = True
         super().__post_init__()
-        if self.base_learning_rate is not None:
-            self.learning_rate = self.base_learning_rate * self.total_train_batch_size / self.lr_scaling_batch_size
-
-    @property
-    def total_train_batch_size(self) -> int:
-        """Images per optimizer step over all processes."""
-        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
 
     @property
     def use_mto(self) -> bool:
