@@ -102,6 +102,18 @@ class EncoderEvalArguments:
         if self.encoder_eval_batch_size <= 0:
             raise ValueError(f"encoder_eval_batch_size must be positive, got {self.encoder_eval_batch_size}")
 
+    def settings(self) -> dict[str, Any]:
+        """The keyword arguments of `evaluate_encoder` (and `EncoderEvalCallback`) these flags stand for."""
+        return dict(
+            pooling=self.encoder_eval_pooling,
+            k=self.knn_k,
+            temperature=self.knn_temperature,
+            linear_probe=self.linear_probe,
+            linear_probe_c=self.linear_probe_c,
+            linear_probe_max_iter=self.linear_probe_max_iter,
+            batch_size=self.encoder_eval_batch_size,
+        )
+
 
 def check_eval_settings(pooling: str, k: int, temperature: float, probe_c: float = 1.0) -> None:
     """ValueError naming the first bad value."""
@@ -436,18 +448,7 @@ class EncoderEvalCallback(TrainerCallback):
 
     @classmethod
     def from_args(cls, train_dataset, eval_dataset, args: EncoderEvalArguments, **kwargs) -> EncoderEvalCallback:
-        return cls(
-            train_dataset,
-            eval_dataset,
-            pooling=args.encoder_eval_pooling,
-            k=args.knn_k,
-            temperature=args.knn_temperature,
-            linear_probe=args.linear_probe,
-            linear_probe_c=args.linear_probe_c,
-            linear_probe_max_iter=args.linear_probe_max_iter,
-            batch_size=args.encoder_eval_batch_size,
-            **kwargs,
-        )
+        return cls(train_dataset, eval_dataset, **args.settings(), **kwargs)
 
     def attach(self, trainer) -> EncoderEvalCallback:
         """Add this callback to `trainer` and log through it; returns self."""

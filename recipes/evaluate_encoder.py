@@ -102,19 +102,7 @@ def main(argv=None) -> dict:
     splits = load_datasets(data_args, cache_dir=args.cache_dir, seed=args.seed)
     bank, queries = labelled_eval_splits(splits, transform, eval_args, seed=args.seed)
 
-    results = evaluate_encoder(
-        model,
-        bank,
-        queries,
-        pooling=eval_args.encoder_eval_pooling,
-        k=eval_args.knn_k,
-        temperature=eval_args.knn_temperature,
-        linear_probe=eval_args.linear_probe,
-        linear_probe_c=eval_args.linear_probe_c,
-        linear_probe_max_iter=eval_args.linear_probe_max_iter,
-        batch_size=eval_args.encoder_eval_batch_size,
-        num_workers=args.num_workers,
-    )
+    results = evaluate_encoder(model, bank, queries, **eval_args.settings(), num_workers=args.num_workers)
     report = {
         "checkpoint": args.checkpoint,
         **results,
