@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 # Tests never reach the Hub: everything is built from configs and packaged data.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,6 +24,19 @@ TINY_MAE = dict(
     decoder_intermediate_size=64,
     mask_ratio=0.75,
 )
+
+
+class RandomImages(torch.utils.data.Dataset):
+    """``n`` seeded random 32 px images as ``{"pixel_values"}`` examples, for Trainer runs on the tiny configs."""
+
+    def __init__(self, n=32):
+        self.pixels = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.pixels)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.pixels[i]}
 
 
 @pytest.fixture

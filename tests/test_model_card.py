@@ -9,7 +9,7 @@ import jinja2
 import pytest
 import torch
 import transformers
-from conftest import TINY_MAE
+from conftest import TINY_MAE, RandomImages
 from huggingface_hub import ModelCard
 from transformers import TrainerState
 
@@ -43,17 +43,6 @@ CITATIONS = (
     "Masked Autoencoders Are Scalable Vision Learners",
     "SimMIM: A Simple Framework for Masked Image Modeling",
 )
-
-
-class RandomImages(torch.utils.data.Dataset):
-    def __init__(self, n=32):
-        self.pixels = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-
-    def __len__(self):
-        return len(self.pixels)
-
-    def __getitem__(self, i):
-        return {"pixel_values": self.pixels[i]}
 
 
 def make_args(tmp_path, **overrides):

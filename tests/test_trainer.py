@@ -2,21 +2,10 @@
 
 import pytest
 import torch
-from conftest import TINY_MAE
+from conftest import TINY_MAE, RandomImages
 
 from hf_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining
 from hf_mto.trainer import MTOTrainer, MTOTrainingArguments
-
-
-class RandomImages(torch.utils.data.Dataset):
-    def __init__(self, n=32):
-        self.pixels = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-
-    def __len__(self):
-        return len(self.pixels)
-
-    def __getitem__(self, i):
-        return {"pixel_values": self.pixels[i]}
 
 
 def make_args(tmp_path, **overrides):
