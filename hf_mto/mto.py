@@ -296,37 +296,82 @@ def mto_terms(
     return _collect_terms(torch.stack(per_layer), spa, eps, ranking, valid)
 
 
-class _RowEntropy(torch.autograd.Function):
-    """Mean over rows of the entropy of ``softmax(a @ bᵀ)``, with a hand-written backward.
+def _row_entropy(rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Entropy of ``softmax(rows @ colsᵀ)`` per row, with what its backward needs.
 
-    Autograd through ``bmm -> log_softmax -> exp -> mul -> sum`` keeps five intermediates and runs a dozen small
-    kernels backwards; the closed form ``dH_i/dz_ij = -p_ij (log p_ij + H_i)`` needs only ``log p`` and two ``bmm``.
-    That is about a quarter of the MTO terms' cost at the tiny presets, where they are a noticeable share of a step.
-
-    Args (forward):
-        a: ``[B, M, D]`` float32 row features.
-        b: ``[B, K, D]`` float32 column features.
+    Args:
+        rows: ``[B, M, D]`` float32 row features.
+        cols: ``[B, K, D]`` float32 column features.
 
     Returns:
-        ``[B]`` float32, the mean over the M rows of each image of the entropy over its K columns.
+        ``entropy [B, M]``, ``p [B, M, K]`` and ``log_p [B, M, K]``.
+    """
+    log_p = torch.log_softmax(torch.bmm(rows, cols.transpose(1, 2)), dim=-1)
+    p = log_p.exp()
+    return -(p * log_p).sum(dim=-1), p, log_p
+
+
+def _mean_entropy_grad_logits(
+    grad: torch.Tensor, entropy: torch.Tensor, p: torch.Tensor, log_p: torch.Tensor
+) -> torch.Tensor:
+    """``[B, M, K]`` gradient of the logits of ``entropy.mean(dim=1)`` given its gradient ``grad [B]``: the closed form
+    ``dH_i/dz_ij = -p_ij (log p_ij + H_i)``, scaled by ``1 / M`` for the mean over rows."""
+    scale = (grad / entropy.shape[1])[:, None, None]
+    return (log_p + entropy.unsqueeze(-1)).mul_(p).mul_(-scale)
+
+
+class _VisibleFirstEntropies(torch.autograd.Function):
+    """One layer's Eq. 2 heterogeneity and, optionally, Eq. 3 sparsity entropy, with a hand-written backward.
+
+    Autograd through ``slice -> split -> bmm -> log_softmax -> exp -> mul -> sum`` keeps five intermediates per term,
+    zero-fills a buffer per slice and concatenates the split's gradients; here the closed form of the entropy's
+    gradient needs only ``p``, ``log p`` and two ``bmm`` per term, and the layer's gradient is assembled by one
+    concatenation. At the tiny presets, where the MTO terms are a noticeable share of a step, this halves their cost.
+
+    Args (forward):
+        features: ``[B, P + N, D]`` float32 affinity features; tokens ``[:P]`` (CLS) are ignored, ``[P:P+V]`` are
+            the visible patches and the rest the masked ones.
+        num_prefix_tokens: P.
+        num_visible: V, ``0 < V < N``.
+        with_sparsity: also compute Eq. 3 for this layer.
+
+    Returns:
+        ``heterogeneity [B]`` (mean over masked rows of the entropy over visible columns) and, with
+        ``with_sparsity``, ``sparsity [B]`` (mean over visible rows of the entropy over all patches).
     """
 
     @staticmethod
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        log_p = torch.log_softmax(torch.bmm(a, b.transpose(1, 2)), dim=-1)  # [B, M, K]
-        entropy = -(log_p.exp() * log_p).sum(dim=-1)  # [B, M]
-        ctx.save_for_backward(a, b, log_p, entropy)
-        return entropy.mean(dim=1)
+    def forward(ctx, features, num_prefix_tokens: int, num_visible: int, with_sparsity: bool):
+        patches = features[:, num_prefix_tokens:]
+        visible, masked = patches[:, :num_visible], patches[:, num_visible:]
+        het = _row_entropy(masked, visible)  # Eq. 2: masked rows over visible columns
+        spa = _row_entropy(visible, patches) if with_sparsity else ()  # Eq. 3: visible rows over all patches
+        ctx.num_prefix_tokens, ctx.num_visible = num_prefix_tokens, num_visible
+        ctx.save_for_backward(features, *het, *spa)
+        outputs = (het[0].mean(dim=1), spa[0].mean(dim=1)) if with_sparsity else (het[0].mean(dim=1),)
+        return outputs
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the closed form is not itself differentiated
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b, log_p, entropy = ctx.saved_tensors
+    def backward(ctx, grad_het: torch.Tensor, grad_spa: torch.Tensor | None = None):
+        features, *saved = ctx.saved_tensors
+        num_prefix_tokens, num_visible = ctx.num_prefix_tokens, ctx.num_visible
+        patches = features[:, num_prefix_tokens:]
+        visible, masked = patches[:, :num_visible], patches[:, num_visible:]
         # The backward may run where autocast is on; the gradient, like the forward, stays in float32.
-        with torch.autocast(device_type=grad.device.type, enabled=False):
-            scale = (grad / entropy.shape[1])[:, None, None]  # d mean / d H_i, [B, 1, 1]
-            grad_logits = (log_p + entropy.unsqueeze(-1)).mul_(log_p.exp()).mul_(-scale)  # [B, M, K]
-            return torch.bmm(grad_logits, b), torch.bmm(grad_logits.transpose(1, 2), a)
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            grad_logits = _mean_entropy_grad_logits(grad_het, *saved[:3])  # [B, M, V]
+            grad_visible = torch.bmm(grad_logits.transpose(1, 2), masked)
+            grad_masked = torch.bmm(grad_logits, visible)
+            if len(saved) > 3:
+                grad_logits = _mean_entropy_grad_logits(grad_spa, *saved[3:])  # [B, V, N]
+                grad_patches = torch.bmm(grad_logits.transpose(1, 2), visible)
+                grad_visible += torch.bmm(grad_logits, patches) + grad_patches[:, :num_visible]
+                grad_masked += grad_patches[:, num_visible:]
+            parts = [grad_visible, grad_masked]
+            if num_prefix_tokens:
+                parts.insert(0, features.new_zeros(features.shape[0], num_prefix_tokens, features.shape[2]))
+            return torch.cat(parts, dim=1), None, None, None
 
 
 def mto_terms_visible_first(
@@ -337,30 +382,34 @@ def mto_terms_visible_first(
     temperature: float = 0.1,
     eps: float = 1e-6,
     ranking: str = "intended",
+    num_prefix_tokens: int = 0,
 ) -> MTOTerms:
-    """`mto_terms` for states whose tokens are ordered visible first, then masked, in every image.
+    """`mto_terms` for states whose patch tokens are ordered visible first, then masked, in every image.
 
     MAE's decoder produces exactly this order before it unshuffles (and the SimMIM encoder runs in it when MTO is
     on), so the terms need no token selection at all: only the masked-by-visible (Eq. 2) and visible-by-all (Eq. 3)
     blocks of the affinity are computed.
 
     Args:
-        hidden_states: L+1 tensors ``[B, N, D]``, tokens ``[:num_visible]`` visible and the rest masked.
-        num_visible: number of visible tokens, ``0 < num_visible < N``.
+        hidden_states: L+1 tensors ``[B, P + N, D]``: P prefix tokens (the CLS token), which never count, then the
+            N patches, ``[:num_visible]`` of them visible and the rest masked.
+        num_visible: number of visible patches, ``0 < num_visible < N``.
+        num_prefix_tokens: P. Passing the states whole, rather than ``state[:, 1:]``, spares a zero-filled gradient
+            buffer per layer.
     """
     num_tokens = hidden_states[0].shape[1]
-    if not 0 < num_visible < num_tokens:
-        raise ValueError(f"num_visible must be in (0, {num_tokens}), got {num_visible}")
+    if num_prefix_tokens < 0:
+        raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
+    if not 0 < num_visible < num_tokens - num_prefix_tokens:
+        raise ValueError(f"num_visible must be in (0, {num_tokens - num_prefix_tokens}), got {num_visible}")
     _check_spa_layers(spa_layers, len(hidden_states))
     per_layer, spa = [], []
     with torch.autocast(device_type=hidden_states[0].device.type, enabled=False):
         for layer, hidden in enumerate(hidden_states):
             if hidden.dim() != 3 or hidden.shape[1] != num_tokens:
                 raise ValueError(f"every state must be [B, {num_tokens}, D], got shape {list(hidden.shape)}")
-            x = _affinity_features(hidden, affinity, temperature)
-            # split, not slicing: its backward is one concatenation instead of a zero-filled buffer per slice.
-            visible, masked = x.split([num_visible, num_tokens - num_visible], dim=1)
-            per_layer.append(_RowEntropy.apply(masked, visible))  # Eq. 2, [B]
-            if layer in spa_layers:
-                spa.append(_RowEntropy.apply(visible, x).mean())  # Eq. 3 (mean), []
+            features = _affinity_features(hidden, affinity, temperature)
+            entropies = _VisibleFirstEntropies.apply(features, num_prefix_tokens, num_visible, layer in spa_layers)
+            per_layer.append(entropies[0])  # Eq. 2, [B]
+            spa.extend(entropy.mean() for entropy in entropies[1:])  # Eq. 3 (mean), []
     return _collect_terms(torch.stack(per_layer), spa, eps, ranking)

@@ -185,34 +185,53 @@ def test_bad_inputs_raise_clear_errors():
         mto.mto_terms_visible_first([HIDDEN, HIDDEN], num_visible=3)
 
 
+@pytest.mark.parametrize("num_prefix_tokens", [0, 1])
 @pytest.mark.parametrize("affinity", mto.AFFINITY_MODES)
-def test_visible_first_path_matches_general_path_values_and_gradients(affinity):
+def test_visible_first_path_matches_general_path_values_and_gradients(affinity, num_prefix_tokens):
     torch.manual_seed(4)
     states = [torch.randn(3, 12, 8, requires_grad=True) for _ in range(3)]
     noise = torch.rand(3, 12)
     mask = noise.argsort(dim=1).argsort(dim=1) >= 3  # exactly 9 masked per row, at random places
     general = mto.mto_terms(states, mask, spa_layers=[0, 1], affinity=affinity)
-    # the same states reordered visible first (as the models' blocks produce them), then the fast path
+    # the same states reordered visible first (as the models' blocks produce them), after any prefix (CLS) tokens
+    # that must not count, then the fast path
     order = torch.argsort(mask.to(torch.uint8), dim=1, stable=True).unsqueeze(-1).expand(-1, -1, 8)
-    sorted_states = [torch.gather(state, 1, order) for state in states]
-    fast = mto.mto_terms_visible_first(sorted_states, num_visible=3, spa_layers=[0, 1], affinity=affinity)
+    prefix = torch.randn(3, num_prefix_tokens, 8, requires_grad=True)
+    sorted_states = [torch.cat([prefix * (i + 1), torch.gather(state, 1, order)], 1) for i, state in enumerate(states)]
+    fast = mto.mto_terms_visible_first(
+        sorted_states, num_visible=3, spa_layers=[0, 1], affinity=affinity, num_prefix_tokens=num_prefix_tokens
+    )
     for name in ("heterogeneity", "sparsity_loss", "singularity_loss", "ranking_loss"):
         assert torch.allclose(getattr(general, name), getattr(fast, name), rtol=1e-5, atol=1e-6), name
     grads = []
     for terms in (general, fast):
         total = terms.sparsity_loss + terms.singularity_loss + terms.ranking_loss
-        grads.append(torch.autograd.grad(total, states))
+        # the general path never sees the prefix: its gradient there is zeros, which the fast path must match
+        grads.append(torch.autograd.grad(total, [*states, prefix], allow_unused=True, materialize_grads=True))
     for general_grad, fast_grad in zip(*grads, strict=True):
         assert torch.allclose(general_grad, fast_grad, rtol=1e-4, atol=1e-6)
 
 
-def test_row_entropy_hand_written_backward_passes_gradcheck():
+@pytest.mark.parametrize("num_prefix_tokens", [0, 1])
+@pytest.mark.parametrize("with_sparsity", [False, True])
+def test_visible_first_entropies_hand_written_backward_passes_gradcheck(num_prefix_tokens, with_sparsity):
     torch.manual_seed(5)
-    a = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(mto._RowEntropy.apply, (a, b))
-    expected = [sum(entropy((a[i, r] @ b[i].T).tolist()) for r in range(3)) / 3 for i in range(2)]
-    assert torch.allclose(mto._RowEntropy.apply(a, b), torch.tensor(expected, dtype=torch.float64))
+    features = torch.randn(2, num_prefix_tokens + 7, 4, dtype=torch.float64, requires_grad=True)
+    args = (num_prefix_tokens, 3, with_sparsity)  # 3 visible patches, 4 masked
+    assert torch.autograd.gradcheck(lambda x: mto._VisibleFirstEntropies.apply(x, *args), (features,))
+    outputs = mto._VisibleFirstEntropies.apply(features, *args)
+    patches = features[:, num_prefix_tokens:].tolist()
+
+    def mean_entropy(image, rows, cols):
+        logits = [[sum(u * v for u, v in zip(image[r], image[c], strict=True)) for c in cols] for r in rows]
+        return sum(entropy(row) for row in logits) / len(rows)
+
+    expected = [[mean_entropy(image, range(3, 7), range(3)) for image in patches]]
+    if with_sparsity:
+        expected.append([mean_entropy(image, range(3), range(7)) for image in patches])
+    assert len(outputs) == len(expected)
+    for output, values in zip(outputs, expected, strict=True):
+        assert torch.allclose(output, torch.tensor(values, dtype=torch.float64))
 
 
 def test_visible_first_path_under_autocast_and_extreme_magnitudes_is_float32_and_finite():

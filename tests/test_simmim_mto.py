@@ -50,6 +50,20 @@ def test_mto_off_loss_equals_upstream_exactly():
     assert torch.allclose(with_mto.reconstruction, theirs.reconstruction, rtol=1e-5, atol=1e-6)
 
 
+def test_visible_first_encoder_gives_upstream_gradients():
+    # MTO on runs the blocks on permuted tokens; the reconstruction loss's gradient must still be upstream's, through
+    # the permutation's hand-written backward, for every parameter (the mask token included).
+    model = make_model()
+    upstream = ViTForMaskedImageModeling(ViTConfig(**TINY_VIT))
+    upstream.load_state_dict(model.state_dict())
+    pixels, mask = batch()
+    model(pixels, bool_masked_pos=mask).loss.backward()
+    upstream(pixels, bool_masked_pos=mask).loss.backward()
+    theirs = dict(upstream.named_parameters())
+    for name, parameter in model.named_parameters():
+        assert torch.allclose(parameter.grad, theirs[name].grad, rtol=1e-4, atol=1e-7), name
+
+
 def test_mto_off_does_no_mto_work(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("MTO terms computed although MTO is off")

@@ -54,6 +54,48 @@ class SimMIMMTOPreTrainedModel(ViTPreTrainedModel):
                 nn.init.trunc_normal_(module.mask_token, std=self.config.initializer_range)
 
 
+class _PermuteTokens(torch.autograd.Function):
+    """``hidden[b, index[b]]`` for a per-image token permutation, whose backward is the inverse permutation.
+
+    Rows are picked from ``hidden`` viewed as ``[B * T, D]`` by one `index_select` on flat row indices: on CPU about
+    ten times faster than `gather` with the index expanded over D, and a gradient of one `index_select` instead of
+    a zero fill plus `scatter_add`.
+
+    Args (forward):
+        hidden: ``[B, T, D]``.
+        index: ``[B * T]`` flat rows, ``b * T + order[b, t]``.
+        inverse: ``[B * T]`` the inverse permutation of ``index``.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index, inverse)
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, index).view(hidden.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        index, inverse = ctx.saved_tensors
+        return _PermuteTokens.apply(grad, inverse, index), None, None
+
+
+def visible_first_order(bool_masked_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat row indices that put each image's tokens (CLS, then the patches) as CLS, visible patches, masked patches.
+
+    Args:
+        bool_masked_pos: ``[B, N]`` bool, True = masked.
+
+    Returns:
+        ``index`` and its ``inverse``, both ``[B * (N + 1)]``, for `_PermuteTokens` on ``[B, N + 1, D]`` states.
+    """
+    batch_size, num_patches = bool_masked_pos.shape
+    order = torch.argsort(bool_masked_pos.to(torch.uint8), dim=1, stable=True) + 1  # visible first
+    order = torch.cat([order.new_zeros(batch_size, 1), order], dim=1)  # CLS stays first, [B, N + 1]
+    index = (order + torch.arange(batch_size, device=order.device)[:, None] * (num_patches + 1)).flatten()
+    inverse = torch.empty_like(index)
+    inverse[index] = torch.arange(index.numel(), device=index.device)
+    return index, inverse
+
+
 class SimMIMMTOModel(SimMIMMTOPreTrainedModel, ViTModel):
     """Upstream's `ViTModel` (the encoder), with the official SimMIM mask-token initialisation.
 
@@ -85,10 +127,8 @@ class SimMIMMTOModel(SimMIMMTOPreTrainedModel, ViTModel):
         embeddings = self.embeddings(
             pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=bool(interpolate_pos_encoding)
         )
-        batch_size, num_tokens, dim = embeddings.shape
-        order = torch.argsort(bool_masked_pos.to(torch.uint8), dim=1, stable=True) + 1  # visible first
-        order = torch.cat([order.new_zeros(batch_size, 1), order], dim=1).unsqueeze(-1)  # CLS stays first
-        hidden_states = torch.gather(embeddings, 1, order.expand(-1, -1, dim))
+        index, inverse = visible_first_order(bool_masked_pos)
+        hidden_states = _PermuteTokens.apply(embeddings, index, inverse)
         mask = create_bidirectional_mask(
             config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
         )
@@ -96,9 +136,7 @@ class SimMIMMTOModel(SimMIMMTOPreTrainedModel, ViTModel):
         for layer in self.layers:
             hidden_states = layer(hidden_states, mask)
             states.append(hidden_states)
-        sequence_output = torch.empty_like(hidden_states).scatter_(
-            1, order.expand(-1, -1, dim), self.layernorm(hidden_states)
-        )
+        sequence_output = _PermuteTokens.apply(self.layernorm(hidden_states), inverse, index)
         return BaseModelOutputWithPooling(last_hidden_state=sequence_output, hidden_states=tuple(states))
 
 
@@ -177,7 +215,6 @@ class SimMIMMTOForMaskedImageModeling(SimMIMMTOPreTrainedModel, ViTForMaskedImag
         )
         terms = None
         if use_mto:
-            states = [state[:, 1:] for state in outputs.hidden_states]  # the CLS token never counts
             settings = dict(
                 spa_layers=self.config.mto_spa_layers,
                 affinity=self.config.mto_affinity,
@@ -186,9 +223,11 @@ class SimMIMMTOForMaskedImageModeling(SimMIMMTOPreTrainedModel, ViTForMaskedImag
                 ranking=self.config.mto_ranking,
             )
             if num_masked is not None:
-                terms = mto_terms_visible_first(states, bool_masked_pos.shape[1] - num_masked, **settings)
+                num_visible = bool_masked_pos.shape[1] - num_masked
+                # the CLS token never counts
+                terms = mto_terms_visible_first(outputs.hidden_states, num_visible, num_prefix_tokens=1, **settings)
             else:
-                terms = mto_terms(states, bool_masked_pos, **settings)
+                terms = mto_terms([state[:, 1:] for state in outputs.hidden_states], bool_masked_pos, **settings)
         return SimMIMMTOOutput(
             loss=outputs.loss,
             reconstruction=outputs.reconstruction,

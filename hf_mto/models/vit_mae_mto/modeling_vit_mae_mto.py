@@ -236,8 +236,9 @@ class ViTMAEMTOForPreTraining(ViTMAEMTOPreTrainedModel, ViTMAEForPreTraining):
         if use_mto:
             # The decoder states are CLS, the visible tokens, then the masked ones (see ViTMAEMTODecoder).
             terms = mto_terms_visible_first(
-                [state[:, 1:] for state in decoder_outputs.hidden_states],  # the CLS token never counts
+                decoder_outputs.hidden_states,
                 num_visible=outputs.last_hidden_state.shape[1] - 1,
+                num_prefix_tokens=1,  # the CLS token never counts
                 spa_layers=self.config.mto_spa_layers,
                 affinity=self.config.mto_affinity,
                 temperature=self.config.mto_temperature,
