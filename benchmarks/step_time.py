@@ -4,8 +4,9 @@ Compares, for each model at the same config, weights, batch and mask:
   upstream  transformers' ViTMAEForPreTraining / ViTForMaskedImageModeling
   mto_off   ours (ViTMAEMTOForPreTraining / SimMIMMTOForMaskedImageModeling) with use_mto=False
   mto_on    ours with the MTO terms added to the loss
-and prints each one's median step time (forward + backward + AdamW step) and peak memory as ratios to upstream.
-Variants are interleaved round by round so drifts in machine load hit them alike.
+and prints each one's median step time (forward + backward + AdamW step), its step-time ratio to upstream (the
+median, and quartiles, of the ratios paired within each round) and its memory as a ratio to upstream. Variants are
+interleaved round by round, in rotating order, so drifts in machine load hit them alike.
 
     python benchmarks/step_time.py --preset tiny            # CPU: the tiny pre-training presets, batch 128
     python benchmarks/step_time.py --preset vit-b16         # GPU: ViT-B/16 at 224 px, batch 128, bf16 autocast
@@ -107,6 +108,12 @@ def sync(device):
 
 
 def time_all(model_name, config, inputs, device, autocast_dtype, warmup: int, rounds: int, steps_per_round: int):
+    """Per variant: median step seconds, the per-round ratios to upstream, and the CUDA peak memory.
+
+    Each round times every variant back to back, in an order that rotates from round to round, so a ratio taken
+    within a round compares steps run seconds apart: the median of those paired ratios is what is reported, as a
+    shared machine's drifts between rounds cancel in it where they would not in a ratio of medians.
+    """
     steps, peaks = {}, {}
     for variant in VARIANTS:
         model, optimizer = build(model_name, variant, config, device)
@@ -120,15 +127,25 @@ def time_all(model_name, config, inputs, device, autocast_dtype, warmup: int, ro
             sync(device)
             peaks[variant] = torch.cuda.max_memory_allocated(device)
     times = {variant: [] for variant in VARIANTS}
-    for _ in range(rounds):
-        for variant in VARIANTS:
+    for round_index in range(rounds):
+        shift = round_index % len(VARIANTS)
+        for variant in VARIANTS[shift:] + VARIANTS[:shift]:
             sync(device)
             start = time.perf_counter()
             for _ in range(steps_per_round):
                 steps[variant]()
             sync(device)
             times[variant].append((time.perf_counter() - start) / steps_per_round)
-    return {v: {"step_s": statistics.median(times[v]), "peak_bytes": peaks.get(v)} for v in VARIANTS}
+    results = {}
+    for variant in VARIANTS:
+        ratios = [t / base for t, base in zip(times[variant], times["upstream"], strict=True)]
+        results[variant] = {
+            "step_s": statistics.median(times[variant]),
+            "ratio": statistics.median(ratios),
+            "ratio_quartiles": statistics.quantiles(ratios, n=4)[::2] if len(ratios) > 1 else [ratios[0]] * 2,
+            "peak_bytes": peaks.get(variant),
+        }
+    return results
 
 
 def saved_activation_bytes(step_fn) -> int:
@@ -153,8 +170,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch_size", type=int, default=None, help="Override the preset's batch size.")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps_per_round", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--steps_per_round", type=int, default=4)
     parser.add_argument("--json", default=None, help="Also write the results to this JSON file.")
     args = parser.parse_args(argv)
 
@@ -177,12 +194,13 @@ def main(argv=None):
                     make_step(variant, model, optimizer, inputs, autocast_dtype)
                 )
         print(f"\n{model_name}: preset {args.preset}, batch {batch_size}, {name}, torch {torch.__version__}")
-        print(f"{'variant':<10} {'step ms':>9} {'x upstream':>11} {memory:>10} {'x upstream':>11}")
+        print(f"{'variant':<10} {'step ms':>9} {'x upstream':>11} {'(quartiles)':>14} {memory:>10} {'x upstream':>11}")
         base = results["upstream"]
         for variant in VARIANTS:
             r = results[variant]
+            low, high = r["ratio_quartiles"]
             print(
-                f"{variant:<10} {r['step_s'] * 1e3:>9.2f} {r['step_s'] / base['step_s']:>11.3f} "
+                f"{variant:<10} {r['step_s'] * 1e3:>9.2f} {r['ratio']:>11.3f} {f'{low:.3f}-{high:.3f}':>14} "
                 f"{r['peak_bytes'] / 2**20:>10.1f} {r['peak_bytes'] / max(base['peak_bytes'], 1):>11.3f}"
             )
         report[model_name] = {"batch_size": batch_size, **results}

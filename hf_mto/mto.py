@@ -134,11 +134,11 @@ def has_masked_and_visible(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _batch_mean(values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """Mean of ``values [B]`` over the ``valid [B]`` images; 0 when none is valid."""
+    """Mean of ``values [..., B]`` over the ``valid [B]`` images (the last dimension); 0 when none is valid."""
     if valid is None:
-        return values.mean()
+        return values.mean(dim=-1)
     valid_f = valid.float()
-    return (values * valid_f).sum() / valid_f.sum().clamp(min=1.0)
+    return (values * valid_f).sum(dim=-1) / valid_f.sum().clamp(min=1.0)
 
 
 def heterogeneity(
@@ -257,7 +257,7 @@ def _collect_terms(
     """``hs [L+1, B]`` per-image heterogeneity and the per-layer L_spa values -> ``MTOTerms`` (batch means over the
     ``valid [B]`` images, or all of them)."""
     return MTOTerms(
-        heterogeneity=torch.stack([_batch_mean(layer, valid) for layer in hs]),
+        heterogeneity=_batch_mean(hs, valid),
         sparsity_loss=torch.stack(spa).mean() if spa else hs.new_zeros(()),
         singularity_loss=singularity_loss(hs[0], eps, valid),
         ranking_loss=ranking_loss(hs, ranking, valid),
