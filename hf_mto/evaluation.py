@@ -19,7 +19,8 @@ run (`EncoderEvalCallback`) or on any checkpoint (`recipes/evaluate_encoder.py`)
   are comparable between checkpoints evaluated here, not with published linear-probe results.
 
 Under several processes (accelerate, torchrun) each process extracts the features of its share of the images and
-the shares are gathered, so every process then holds all features and computes the same accuracies.
+the shares are gathered, so every process then holds all features; the main process scores them (the probe's fit is
+the slow part) and broadcasts the accuracies, so every process returns the same ones.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from torch.utils.data import DataLoader, Subset
 from transformers import TrainerCallback, ViTMAEModel, ViTModel
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEEmbeddings
@@ -355,11 +356,31 @@ def evaluate_encoder(
     check_eval_settings(pooling, k, temperature, linear_probe_c)
     train_x, train_y = extract_features(model, train_dataset, pooling, batch_size, num_workers, autocast)
     test_x, test_y = extract_features(model, eval_dataset, pooling, batch_size, num_workers, autocast)
-    results = {"knn_accuracy": knn_accuracy(train_x, train_y, test_x, test_y, k, temperature)}
-    if linear_probe:
-        results["linear_probe_accuracy"] = linear_probe_accuracy(
-            train_x, train_y, test_x, test_y, linear_probe_c, linear_probe_max_iter
-        )
+
+    def scores() -> dict[str, float]:
+        results = {"knn_accuracy": knn_accuracy(train_x, train_y, test_x, test_y, k, temperature)}
+        if linear_probe:
+            results["linear_probe_accuracy"] = linear_probe_accuracy(
+                train_x, train_y, test_x, test_y, linear_probe_c, linear_probe_max_iter
+            )
+        return results
+
+    state = PartialState()
+    if state.num_processes == 1:
+        results = scores()
+    else:
+        # Every process holds all features, but the probe's fit is the slow part: the main process scores, the others
+        # receive its results -- or its error, so that no process waits for a broadcast that never comes.
+        outcome = [None]
+        if state.is_main_process:
+            try:
+                outcome[0] = scores()
+            except Exception as error:  # re-raised below, on every process
+                outcome[0] = error
+        outcome = broadcast_object_list(outcome, from_process=0)
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        results = outcome[0]
     results.update(num_train=float(len(train_y)), num_eval=float(len(test_y)))
     return results
 

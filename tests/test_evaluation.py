@@ -335,6 +335,7 @@ def test_features_are_gathered_over_two_processes(tmp_path):
             import torch
             from accelerate import PartialState
             from transformers import ViTConfig, ViTModel
+            from hf_mto import evaluation
             from hf_mto.evaluation import extract_features
 
             state = PartialState(cpu=True)
@@ -343,7 +344,21 @@ def test_features_are_gathered_over_two_processes(tmp_path):
             images = torch.randn(9, 3, 32, 32, generator=torch.Generator().manual_seed(0))
             data = [{{"pixel_values": images[i], "label": i}} for i in range(9)]
             features, labels = extract_features(model, data, batch_size=2)
-            torch.save((state.num_processes, features, labels), {str(tmp_path)!r} + f"/rank{{state.process_index}}.pt")
+            # the accuracies are scored by the main process alone and reach every process
+            probes = []
+            fit = evaluation.linear_probe_accuracy
+            evaluation.linear_probe_accuracy = lambda *args: probes.append(1) or fit(*args)
+            labelled = [dict(example, label=i % 3) for i, example in enumerate(data)]
+            results = evaluation.evaluate_encoder(model, labelled, labelled, k=3, batch_size=2)
+            fits = len(probes)
+            # an error of the main process's scoring is raised on every process instead of leaving them waiting
+            one_class = [dict(example, label=0) for example in data]
+            try:
+                evaluation.evaluate_encoder(model, one_class, one_class, k=3)
+            except ValueError as error:
+                raised = str(error)
+            outcome = (state.num_processes, features, labels, results, fits, raised)
+            torch.save(outcome, {str(tmp_path)!r} + f"/rank{{state.process_index}}.pt")
             state.wait_for_everyone()
             torch.distributed.destroy_process_group()
             """
@@ -356,8 +371,11 @@ def test_features_are_gathered_over_two_processes(tmp_path):
     model = ViTModel(ViTConfig(**TINY_VIT), add_pooling_layer=False)
     images = torch.randn(9, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     reference, _ = extract_features(model, [{"pixel_values": images[i], "label": i} for i in range(9)])
-    for rank in (0, 1):
-        world, features, labels = torch.load(tmp_path / f"rank{rank}.pt")
+    outcomes = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    for world, features, labels, results, _, raised in outcomes:
         assert world == 2
         assert labels.tolist() == list(range(9))  # every example once, in order, on both processes
         torch.testing.assert_close(features, reference)
+        assert results == outcomes[0][3] and 0 <= results["linear_probe_accuracy"] <= 1
+        assert "at least 2 classes" in raised
+    assert [outcome[4] for outcome in outcomes] == [1, 0]  # the probe was fitted once, on the main process
