@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import struct
 import zlib
 from collections.abc import Callable, Sequence
@@ -48,6 +49,8 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from huggingface_hub.errors import LocalEntryNotFoundError
 from PIL import Image, ImageFile
 from torchvision import transforms as T
@@ -474,38 +477,64 @@ def _without_decoding(dataset: datasets.Dataset) -> datasets.Dataset:
     return dataset
 
 
+def process_share(num_examples: int, state: PartialState) -> range:
+    """This process's contiguous share of `range(num_examples)`; the shares, in process order, cover it once."""
+    per_process = math.ceil(num_examples / state.num_processes)
+    start = min(num_examples, state.process_index * per_process)
+    return range(start, min(num_examples, start + per_process))
+
+
 def drop_unreadable_images(dataset: datasets.Dataset, split: str = "train") -> datasets.Dataset:
     """Decode every image of `dataset` once and return it without the unreadable ones (`--verify_images`).
 
-    Each dropped file is named in a warning, and the count is logged. Costs one full decoding pass.
+    Each dropped file is named in a warning, and the count is logged. Costs one full decoding pass, which several
+    processes share: each decodes its `process_share` and the readable indices are gathered, so every process
+    returns the same dataset.
     """
     if "image" not in dataset.column_names:
         raise ValueError(f"drop_unreadable_images needs an 'image' column; columns: {dataset.column_names}.")
-    encoded = _without_decoding(dataset)
+    state = PartialState()
+    share = process_share(len(dataset), state)
+    readable, dropped = _readable_indices(dataset.select(share), split)
+    readable = [share.start + index for index in readable]
+    if state.num_processes > 1:
+        shares = gather_object([(readable, dropped)])  # one per process, in process order
+        readable = [index for share_readable, _ in shares for index in share_readable]
+        dropped = [name for _, share_dropped in shares for name in share_dropped]
+    if state.is_main_process:  # the summary is logged once
+        _log_verification(dropped, len(dataset), split)
+    return dataset.select(readable) if len(readable) < len(dataset) else dataset
+
+
+def _log_verification(dropped: list[str], num_images: int, split: str) -> None:
+    if not dropped:
+        logger.info("verify_images: all %d %s images are readable.", num_images, split)
+        return
+    shown = ", ".join(dropped[:_MAX_NAMES_LOGGED])
+    more = f" and {len(dropped) - _MAX_NAMES_LOGGED} more" if len(dropped) > _MAX_NAMES_LOGGED else ""
+    logger.warning(
+        "verify_images: dropped %d unreadable image(s) of %d from the %s split: %s%s.",
+        len(dropped),
+        num_images,
+        split,
+        shown,
+        more,
+    )
+
+
+def _readable_indices(dataset: datasets.Dataset, split: str) -> tuple[list[int], list[str]]:
+    """Indices of the images of `dataset` that decode, and the names of those that do not."""
     dropped: list[str] = []
-    kept = encoded.filter(
-        lambda images: [decode_image(image, on_error=dropped.append) is not None for image in images],
+    flags = _without_decoding(dataset).map(
+        lambda images: {"readable": [decode_image(image, on_error=dropped.append) is not None for image in images]},
         input_columns=["image"],
+        remove_columns=dataset.column_names,
         batched=True,
         keep_in_memory=True,
         load_from_cache_file=False,
         desc=f"Verifying {split} images",
-    )
-    if dropped:
-        shown = ", ".join(dropped[:_MAX_NAMES_LOGGED])
-        more = f" and {len(dropped) - _MAX_NAMES_LOGGED} more" if len(dropped) > _MAX_NAMES_LOGGED else ""
-        logger.warning(
-            "verify_images: dropped %d unreadable image(s) of %d from the %s split: %s%s.",
-            len(dropped),
-            len(dataset),
-            split,
-            shown,
-            more,
-        )
-    else:
-        logger.info("verify_images: all %d %s images are readable.", len(dataset), split)
-    # Give the column back its decoding feature, so the result reads like the input.
-    return kept.cast_column("image", dataset.features["image"]) if encoded is not dataset else kept
+    )["readable"]
+    return np.flatnonzero(np.asarray(flags, dtype=bool)).tolist(), dropped
 
 
 def build_pretraining_transform(

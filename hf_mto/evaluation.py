@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +39,7 @@ from torch.utils.data import DataLoader, Subset
 from transformers import TrainerCallback, ViTMAEModel, ViTModel
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEEmbeddings
 
-from .data import PixelCollator, apply_transform
+from .data import PixelCollator, apply_transform, process_share
 from .evolved import _unmasked_embeddings
 
 logger = logging.getLogger(__name__)
@@ -171,13 +170,6 @@ def encoder_features(model: torch.nn.Module, pixel_values: torch.Tensor, pooling
     return hidden[:, 0] if pooling == "cls" else hidden[:, 1:].mean(dim=1)
 
 
-def _shard(num_examples: int, state: PartialState) -> range:
-    """This process's contiguous share of `range(num_examples)`; the shares, in process order, cover it once."""
-    per_process = math.ceil(num_examples / state.num_processes)
-    start = min(num_examples, state.process_index * per_process)
-    return range(start, min(num_examples, start + per_process))
-
-
 def extract_features(
     model: torch.nn.Module,
     dataset,
@@ -201,7 +193,7 @@ def extract_features(
     encoder = resolve_encoder(model)
     state = PartialState()
     loader = DataLoader(
-        Subset(dataset, _shard(len(dataset), state)),
+        Subset(dataset, process_share(len(dataset), state)),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=PixelCollator(include_labels=True),

@@ -8,6 +8,7 @@ recipe must run on such a folder without hanging.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import subprocess
@@ -357,3 +358,39 @@ def test_verify_images_flag_parses():
     (args,) = HfArgumentParser(DataArguments).parse_args_into_dataclasses(["--train_dir", "x", "--verify_images"])
     assert args.verify_images is True
     assert DataArguments().verify_images is False
+
+
+@pytest.mark.slow
+def test_verify_images_shares_the_decoding_between_two_processes(tmp_path):
+    folder = write_bad_folder(tmp_path / "images")
+    script = tmp_path / "verify.py"
+    script.write_text(
+        f"""
+import json, torch
+from accelerate import PartialState
+from pathlib import Path
+from hf_mto import data
+from hf_mto.data import DataArguments, load_datasets
+
+state = PartialState(cpu=True)
+decoded = []
+decode = data.decode_image
+data.decode_image = lambda value, on_error=None: decoded.append(1) or decode(value, on_error)
+args = DataArguments(train_dir={str(folder)!r}, train_val_split=0.0, verify_images=True)
+dataset = load_datasets(args, cache_dir={str(tmp_path / "cache")!r})["train"]
+paths = [Path(v["path"]).name for v in data._without_decoding(dataset)["image"]]
+with open(f"rank{{state.process_index}}.json", "w") as f:
+    json.dump({{"decoded": len(decoded), "names": paths}}, f)
+state.wait_for_everyone()
+torch.distributed.destroy_process_group()
+"""
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300, env=dict(os.environ))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    # both processes end with the same readable images, and each image was decoded by one process only
+    assert ranks[0]["names"] == ranks[1]["names"]
+    assert sorted(ranks[0]["names"]) == sorted(["rgb0.jpg", "rgb1.jpg", *CONSTANT_IMAGES])
+    assert [rank["decoded"] for rank in ranks] == [7, 6]  # 13 images, shared 7 + 6
+    assert result.stderr.count("dropped 5 unreadable image(s) of 13 from the train split") == 1

@@ -10,6 +10,7 @@ import gzip
 import pickle
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import huggingface_hub.constants
@@ -31,6 +32,7 @@ from hf_mto.data import (
     collate_pixel_values,
     load_datasets,
     load_fashion_mnist,
+    process_share,
     resolve_image_column,
     resolve_label_column,
 )
@@ -369,3 +371,13 @@ def test_data_arguments_parse_from_command_line():
     )
     assert (args.dataset_name, args.max_train_samples, args.train_val_split) == ("org/ds", 5, 0.1)
     assert args.image_column_name is None and args.fashion_mnist_dir == data_mod.DEFAULT_FASHION_MNIST_DIR
+
+
+@pytest.mark.parametrize("num_examples", [0, 1, 5, 8, 9])
+@pytest.mark.parametrize("num_processes", [1, 2, 3])
+def test_shards_cover_the_data_once_in_order(num_examples, num_processes):
+    shards = [
+        list(process_share(num_examples, SimpleNamespace(num_processes=num_processes, process_index=rank)))
+        for rank in range(num_processes)
+    ]
+    assert [index for shard in shards for index in shard] == list(range(num_examples))

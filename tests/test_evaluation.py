@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +17,6 @@ from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling, ViTMAEMTOCo
 from hf_mto.evaluation import (
     EncoderEvalArguments,
     EncoderEvalCallback,
-    _shard,
     encoder_features,
     evaluate_encoder,
     extract_features,
@@ -192,16 +190,6 @@ def test_extract_features_keeps_order_labels_and_training_mode():
     with torch.no_grad():
         expected = model(torch.stack([example["pixel_values"] for example in dataset])).last_hidden_state[:, 0]
     torch.testing.assert_close(features, expected)
-
-
-@pytest.mark.parametrize("num_examples", [0, 1, 5, 8, 9])
-@pytest.mark.parametrize("num_processes", [1, 2, 3])
-def test_shards_cover_the_data_once_in_order(num_examples, num_processes):
-    shards = [
-        list(_shard(num_examples, SimpleNamespace(num_processes=num_processes, process_index=rank)))
-        for rank in range(num_processes)
-    ]
-    assert [index for shard in shards for index in shard] == list(range(num_examples))
 
 
 def test_evaluate_encoder_on_separable_images():
