@@ -296,17 +296,16 @@ def mto_terms(
     return _collect_terms(torch.stack(per_layer), spa, eps, ranking, valid)
 
 
-def _row_entropy(rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Entropy of ``softmax(rows @ colsᵀ)`` per row, with what its backward needs.
+def _softmax_entropy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Entropy of ``softmax(logits)`` over the last dimension, with what its backward needs.
 
     Args:
-        rows: ``[B, M, D]`` float32 row features.
-        cols: ``[B, K, D]`` float32 column features.
+        logits: ``[B, M, K]`` float32.
 
     Returns:
         ``entropy [B, M]``, ``p [B, M, K]`` and ``log_p [B, M, K]``.
     """
-    log_p = torch.log_softmax(torch.bmm(rows, cols.transpose(1, 2)), dim=-1)
+    log_p = torch.log_softmax(logits, dim=-1)
     p = log_p.exp()
     return -(p * log_p).sum(dim=-1), p, log_p
 
@@ -325,9 +324,11 @@ class _VisibleFirstEntropies(torch.autograd.Function):
 
     Autograd through ``slice -> split -> bmm -> log_softmax -> exp -> mul -> sum`` keeps five intermediates per term,
     zero-fills a buffer per slice and concatenates the split's gradients; here the closed form of the entropy's
-    gradient needs only ``p``, ``log p`` and two ``bmm`` per term, and the layer's gradient is assembled by one
-    concatenation. For five [128, 65, 64] states (the tiny SimMIM preset, where the terms are a noticeable share of a
-    step) that takes their forward and backward from about 11 ms to about 7 ms on the reference CPU.
+    gradient needs only ``p`` and ``log p``, the layer's gradient is assembled by one concatenation, and a layer with
+    both terms computes one ``visible @ patchesᵀ`` (Eq. 2's logits are its transposed visible-by-masked block) and
+    two ``bmm`` for the gradient. For five [128, 65, 64] states (the tiny SimMIM preset, where the terms are a
+    noticeable share of a step) that takes their forward and backward from about 11 ms to about 6-7 ms on the
+    reference CPU.
 
     Args (forward):
         features: ``[B, P + N, D]`` float32 affinity features; tokens ``[:P]`` (CLS) are ignored, ``[P:P+V]`` are
@@ -345,8 +346,14 @@ class _VisibleFirstEntropies(torch.autograd.Function):
     def forward(ctx, features, num_prefix_tokens: int, num_visible: int, with_sparsity: bool):
         patches = features[:, num_prefix_tokens:]
         visible, masked = patches[:, :num_visible], patches[:, num_visible:]
-        het = _row_entropy(masked, visible)  # Eq. 2: masked rows over visible columns
-        spa = _row_entropy(visible, patches) if with_sparsity else ()  # Eq. 3: visible rows over all patches
+        if with_sparsity:
+            spa_logits = torch.bmm(visible, patches.transpose(1, 2))  # Eq. 3: visible rows, all patches, [B, V, N]
+            spa = _softmax_entropy(spa_logits)
+            # Eq. 2's logits (masked rows, visible columns) are the transpose of Eq. 3's visible-by-masked block.
+            het = _softmax_entropy(spa_logits[:, :, num_visible:].transpose(1, 2))
+        else:
+            spa = ()
+            het = _softmax_entropy(torch.bmm(masked, visible.transpose(1, 2)))  # Eq. 2, [B, M, V]
         ctx.num_prefix_tokens, ctx.num_visible = num_prefix_tokens, num_visible
         ctx.save_for_backward(features, *het, *spa)
         return (het[0].mean(dim=1), spa[0].mean(dim=1)) if with_sparsity else (het[0].mean(dim=1),)
@@ -360,15 +367,16 @@ class _VisibleFirstEntropies(torch.autograd.Function):
         visible, masked = patches[:, :num_visible], patches[:, num_visible:]
         # The backward may run where autocast is on; the gradient, like the forward, stays in float32.
         with torch.autocast(device_type=features.device.type, enabled=False):
-            grad_logits = _mean_entropy_grad_logits(grad_het, *saved[:3])  # [B, M, V]
-            grad_visible = torch.bmm(grad_logits.transpose(1, 2), masked)
-            grad_masked = torch.bmm(grad_logits, visible)
+            grad_het_logits = _mean_entropy_grad_logits(grad_het, *saved[:3])  # [B, M, V]
             if len(saved) > 3:
+                # Both terms' logits are blocks of visible @ patchesᵀ: one gradient for it, two bmm.
                 grad_logits = _mean_entropy_grad_logits(grad_spa, *saved[3:])  # [B, V, N]
-                grad_patches = torch.bmm(grad_logits.transpose(1, 2), visible)
-                grad_visible += torch.bmm(grad_logits, patches) + grad_patches[:, :num_visible]
-                grad_masked += grad_patches[:, num_visible:]
-            parts = [grad_visible, grad_masked]
+                grad_logits[:, :, num_visible:] += grad_het_logits.transpose(1, 2)
+                grad_patches = torch.bmm(grad_logits.transpose(1, 2), visible)  # [B, N, D]
+                grad_patches[:, :num_visible] += torch.bmm(grad_logits, patches)
+                parts = [grad_patches]
+            else:
+                parts = [torch.bmm(grad_het_logits.transpose(1, 2), masked), torch.bmm(grad_het_logits, visible)]
             if num_prefix_tokens:
                 parts.insert(0, features.new_zeros(features.shape[0], num_prefix_tokens, features.shape[2]))
             return torch.cat(parts, dim=1), None, None, None
