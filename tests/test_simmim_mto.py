@@ -64,6 +64,14 @@ def test_visible_first_encoder_gives_upstream_gradients():
         assert torch.allclose(parameter.grad, theirs[name].grad, rtol=1e-4, atol=1e-7), name
 
 
+def test_visible_first_order_puts_cls_then_visible_then_masked_and_inverts():
+    mask = torch.tensor([[True, False, True, False], [False, False, True, True]])
+    index, inverse = modeling_simmim_mto.visible_first_order(mask)
+    # rows of the flattened [2, 5, D] states: CLS, visible patches in order, masked patches in order
+    assert index.tolist() == [0, 2, 4, 1, 3, 5, 6, 7, 8, 9]
+    assert index[inverse].tolist() == list(range(10)) and inverse[index].tolist() == list(range(10))
+
+
 def test_mto_off_does_no_mto_work(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("MTO terms computed although MTO is off")
