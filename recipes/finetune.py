@@ -134,6 +134,8 @@ def main(argv=None):
     if training_args.push_to_hub:
         trainer.push_to_hub(tags=["image-classification", "vit", "hf-mto"], finetuned_from=args.model_name_or_path)
 
+    # Every process waits, then tears the process group down before exiting (see recipes/pretrain.py).
+    trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
     return metrics
 

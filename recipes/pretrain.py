@@ -135,7 +135,9 @@ def main(argv=None):
         trainer.create_model_card()  # the card of output_dir, now with the final evaluation
 
     # Tear down the process group before the interpreter exits: a gloo group left alive can abort a process
-    # (SIGABRT, "terminate called without an active exception") after all the work is done.
+    # (SIGABRT, "terminate called without an active exception") after all the work is done. Wait for every process
+    # first: one that tears down while the main process is still writing its model card aborted the same way.
+    trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
 
 
