@@ -11,13 +11,13 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+# The encoder every tiny model shares; SimMIM's head reconstructs one patch per position (encoder_stride = patch_size).
+TINY_VIT = dict(
+    image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+)
+TINY_SIMMIM = dict(TINY_VIT, encoder_stride=4)
 TINY_MAE = dict(
-    image_size=32,
-    patch_size=4,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
+    TINY_VIT,
     decoder_hidden_size=32,
     decoder_num_hidden_layers=2,
     decoder_num_attention_heads=4,

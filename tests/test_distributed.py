@@ -94,7 +94,7 @@ def test_processes_end_with_identical_weights_and_share_the_gathered_mto_logs(tm
         textwrap.dedent(
             f"""
             import json, torch
-            from conftest import TINY_MAE
+            from conftest import TINY_MAE, TINY_SIMMIM
             from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling
             from hf_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining
             from hf_mto.trainer import MTOTrainer, MTOTrainingArguments
@@ -103,8 +103,7 @@ def test_processes_end_with_identical_weights_and_share_the_gathered_mto_logs(tm
             if {model_type!r} == "mae":
                 model = ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**TINY_MAE))
             else:
-                vit = {{k: v for k, v in TINY_MAE.items() if not k.startswith("decoder_") and k != "mask_ratio"}}
-                model = SimMIMMTOForMaskedImageModeling(SimMIMMTOConfig(**vit, encoder_stride=4, mask_ratio=0.5))
+                model = SimMIMMTOForMaskedImageModeling(SimMIMMTOConfig(**TINY_SIMMIM, mask_ratio=0.5))
             initial = {{k: v.clone() for k, v in model.state_dict().items()}}
             # different images on each process (the sampler shards them), 4 per process per step
             images = [{{"pixel_values": torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(i))}}

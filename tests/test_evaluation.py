@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MAE
+from conftest import TINY_MAE, TINY_VIT
 from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
 from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling, ViTMAEMTOConfig, ViTMAEMTOForPreTraining
@@ -30,9 +30,6 @@ from hf_mto.trainer import MTOTrainer, MTOTrainingArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-TINY_VIT = dict(
-    image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
-)
 
 
 def pixels(n=4, seed=0):

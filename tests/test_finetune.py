@@ -10,7 +10,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MAE, run_without_hf_mto
+from conftest import TINY_MAE, TINY_VIT, run_without_hf_mto
 from PIL import Image, ImageOps
 from timm.layers import DropPath
 from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification, ViTModel
@@ -36,20 +36,12 @@ from hf_mto.models.vit_gap import ViTGAPConfig, ViTGAPForImageClassification
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-TINY_VIT = dict(
-    image_size=32,
-    patch_size=4,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    hidden_dropout_prob=0.0,
-)
+TINY_CLASSIFIER = dict(TINY_VIT, hidden_dropout_prob=0.0)
 
 
 def tiny_classifier(num_labels=3, seed=0, **overrides):
     torch.manual_seed(seed)
-    return ViTForImageClassification(ViTConfig(**{**TINY_VIT, **overrides}, num_labels=num_labels))
+    return ViTForImageClassification(ViTConfig(**{**TINY_CLASSIFIER, **overrides}, num_labels=num_labels))
 
 
 def labelled(n, num_classes=3, seed=0):
@@ -229,7 +221,7 @@ def test_drop_path_rejects_bad_use():
 
 def test_gap_classifier_pools_the_patch_tokens(tmp_path):
     torch.manual_seed(0)
-    model = ViTGAPForImageClassification(ViTGAPConfig(**TINY_VIT, num_labels=3)).eval()
+    model = ViTGAPForImageClassification(ViTGAPConfig(**TINY_CLASSIFIER, num_labels=3)).eval()
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         hidden = model.vit.embeddings(images)

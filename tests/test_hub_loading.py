@@ -16,21 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MAE, run_without_hf_mto
+from conftest import TINY_MAE, TINY_SIMMIM, run_without_hf_mto
 from huggingface_hub import ModelCard
 
 from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling, ViTMAEMTOConfig, ViTMAEMTOForPreTraining
 from hf_mto.model_card import write_model_card
-
-TINY_SIMMIM = dict(
-    image_size=32,
-    patch_size=4,
-    encoder_stride=4,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-)
 
 # repo id -> (Auto class, model class, config)
 REPOS = {

@@ -5,12 +5,10 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_MAE
+from conftest import TINY_MAE, TINY_VIT
 
 from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling, ViTMAEMTOConfig, ViTMAEMTOForPreTraining
 from hf_mto.trainer import MTO_TERMS, MTOTrainer, MTOTrainingArguments
-
-TINY_VIT = {k: v for k, v in TINY_MAE.items() if not k.startswith("decoder_") and k != "mask_ratio"}
 
 
 def build(model_type):

@@ -9,7 +9,7 @@ import jinja2
 import pytest
 import torch
 import transformers
-from conftest import TINY_MAE, RandomImages
+from conftest import TINY_MAE, TINY_SIMMIM, RandomImages
 from huggingface_hub import ModelCard
 from transformers import TrainerState
 
@@ -26,15 +26,6 @@ from hf_mto.model_card import (
 from hf_mto.trainer import MTOTrainer, MTOTrainingArguments
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TINY_SIMMIM = dict(
-    image_size=32,
-    patch_size=4,
-    encoder_stride=4,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-)
 CITATIONS = (
     "arXiv:2404.08330",
     "Emerging Property of Masked Token for Effective Pre-training",

@@ -4,27 +4,17 @@ import textwrap
 
 import pytest
 import torch
-from conftest import run_without_hf_mto
+from conftest import TINY_SIMMIM, run_without_hf_mto
 from transformers import AutoConfig, AutoModelForMaskedImageModeling, ViTConfig, ViTForMaskedImageModeling
 
 from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling, mto
 from hf_mto.masking import simmim_block_mask
 from hf_mto.models.simmim_mto import modeling_simmim_mto
 
-TINY_VIT = dict(
-    image_size=32,
-    patch_size=4,
-    encoder_stride=4,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-)
-
 
 def make_model(seed=0, **overrides):
     torch.manual_seed(seed)
-    return SimMIMMTOForMaskedImageModeling(SimMIMMTOConfig(**{**TINY_VIT, **overrides}))
+    return SimMIMMTOForMaskedImageModeling(SimMIMMTOConfig(**{**TINY_SIMMIM, **overrides}))
 
 
 def batch(seed=0, size=3):
@@ -36,7 +26,7 @@ def batch(seed=0, size=3):
 
 def test_mto_off_loss_equals_upstream_exactly():
     model = make_model().eval()
-    upstream = ViTForMaskedImageModeling(ViTConfig(**TINY_VIT)).eval()
+    upstream = ViTForMaskedImageModeling(ViTConfig(**TINY_SIMMIM)).eval()
     upstream.load_state_dict(model.state_dict())
     pixels, mask = batch()
     ours = model(pixels, bool_masked_pos=mask, use_mto=False)
@@ -54,7 +44,7 @@ def test_visible_first_encoder_gives_upstream_gradients():
     # MTO on runs the blocks on permuted tokens; the reconstruction loss's gradient must still be upstream's, through
     # the permutation's hand-written backward, for every parameter (the mask token included).
     model = make_model()
-    upstream = ViTForMaskedImageModeling(ViTConfig(**TINY_VIT))
+    upstream = ViTForMaskedImageModeling(ViTConfig(**TINY_SIMMIM))
     upstream.load_state_dict(model.state_dict())
     pixels, mask = batch()
     model(pixels, bool_masked_pos=mask).loss.backward()
@@ -125,7 +115,7 @@ def test_mask_token_initialised_like_official_simmim():
     # official SimMIM: timm's trunc_normal_(std=0.02), whose bounds are +-2 absolute, i.e. effectively N(0, 0.02)
     assert 0.015 < token.std().item() < 0.025
     assert abs(token.mean().item()) < 0.006
-    upstream = ViTForMaskedImageModeling(ViTConfig(**TINY_VIT))
+    upstream = ViTForMaskedImageModeling(ViTConfig(**TINY_SIMMIM))
     assert upstream.vit.embeddings.mask_token.abs().sum() == 0  # upstream: zeros
 
 
@@ -188,7 +178,7 @@ def test_wrong_masks_are_rejected(mask, message):
 )
 def test_bad_config_values_raise_value_error_naming_the_value(overrides, message):
     with pytest.raises(ValueError, match=message):
-        SimMIMMTOConfig(**{**TINY_VIT, **overrides})
+        SimMIMMTOConfig(**{**TINY_SIMMIM, **overrides})
 
 
 def test_image_processor_is_registered_for_both_model_types():
