@@ -97,12 +97,6 @@ def affinity_logits(hidden: torch.Tensor, affinity: str = "dot", temperature: fl
         return torch.bmm(x, x.transpose(1, 2))
 
 
-def _entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax over the last dimension: ``[..., K] -> [...]``."""
-    log_p = torch.log_softmax(logits, dim=-1)
-    return -(log_p.exp() * log_p).sum(dim=-1)
-
-
 def _mean_row_entropy(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """Mean over selected rows of the entropy of softmax over selected columns.
 
