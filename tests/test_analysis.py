@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MAE
+from conftest import TINY_MAE, TINY_SIMMIM
 from PIL import Image
 from test_recipe_pretrain import FASHION_MNIST
-from test_simmim_mto import TINY_VIT
 from transformers import ViTMAEConfig, ViTMAEForPreTraining
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEDecoderOutput
 
@@ -49,7 +48,7 @@ def tiny_mae(seed=0, **overrides):
 
 def tiny_simmim(seed=0, **overrides):
     torch.manual_seed(seed)
-    return SimMIMMTOForMaskedImageModeling(SimMIMMTOConfig(**{**TINY_VIT, **overrides})).eval()
+    return SimMIMMTOForMaskedImageModeling(SimMIMMTOConfig(**{**TINY_SIMMIM, **overrides})).eval()
 
 
 def images_01(n=4, seed=0):

@@ -4,8 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_MAE
-from test_simmim_mto import TINY_VIT
+from conftest import TINY_MAE, TINY_SIMMIM
 from test_trainer import RandomImages, make_args
 from transformers import ViTConfig, ViTModel
 
@@ -17,7 +16,7 @@ from hf_mto.trainer import MTOTrainer
 
 def eager_reference(model, pixels, num_layers):
     """Similarity from an eager ViTModel with the same encoder weights and output_attentions (the slow way)."""
-    config = ViTConfig(**TINY_VIT, attn_implementation="eager")
+    config = ViTConfig(**TINY_SIMMIM, attn_implementation="eager")
     reference = ViTModel(config, add_pooling_layer=False).eval()
     missing, unexpected = reference.load_state_dict(model.vit.state_dict(), strict=False)
     assert set(unexpected) | set(missing) <= {"embeddings.mask_token"}  # only the mask token differs
@@ -32,7 +31,7 @@ def test_similarity_equals_eager_attention_of_the_unmasked_image(model_type):
     if model_type == "mae":
         model = ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**TINY_MAE))
     else:
-        model = SimMIMMTOForMaskedImageModeling(SimMIMMTOConfig(**TINY_VIT))
+        model = SimMIMMTOForMaskedImageModeling(SimMIMMTOConfig(**TINY_SIMMIM))
     pixels = torch.randn(2, 3, 32, 32)
     for num_layers in (1, 2):
         similarity = encoder_similarity(model, pixels, num_layers)
@@ -50,7 +49,7 @@ def test_training_with_evolved_masks_logs_depth_and_height(tmp_path, model_type)
     if model_type == "mae":
         model = ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**TINY_MAE))
     else:
-        model = SimMIMMTOForMaskedImageModeling(SimMIMMTOConfig(**TINY_VIT))
+        model = SimMIMMTOForMaskedImageModeling(SimMIMMTOConfig(**TINY_SIMMIM))
     args = make_args(tmp_path, masking="evolved", max_steps=-1, num_train_epochs=2)
     trainer = MTOTrainer(model=model, args=args, train_dataset=RandomImages(32))
     assert trainer.mask_generator.num_layers == 1  # half of the 2 encoder blocks
@@ -67,7 +66,7 @@ def test_training_with_evolved_masks_logs_depth_and_height(tmp_path, model_type)
 
 def test_masks_reach_the_model_with_the_exact_count_and_the_scheduled_depth(tmp_path):
     torch.manual_seed(0)
-    model = SimMIMMTOForMaskedImageModeling(SimMIMMTOConfig(**TINY_VIT)).eval()
+    model = SimMIMMTOForMaskedImageModeling(SimMIMMTOConfig(**TINY_SIMMIM)).eval()
     trainer = MTOTrainer(model=model, args=make_args(tmp_path, masking="evolved", evolved_attention_layers=2))
     trainer.state.epoch, trainer.state.num_train_epochs = 3.4, 4  # as after resuming in the 4th of 4 epochs
     pixels = torch.randn(4, 3, 32, 32)
@@ -83,7 +82,7 @@ def test_masks_reach_the_model_with_the_exact_count_and_the_scheduled_depth(tmp_
 
 
 def test_bad_evolved_settings_raise_clear_errors(tmp_path):
-    model = SimMIMMTOForMaskedImageModeling(SimMIMMTOConfig(**TINY_VIT))
+    model = SimMIMMTOForMaskedImageModeling(SimMIMMTOConfig(**TINY_SIMMIM))
     with pytest.raises(ValueError, match=r"evolved_attention_layers must be in \[1, 2\].*5"):
         MTOTrainer(model=model, args=make_args(tmp_path, masking="evolved", evolved_attention_layers=5))
     with pytest.raises(ValueError, match="0.8, 0.2"):

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import TINY_MAE, RandomImages
+from conftest import TINY_MAE, TINY_SIMMIM, RandomImages
 
-from hf_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining
+from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling, ViTMAEMTOConfig, ViTMAEMTOForPreTraining
 from hf_mto.trainer import MTOTrainer, MTOTrainingArguments
 
 
@@ -103,12 +103,8 @@ def test_evaluate_reports_loss_and_mto_terms(tmp_path):
 
 
 def tiny_simmim(seed=0):
-    from test_simmim_mto import TINY_VIT
-
-    from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling
-
     torch.manual_seed(seed)
-    return SimMIMMTOForMaskedImageModeling(SimMIMMTOConfig(**TINY_VIT))
+    return SimMIMMTOForMaskedImageModeling(SimMIMMTOConfig(**TINY_SIMMIM))
 
 
 def test_simmim_training_steps_change_every_parameter_with_block_masks(tmp_path):
