@@ -135,6 +135,19 @@ def _batch_mean(values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tenso
     return (values * valid_f).sum(dim=-1) / valid_f.sum().clamp(min=1.0)
 
 
+def mean_heterogeneity(heterogeneity: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Batch mean per layer of the per-image heterogeneity, over the images where it is defined.
+
+    Args:
+        heterogeneity: ``[B, L+1]`` H^0..H^L per image (`MTOTerms.heterogeneity`).
+        mask: ``[B, N]``, nonzero = masked (bool, or the float masks of the models' outputs).
+
+    Returns:
+        ``[L+1]`` float32; 0 for a layer when no image has both masked and visible tokens.
+    """
+    return _batch_mean(heterogeneity.float().transpose(0, 1), has_masked_and_visible(mask.bool()))
+
+
 def heterogeneity(
     hidden: torch.Tensor, mask: torch.Tensor, affinity: str = "dot", temperature: float = 0.1
 ) -> torch.Tensor:
@@ -233,7 +246,7 @@ class MTOTerms:
     """Raw MTO terms of one forward pass (unweighted; the trainer weights them).
 
     Attributes:
-        heterogeneity: ``[L+1]`` batch-mean H^0..H^L.
+        heterogeneity: ``[B, L+1]`` H^0..H^L per image; 0 where undefined (no masked or no visible token).
         sparsity_loss: scalar L_spa (mean over ``spa_layers``).
         singularity_loss: scalar L_e.
         ranking_loss: scalar L_r.
@@ -248,10 +261,10 @@ class MTOTerms:
 def _collect_terms(
     hs: torch.Tensor, spa: list[torch.Tensor], eps: float, ranking: str, valid: torch.Tensor | None = None
 ) -> MTOTerms:
-    """``hs [L+1, B]`` per-image heterogeneity and the per-layer L_spa values -> ``MTOTerms`` (batch means over the
-    ``valid [B]`` images, or all of them)."""
+    """``hs [L+1, B]`` per-image heterogeneity and the per-layer L_spa values -> ``MTOTerms`` (the losses are batch
+    means over the ``valid [B]`` images, or all of them; the heterogeneity stays per image)."""
     return MTOTerms(
-        heterogeneity=_batch_mean(hs, valid),
+        heterogeneity=hs.transpose(0, 1),
         sparsity_loss=torch.stack(spa).mean() if spa else hs.new_zeros(()),
         singularity_loss=singularity_loss(hs[0], eps, valid),
         ranking_loss=ranking_loss(hs, ranking, valid),

@@ -29,6 +29,7 @@ try:  # the HTTP client of huggingface_hub: httpx2 from version 2, httpx before
 except ImportError:  # pragma: no cover
     from httpx import TransportError
 from .masking import MASKING_STRATEGIES, MaskGenerator, mask_to_noise, square_side
+from .mto import mean_heterogeneity
 
 logger = logging.getLogger(__name__)
 
@@ -265,7 +266,8 @@ class MTOTrainer(Trainer):
                 components[f"mto/{name}"] = term
                 if weight > 0:
                     loss = loss + weight * term
-            for layer, value in enumerate(outputs.heterogeneity):
+            # Per image in the outputs; logged as the batch mean over the images where it is defined.
+            for layer, value in enumerate(mean_heterogeneity(outputs.heterogeneity, outputs.mask)):
                 components[f"{HETEROGENEITY_PREFIX}{layer}"] = value
         self._record(components)
         return (loss, outputs) if return_outputs else loss

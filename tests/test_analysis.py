@@ -93,8 +93,9 @@ def test_mae_heterogeneity_equals_the_models_own_terms():
     model_pass = run_model(model, pixels, {"noise": noise})
     assert len(model_pass.states) == 3 and model_pass.states[0].shape == (4, 64, 32)
     entropies = layer_entropies(model_pass.states, model_pass.mask)
-    expected = model(pixels, noise=noise, use_mto=True).heterogeneity
-    assert entropies["heterogeneity"].mean(dim=1).tolist() == pytest.approx(expected.tolist(), rel=1e-5)
+    expected = model(pixels, noise=noise, use_mto=True).heterogeneity  # [B, L+1]
+    torch.testing.assert_close(entropies["heterogeneity"].T, expected, rtol=1e-5, atol=1e-6)
+    expected = expected.mean(dim=0)
     for layer, state in enumerate(model_pass.states):
         per_image = heterogeneity(state, model_pass.mask)
         assert entropies["heterogeneity"][layer].tolist() == pytest.approx(per_image.tolist(), rel=1e-6)
@@ -131,7 +132,8 @@ def test_analysis_works_with_mto_off_in_the_config():
     noise = torch.rand(2, 64, generator=torch.Generator().manual_seed(0))
     assert model(pixels, noise=noise).heterogeneity is None
     result = analyze_heterogeneity(model, pixels, seed=0)
-    assert result.heterogeneity == pytest.approx(model(pixels, noise=noise, use_mto=True).heterogeneity.tolist())
+    expected = model(pixels, noise=noise, use_mto=True).heterogeneity.mean(dim=0)
+    assert result.heterogeneity == pytest.approx(expected.tolist())
 
 
 def test_simmim_heterogeneity_equals_the_models_own_terms():
@@ -142,8 +144,9 @@ def test_simmim_heterogeneity_equals_the_models_own_terms():
     assert mask.shape == (3, 64) and (mask.sum(dim=1) == 4 * round(0.6 * 16)).all()  # 8 px squares of 2x2 patches
     model_pass = run_model(model, pixels, mask_inputs)
     entropies = layer_entropies(model_pass.states, model_pass.mask)
-    expected = model(pixels, bool_masked_pos=mask, use_mto=True).heterogeneity
-    assert entropies["heterogeneity"].mean(dim=1).tolist() == pytest.approx(expected.tolist(), rel=1e-5)
+    expected = model(pixels, bool_masked_pos=mask, use_mto=True).heterogeneity  # [B, L+1]
+    torch.testing.assert_close(entropies["heterogeneity"].T, expected, rtol=1e-5, atol=1e-6)
+    expected = expected.mean(dim=0)
     result = analyze_heterogeneity(model, pixels, seed=1, mask_patch_size=8)
     assert result.heterogeneity == pytest.approx(expected.tolist(), rel=1e-5)
     assert (result.stack, result.masking, result.mask_patch_size) == ("encoder", "simmim_block", 8)
@@ -215,7 +218,7 @@ def test_analyze_affinity_writes_a_panel_per_layer(tmp_path):
     assert mask[info["order"][:48]].all() and not mask[info["order"][48:]].any()
     # its per-layer H is the model's for that image and mask
     noise = torch.rand(1, 64, generator=torch.Generator().manual_seed(2))
-    assert info["heterogeneity"] == pytest.approx(model(pixels, noise=noise, use_mto=True).heterogeneity.tolist())
+    assert info["heterogeneity"] == pytest.approx(model(pixels, noise=noise, use_mto=True).heterogeneity[0].tolist())
     with Image.open(tmp_path / "a.png") as image:
         assert image.size == (4 * 312, 360)  # image + 3 layers, 2.6 x 3.0 in each at 120 dpi
     # a subset of layers gives fewer panels

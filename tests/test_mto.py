@@ -110,9 +110,13 @@ def test_rows_without_masked_or_visible_tokens_are_finite_and_left_out(affinity)
     total.backward()
     assert torch.isfinite(total)
     assert torch.isfinite(hidden.grad).all()
-    # the batch means equal the means over the two valid images alone
+    # per image: 0 for the two undefined images, the valid images' own values for the others
     alone = mto.mto_terms([hidden[2:], hidden[2:] * 2], mask[2:], affinity=affinity)
-    assert torch.allclose(terms.heterogeneity, alone.heterogeneity)
+    assert terms.heterogeneity.shape == (4, 2)
+    assert (terms.heterogeneity[:2] == 0).all()
+    assert torch.allclose(terms.heterogeneity[2:], alone.heterogeneity)
+    # the batch means (the losses, and the logged mean heterogeneity) equal the means over the two valid images
+    assert torch.allclose(mto.mean_heterogeneity(terms.heterogeneity, mask), alone.heterogeneity.mean(dim=0))
     assert torch.allclose(terms.singularity_loss, alone.singularity_loss)
     assert torch.allclose(terms.ranking_loss, alone.ranking_loss)
 
@@ -132,8 +136,8 @@ def test_mto_terms_matches_the_separate_functions():
     mask = torch.rand(3, 8) < 0.5
     mask[:, 0], mask[:, 1] = True, False
     terms = mto.mto_terms(states, mask, spa_layers=[0, 2], eps=1e-3, ranking="literal")
-    hs = torch.stack([mto.heterogeneity(s, mask) for s in states])
-    assert torch.allclose(terms.heterogeneity, hs.mean(dim=1))
+    hs = torch.stack([mto.heterogeneity(s, mask) for s in states])  # [L+1, B]
+    assert terms.heterogeneity.shape == (3, 3) and torch.allclose(terms.heterogeneity, hs.T)
     expected_spa = (mto.sparsity_loss(states[0], mask) + mto.sparsity_loss(states[2], mask)) / 2
     assert torch.allclose(terms.sparsity_loss, expected_spa)
     assert torch.allclose(terms.singularity_loss, mto.singularity_loss(hs[0], eps=1e-3))

@@ -85,7 +85,7 @@ def _finite_terms_and_grads(terms: mto.MTOTerms, states: list[torch.Tensor]) -> 
 def test_mto_terms_are_finite_with_finite_gradients(inputs, affinity, ranking):
     states, mask, spa_layers = inputs
     terms = mto.mto_terms(states, mask, spa_layers=spa_layers, affinity=affinity, ranking=ranking)
-    assert terms.heterogeneity.shape == (len(states),)
+    assert terms.heterogeneity.shape == (mask.shape[0], len(states))
     _finite_terms_and_grads(terms, states)
     assert terms.ranking_loss >= 0 and terms.sparsity_loss >= 0 and terms.singularity_loss >= 0
     if not mto.has_masked_and_visible(mask).any():  # nothing to measure anywhere: every term is 0

@@ -79,6 +79,21 @@ def test_compute_loss_weights_each_term(tmp_path):
     assert torch.allclose(loss, expected)
 
 
+def test_heterogeneity_is_logged_per_layer_as_the_batch_mean_of_the_per_image_values(tmp_path):
+    torch.manual_seed(0)
+    model = SimMIMMTOForMaskedImageModeling(SimMIMMTOConfig(**TINY_SIMMIM)).eval()
+    pixels = torch.randn(4, 3, 32, 32)
+    mask = torch.stack([torch.randperm(64) < 38 for _ in range(4)])
+    mask[3] = False  # nothing masked: H undefined for that image, left out of the logged mean
+    trainer = MTOTrainer(model=model, args=make_args(tmp_path))
+    _, out = trainer.compute_loss(model, {"pixel_values": pixels, "bool_masked_pos": mask}, return_outputs=True)
+    assert out.heterogeneity.shape == (4, 3) and (out.heterogeneity[3] == 0).all()
+    logged = trainer._metric_sums["eval"]
+    for layer in range(3):
+        expected = out.heterogeneity[:3, layer].mean()
+        torch.testing.assert_close(logged[f"mto/heterogeneity/layer_{layer}"], expected)
+
+
 def test_all_weights_zero_is_upstream_loss_and_skips_mto(tmp_path):
     torch.manual_seed(0)
     model = ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**TINY_MAE)).eval()
