@@ -1,12 +1,14 @@
 """hf_mto: Masked Token Optimization and Evolved Hierarchical Masking for ViT pre-training on the HF stack.
 
 Importing the package registers its configs and models with transformers' Auto classes, so
-`AutoModelForPreTraining.from_pretrained(path)` works on our checkpoints without `trust_remote_code`.
+`AutoModelForPreTraining.from_pretrained(path)` works on our checkpoints without `trust_remote_code`, and `AutoModel`
+gives the encoder of either pre-training model.
 """
 
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
+    AutoModel,
     AutoModelForImageClassification,
     AutoModelForMaskedImageModeling,
     AutoModelForPreTraining,
@@ -16,6 +18,7 @@ from transformers import (
 from .models.simmim_mto import (
     SimMIMMTOConfig,
     SimMIMMTOForMaskedImageModeling,
+    SimMIMMTOModel,
     SimMIMMTOOutput,
 )
 from .models.vit_gap import ViTGAPConfig, ViTGAPForImageClassification
@@ -36,10 +39,14 @@ def _register() -> None:
     # also loads with `trust_remote_code=True` where hf_mto is not installed.
     ViTMAEMTOConfig.register_for_auto_class("AutoConfig")
     ViTMAEMTOForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+    AutoModel.register(ViTMAEMTOConfig, ViTMAEMTOModel, exist_ok=True)
+    ViTMAEMTOModel.register_for_auto_class("AutoModel")
     AutoConfig.register(SimMIMMTOConfig.model_type, SimMIMMTOConfig, exist_ok=True)
     AutoModelForMaskedImageModeling.register(SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling, exist_ok=True)
     SimMIMMTOConfig.register_for_auto_class("AutoConfig")
     SimMIMMTOForMaskedImageModeling.register_for_auto_class("AutoModelForMaskedImageModeling")
+    AutoModel.register(SimMIMMTOConfig, SimMIMMTOModel, exist_ok=True)
+    SimMIMMTOModel.register_for_auto_class("AutoModel")
     # Both are plain ViTs to their inputs: scripts that look up an image processor by model type (run_mim.py,
     # run_image_classification.py) get the stock ViT one.
     # The fine-tuning classifier with global average pooling (recipes/finetune.py --global_pool).
@@ -56,6 +63,7 @@ _register()
 __all__ = [
     "SimMIMMTOConfig",
     "SimMIMMTOForMaskedImageModeling",
+    "SimMIMMTOModel",
     "SimMIMMTOOutput",
     "ViTGAPConfig",
     "ViTGAPForImageClassification",

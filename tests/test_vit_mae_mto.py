@@ -6,7 +6,7 @@ import textwrap
 import pytest
 import torch
 from conftest import run_without_hf_mto
-from transformers import AutoConfig, AutoModelForPreTraining, ViTMAEConfig, ViTMAEForPreTraining
+from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, ViTMAEConfig, ViTMAEForPreTraining
 
 import hf_mto
 from hf_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining, mto
@@ -58,7 +58,7 @@ def test_mto_off_does_no_mto_work(monkeypatch):
 
 def test_mto_terms_come_from_decoder_states_without_cls():
     model = make_model().eval()
-    pixels, noise = batch()
+    pixels, noise = batch(size=4)
     captured = []
     # H^0 = input of the first decoder block, H^l = output of block l (captured independently with hooks)
     model.decoder.decoder_layers[0].register_forward_pre_hook(lambda m, args: captured.append(args[0]))
@@ -71,13 +71,24 @@ def test_mto_terms_come_from_decoder_states_without_cls():
     states = [torch.gather(state[:, 1:], 1, index) for state in captured]
     mask = out.mask.bool()
     expected = mto.mto_terms(states, mask)
-    assert out.heterogeneity.shape == (3,)
+    assert out.heterogeneity.shape == (4, 3)  # per image: [batch, decoder layers + 1]
     assert torch.allclose(out.heterogeneity, expected.heterogeneity)
     assert torch.allclose(out.sparsity_loss, expected.sparsity_loss)
     assert torch.allclose(out.singularity_loss, expected.singularity_loss)
     assert torch.allclose(out.ranking_loss, expected.ranking_loss)
     # 48 masked, 16 visible: heterogeneity is an entropy over 16 visible tokens
     assert (out.heterogeneity > 0).all() and (out.heterogeneity <= math.log(16) + 1e-5).all()
+
+
+def test_heterogeneity_is_per_image_so_a_batch_gives_what_its_images_give_alone():
+    model = make_model().eval()
+    pixels, noise = batch(size=4)
+    with torch.no_grad():
+        batched = model(pixels, noise=noise).heterogeneity
+        alone = torch.cat([model(pixels[i : i + 1], noise=noise[i : i + 1]).heterogeneity for i in range(4)])
+    assert batched.shape == (4, 3)
+    torch.testing.assert_close(batched, alone)
+    assert not torch.allclose(batched[0], batched[1])  # really one row per image, not a broadcast batch mean
 
 
 def test_mto_terms_have_gradients_to_the_mask_token_and_encoder():
@@ -176,3 +187,11 @@ def test_import_registers_auto_classes():
     config = AutoConfig.for_model("vit_mae_mto", **{"image_size": 32, "patch_size": 4})
     assert isinstance(config, ViTMAEMTOConfig)
     assert hf_mto.ViTMAEMTOForPreTraining is ViTMAEMTOForPreTraining
+
+
+def test_auto_model_gives_the_encoder_and_saves_its_auto_map(tmp_path, tiny_mae_kwargs):
+    encoder = AutoModel.from_config(ViTMAEMTOConfig(**tiny_mae_kwargs))
+    assert type(encoder) is hf_mto.ViTMAEMTOModel
+    encoder.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).auto_map["AutoModel"] == "modeling_vit_mae_mto.ViTMAEMTOModel"
+    assert type(AutoModel.from_pretrained(tmp_path)) is hf_mto.ViTMAEMTOModel

@@ -21,6 +21,8 @@ from transformers.models.vit_mae.modeling_vit_mae import (
     ViTMAEPreTrainedModel,
     build_2d_sinusoidal_position_embedding,
 )
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_vit_mae_mto import ViTMAEMTOConfig
@@ -41,8 +43,9 @@ class ViTMAEMTOForPreTrainingOutput(ViTMAEForPreTrainingOutput):
         L_e = 1 / (H^0 + eps) (Eq. 6).
     ranking_loss (`torch.FloatTensor` of shape `()`):
         L_r (Eq. 7, direction per `config.mto_ranking`).
-    heterogeneity (`torch.FloatTensor` of shape `(decoder_num_hidden_layers + 1,)`):
-        Batch-mean heterogeneity H^0..H^L of the decoder (Eq. 2).
+    heterogeneity (`torch.FloatTensor` of shape `(batch_size, decoder_num_hidden_layers + 1)`):
+        Heterogeneity H^0..H^L of the decoder (Eq. 2) per image. `hf_mto.mto.mean_heterogeneity` gives the batch
+        mean the trainer logs.
     """
 
     sparsity_loss: torch.FloatTensor | None = None
@@ -203,7 +206,7 @@ class ViTMAEMTOForPreTraining(ViTMAEMTOPreTrainedModel, ViTMAEForPreTraining):
         interpolate_pos_encoding: bool | None = None,
         attention_mask: torch.Tensor | None = None,
         use_mto: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> ViTMAEMTOForPreTrainingOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
