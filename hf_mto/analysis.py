@@ -175,7 +175,7 @@ def run_model(model, pixel_values: torch.Tensor, mask_inputs: dict[str, torch.Te
         outputs = model(pixel_values, use_mto=False, output_hidden_states=True, **mask_inputs)
         states = [state[:, 1:].float() for state in outputs.hidden_states]
         prediction = outputs.reconstruction.float()
-        mask = outputs.mask
+        mask = outputs.mask.bool()
     return ModelPass(states=states, mask=mask, prediction=prediction)
 
 

@@ -5,9 +5,9 @@ import textwrap
 import pytest
 import torch
 from conftest import TINY_SIMMIM, run_without_hf_mto
-from transformers import AutoConfig, AutoModelForMaskedImageModeling, ViTConfig, ViTForMaskedImageModeling
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedImageModeling, ViTConfig, ViTForMaskedImageModeling
 
-from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling, mto
+from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling, SimMIMMTOModel, mto
 from hf_mto.masking import simmim_block_mask
 from hf_mto.models.simmim_mto import modeling_simmim_mto
 
@@ -74,7 +74,7 @@ def test_mto_off_does_no_mto_work(monkeypatch):
 
 def test_mto_terms_come_from_encoder_states_without_cls():
     model = make_model().eval()
-    pixels, mask = batch()
+    pixels, mask = batch(size=4)
     captured = [model.vit.embeddings(pixels, bool_masked_pos=mask)]  # H^0: mask token substituted + positions
     for layer in model.vit.layers:
         layer.register_forward_hook(lambda m, args, out: captured.append(out))
@@ -86,10 +86,11 @@ def test_mto_terms_come_from_encoder_states_without_cls():
     index = inverse.unsqueeze(-1).expand(-1, -1, 32)
     states = [captured[0][:, 1:]] + [torch.gather(state[:, 1:], 1, index) for state in captured[1:]]
     expected = mto.mto_terms(states, mask)
-    assert out.heterogeneity.shape == (3,)
+    assert out.heterogeneity.shape == (4, 3)  # per image: [batch, encoder layers + 1]
     for name in ("heterogeneity", "sparsity_loss", "singularity_loss", "ranking_loss"):
         assert torch.allclose(getattr(out, name), getattr(expected, name), rtol=1e-5), name
-    assert torch.equal(out.mask, mask)
+    # float, 1 = masked, as ViTMAEForPreTraining's mask
+    assert out.mask.dtype == torch.float32 and torch.equal(out.mask, mask.float())
 
 
 def test_ragged_masks_use_the_general_path_with_the_same_values():
@@ -100,6 +101,68 @@ def test_ragged_masks_use_the_general_path_with_the_same_values():
     states = model(pixels, bool_masked_pos=mask, output_hidden_states=True, use_mto=False).hidden_states
     expected = mto.mto_terms([s[:, 1:] for s in states], mask)
     assert torch.allclose(out.ranking_loss, expected.ranking_loss, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_requested_states_and_attentions_are_upstreams_and_mto_terms_the_same(attn_implementation):
+    # Asking for them makes the forward take the mask-based path: what it returns is upstream's (patch order,
+    # pre-layernorm last state, per-head attention maps) and its MTO terms are the visible-first path's.
+    model = make_model(attn_implementation=attn_implementation).eval()
+    upstream = ViTForMaskedImageModeling(ViTConfig(**TINY_SIMMIM, attn_implementation=attn_implementation)).eval()
+    upstream.load_state_dict(model.state_dict())
+    pixels, mask = batch(size=4)
+    flags = dict(output_hidden_states=True, output_attentions=attn_implementation == "eager")
+    with torch.no_grad():
+        fast = model(pixels, bool_masked_pos=mask)
+        ours = model(pixels, bool_masked_pos=mask, **flags)
+        theirs = upstream(pixels, bool_masked_pos=mask, **flags)
+    assert fast.hidden_states is None and fast.attentions is None  # nothing asked, nothing returned
+    assert len(ours.hidden_states) == len(theirs.hidden_states) == 3
+    for state, expected in zip(ours.hidden_states, theirs.hidden_states, strict=True):
+        torch.testing.assert_close(state, expected)
+    if flags["output_attentions"]:
+        assert len(ours.attentions) == 2 and ours.attentions[0].shape == (4, 4, 65, 65)
+        for attention, expected in zip(ours.attentions, theirs.attentions, strict=True):
+            torch.testing.assert_close(attention, expected)
+    for name in ("heterogeneity", "sparsity_loss", "singularity_loss", "ranking_loss"):
+        torch.testing.assert_close(getattr(ours, name), getattr(fast, name), msg=name)
+
+
+def test_hidden_states_selected_by_index_as_upstream_selects_them():
+    model = make_model().eval()
+    upstream = ViTForMaskedImageModeling(ViTConfig(**TINY_SIMMIM)).eval()
+    upstream.load_state_dict(model.state_dict())
+    pixels, mask = batch()
+    with torch.no_grad():
+        ours = model(pixels, bool_masked_pos=mask, output_hidden_states=[0, -1])
+        theirs = upstream(pixels, bool_masked_pos=mask, output_hidden_states=[0, -1])
+    assert [state is None for state in ours.hidden_states] == [state is None for state in theirs.hidden_states]
+    assert ours.hidden_states[1] is None
+    torch.testing.assert_close(ours.hidden_states[-1], theirs.hidden_states[-1])
+    assert ours.ranking_loss is not None  # the MTO terms still saw every state
+
+
+def test_heterogeneity_is_per_image_so_a_batch_gives_what_its_images_give_alone():
+    model = make_model().eval()
+    pixels, mask = batch(size=4)
+    with torch.no_grad():
+        batched = model(pixels, bool_masked_pos=mask).heterogeneity
+        alone = torch.cat([model(pixels[i : i + 1], bool_masked_pos=mask[i : i + 1]).heterogeneity for i in range(4)])
+    assert batched.shape == (4, 3)
+    torch.testing.assert_close(batched, alone)
+    assert not torch.allclose(batched[0], batched[1])
+
+
+def test_heterogeneity_is_zero_for_an_image_with_nothing_masked():
+    model = make_model().eval()
+    pixels, mask = batch(size=2)
+    mask[1] = False
+    out = model(pixels, bool_masked_pos=mask)
+    assert (out.heterogeneity[1] == 0).all() and (out.heterogeneity[0] > 0).all()
+    # the losses average over the images where the terms are defined: image 0 alone
+    alone = model(pixels[:1], bool_masked_pos=mask[:1])
+    torch.testing.assert_close(out.singularity_loss, alone.singularity_loss)
+    torch.testing.assert_close(mto.mean_heterogeneity(out.heterogeneity, out.mask), alone.heterogeneity[0])
 
 
 def test_mto_terms_reach_the_mask_token():
@@ -127,6 +190,14 @@ def test_round_trip_and_auto_class(tmp_path):
     assert isinstance(loaded, SimMIMMTOForMaskedImageModeling)
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_auto_model_gives_the_encoder_and_saves_its_auto_map(tmp_path):
+    encoder = AutoModel.from_config(SimMIMMTOConfig(**TINY_SIMMIM))
+    assert type(encoder) is SimMIMMTOModel
+    encoder.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).auto_map["AutoModel"] == "modeling_simmim_mto.SimMIMMTOModel"
+    assert type(AutoModel.from_pretrained(tmp_path)) is SimMIMMTOModel
 
 
 def test_trust_remote_code_load_in_fresh_process_without_hf_mto(tmp_path):

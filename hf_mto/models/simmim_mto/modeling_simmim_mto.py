@@ -14,7 +14,10 @@ from transformers import ViTForMaskedImageModeling, ViTModel
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling, MaskedImageModelingOutput
 from transformers.models.vit.modeling_vit import ViTEmbeddings, ViTPreTrainedModel
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import resolve_hidden_states_indices, selected_hidden_states
 
 from .configuration_simmim_mto import SimMIMMTOConfig
 from .mto import mto_terms, mto_terms_visible_first
@@ -28,15 +31,17 @@ class SimMIMMTOOutput(MaskedImageModelingOutput):
 
     loss (`torch.FloatTensor` of shape `()`):
         Upstream's L1 loss on the masked pixels. The MTO terms are *not* added: the trainer weights them.
-    mask (`torch.BoolTensor` of shape `(batch_size, num_patches)`):
-        The `bool_masked_pos` the forward used, True = masked.
+    mask (`torch.FloatTensor` of shape `(batch_size, num_patches)`):
+        The `bool_masked_pos` the forward used as float32, 1 = masked (the convention of `ViTMAEForPreTraining`'s
+        `mask`).
     sparsity_loss, singularity_loss, ranking_loss (`torch.FloatTensor` of shape `()`):
-        L_spa (Eq. 3, mean over `config.mto_spa_layers`), L_e (Eq. 6), L_r (Eq. 7).
-    heterogeneity (`torch.FloatTensor` of shape `(num_hidden_layers + 1,)`):
-        Batch-mean heterogeneity H^0..H^L of the encoder (Eq. 2).
+        L_spa (Eq. 3, mean over `config.mto_spa_layers`), L_e (Eq. 6), L_r (Eq. 7): batch means.
+    heterogeneity (`torch.FloatTensor` of shape `(batch_size, num_hidden_layers + 1)`):
+        Heterogeneity H^0..H^L of the encoder (Eq. 2) per image; 0 for an image with no masked or no visible patch.
+        `hf_mto.mto.mean_heterogeneity` gives the batch mean the trainer logs.
     """
 
-    mask: torch.BoolTensor | None = None
+    mask: torch.FloatTensor | None = None
     sparsity_loss: torch.FloatTensor | None = None
     singularity_loss: torch.FloatTensor | None = None
     ranking_loss: torch.FloatTensor | None = None
@@ -99,11 +104,17 @@ def visible_first_order(bool_masked_pos: torch.Tensor) -> tuple[torch.Tensor, to
 class SimMIMMTOModel(SimMIMMTOPreTrainedModel, ViTModel):
     """Upstream's `ViTModel` (the encoder), with the official SimMIM mask-token initialisation.
 
-    With `visible_first=True` (MTO on, same masked count in every image) the blocks run on the tokens reordered as
-    CLS, visible patches, masked patches, and only the final sequence is put back in patch order. Every token
-    carries its own position embedding and attention does not depend on token order, so the output is upstream's
-    (up to float summation order), while the returned states come out already split into visible and masked
-    tokens: the MTO terms need no per-layer token selection. Otherwise the forward is upstream's.
+    Without `mto_states` the forward is upstream's. `SimMIMMTOForMaskedImageModeling` passes it when it computes the
+    MTO terms and no attentions or hidden states were asked for: the forward then returns the L+1 states (embeddings
+    output, each block's output) as `hidden_states` from its own loop over the blocks, which needs none of
+    upstream's output-capturing hooks (their lazy installation is a graph break under `torch.compile`).
+
+    - `"patch_order"`: upstream's computation, states in patch order.
+    - `"visible_first"` (the eager fast path; the same count masked in every image): the blocks run on the tokens
+      reordered as CLS, visible patches, masked patches, and only the final sequence is put back in patch order.
+      Every token carries its own position embedding and attention does not depend on token order, so
+      `last_hidden_state` is upstream's (up to float summation order), while the states stay in visible-first
+      order, already split into visible and masked tokens: the MTO terms need no per-layer token selection.
     """
 
     def forward(
@@ -112,10 +123,10 @@ class SimMIMMTOModel(SimMIMMTOPreTrainedModel, ViTModel):
         bool_masked_pos: torch.BoolTensor | None = None,
         interpolate_pos_encoding: bool | None = None,
         attention_mask: torch.Tensor | None = None,
-        visible_first: bool = False,
-        **kwargs,
+        mto_states: str | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling:
-        if not visible_first:
+        if mto_states is None:
             return super().forward(
                 pixel_values,
                 bool_masked_pos=bool_masked_pos,
@@ -127,16 +138,20 @@ class SimMIMMTOModel(SimMIMMTOPreTrainedModel, ViTModel):
         embeddings = self.embeddings(
             pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=bool(interpolate_pos_encoding)
         )
-        index, inverse = visible_first_order(bool_masked_pos)
-        hidden_states = _PermuteTokens.apply(embeddings, index, inverse)
+        hidden_states = embeddings
+        if mto_states == "visible_first":
+            index, inverse = visible_first_order(bool_masked_pos)
+            hidden_states = _PermuteTokens.apply(embeddings, index, inverse)
         mask = create_bidirectional_mask(
             config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
         )
         states = [hidden_states]
         for layer in self.layers:
-            hidden_states = layer(hidden_states, mask)
+            hidden_states = layer(hidden_states, mask, **kwargs)
             states.append(hidden_states)
-        sequence_output = _PermuteTokens.apply(self.layernorm(hidden_states), inverse, index)
+        sequence_output = self.layernorm(hidden_states)
+        if mto_states == "visible_first":
+            sequence_output = _PermuteTokens.apply(sequence_output, inverse, index)
         return BaseModelOutputWithPooling(last_hidden_state=sequence_output, hidden_states=tuple(states))
 
 
@@ -174,6 +189,30 @@ class SimMIMMTOForMaskedImageModeling(SimMIMMTOPreTrainedModel, ViTForMaskedImag
             bool_masked_pos = bool_masked_pos.bool()
         return bool_masked_pos
 
+    def _common_masked_count(self, bool_masked_pos: torch.Tensor) -> int | None:
+        """The number of masked patches when every image masks the same one, strictly between 0 and N, else `None`.
+
+        Every mask generator of hf_mto masks the same count in each image. Reading it makes the host wait for the
+        mask (nothing heavier is queued yet), which is why only eager forwards ask.
+        """
+        counts = bool_masked_pos.sum(dim=1)
+        first = int(counts[0])
+        if bool((counts == first).all()) and 0 < first < bool_masked_pos.shape[1]:
+            return first
+        return None
+
+    def _requested_hidden_states(
+        self, states: tuple[torch.Tensor, ...], output_hidden_states: bool | int | list[int] | None
+    ) -> tuple[torch.Tensor | None, ...] | None:
+        """What upstream returns for `output_hidden_states` (a flag, or the indices to keep), from all L+1 states."""
+        if not output_hidden_states:
+            return None
+        selected = selected_hidden_states(output_hidden_states)
+        if selected is None:
+            return states
+        keep = resolve_hidden_states_indices(self.vit, selected, num_hidden_states=len(states))
+        return tuple(state if index in keep else None for index, state in enumerate(states))
+
     @can_return_tuple
     def forward(
         self,
@@ -182,38 +221,43 @@ class SimMIMMTOForMaskedImageModeling(SimMIMMTOPreTrainedModel, ViTForMaskedImag
         interpolate_pos_encoding: bool | None = None,
         attention_mask: torch.Tensor | None = None,
         use_mto: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SimMIMMTOOutput:
         r"""
         bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_patches)`):
-            True = masked. The generators of `hf_mto.masking` make SimMIM's block masks and the others.
+            True (or 1) = masked. The generators of `hf_mto.masking` make SimMIM's block masks and the others.
         use_mto (`bool`, *optional*):
             Compute the MTO terms; defaults to `config.use_mto`. They need `bool_masked_pos`; without a mask (e.g.
             feature extraction) none are computed.
+
+        `hidden_states` and `attentions` are upstream's whatever path runs: in patch order, and only when asked for.
         """
         use_mto = (self.config.use_mto if use_mto is None else use_mto) and bool_masked_pos is not None
-        num_masked = None
         if bool_masked_pos is not None:
             bool_masked_pos = self._check_mask(pixel_values, bool_masked_pos)
-        if use_mto:
-            counts = bool_masked_pos.sum(dim=1)
-            # Every mask generator of hf_mto masks the same count in each image: then the encoder runs on
-            # visible-first order (see SimMIMMTOModel). This is read before any heavy kernel is queued, so the host
-            # waits for nothing but the mask itself.
-            first = int(counts[0])
-            if bool((counts == first).all()) and 0 < first < bool_masked_pos.shape[1]:
-                num_masked = first
-                kwargs["visible_first"] = True
-            else:
-                kwargs["output_hidden_states"] = True
+        output_hidden_states = kwargs.get("output_hidden_states", self.config.output_hidden_states)
+        output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
+        num_masked = None
+        if use_mto and not (output_hidden_states or output_attentions):
+            # The visible-first encoder (see SimMIMMTOModel) needs a host read of the mask, which `torch.compile`
+            # and `torch.export` cannot trace without a graph break: they take the patch-order states and the
+            # mask-based terms, with no data-dependent shape.
+            if not torch.compiler.is_compiling():
+                num_masked = self._common_masked_count(bool_masked_pos)
+            kwargs["mto_states"] = "patch_order" if num_masked is None else "visible_first"
+        elif use_mto:
+            # Asked-for attentions or hidden states come from upstream's forward, in patch order; the MTO terms use
+            # the same states.
+            kwargs["output_hidden_states"] = True
         outputs = super().forward(
             pixel_values,
             bool_masked_pos=bool_masked_pos,
             interpolate_pos_encoding=interpolate_pos_encoding,
             attention_mask=attention_mask,
+            return_dict=True,
             **kwargs,
         )
-        terms = None
+        hidden_states, terms = outputs.hidden_states, None
         if use_mto:
             settings = dict(
                 spa_layers=self.config.mto_spa_layers,
@@ -225,15 +269,16 @@ class SimMIMMTOForMaskedImageModeling(SimMIMMTOPreTrainedModel, ViTForMaskedImag
             if num_masked is not None:
                 num_visible = bool_masked_pos.shape[1] - num_masked
                 # the CLS token never counts
-                terms = mto_terms_visible_first(outputs.hidden_states, num_visible, num_prefix_tokens=1, **settings)
+                terms = mto_terms_visible_first(hidden_states, num_visible, num_prefix_tokens=1, **settings)
             else:
-                terms = mto_terms([state[:, 1:] for state in outputs.hidden_states], bool_masked_pos, **settings)
+                terms = mto_terms([state[:, 1:] for state in hidden_states], bool_masked_pos, **settings)
+            hidden_states = self._requested_hidden_states(hidden_states, output_hidden_states)
         return SimMIMMTOOutput(
             loss=outputs.loss,
             reconstruction=outputs.reconstruction,
-            hidden_states=outputs.hidden_states,
+            hidden_states=hidden_states,
             attentions=outputs.attentions,
-            mask=bool_masked_pos,
+            mask=bool_masked_pos.float() if bool_masked_pos is not None else None,
             sparsity_loss=terms.sparsity_loss if terms else None,
             singularity_loss=terms.singularity_loss if terms else None,
             ranking_loss=terms.ranking_loss if terms else None,
