@@ -128,6 +128,21 @@ def test_requested_states_and_attentions_are_upstreams_and_mto_terms_the_same(at
         torch.testing.assert_close(getattr(ours, name), getattr(fast, name), msg=name)
 
 
+def test_a_token_padding_mask_is_applied_in_patch_order():
+    # the visible-first encoder would put the tokens, not the padding mask, in another order: it is not used then
+    model = make_model().eval()
+    upstream = ViTForMaskedImageModeling(ViTConfig(**TINY_SIMMIM)).eval()
+    upstream.load_state_dict(model.state_dict())
+    pixels, mask = batch()
+    attention_mask = torch.ones(3, 65, dtype=torch.long)
+    attention_mask[:, 1:9] = 0  # the first patch row attends nowhere
+    with torch.no_grad():
+        ours = model(pixels, bool_masked_pos=mask, attention_mask=attention_mask)
+        theirs = upstream(pixels, bool_masked_pos=mask, attention_mask=attention_mask)
+    torch.testing.assert_close(ours.reconstruction, theirs.reconstruction)
+    assert ours.ranking_loss is not None
+
+
 def test_hidden_states_selected_by_index_as_upstream_selects_them():
     model = make_model().eval()
     upstream = ViTForMaskedImageModeling(ViTConfig(**TINY_SIMMIM)).eval()

@@ -1,8 +1,9 @@
 """SimMIM (transformers' `ViTForMaskedImageModeling`) with Masked Token Optimization applied in the encoder.
 
 Subclasses upstream: same modules and state-dict keys, same reconstruction (1x1 conv + pixel shuffle) and L1 loss on
-the masked pixels. The encoder states come from upstream's own `output_hidden_states`, so the configured attention
-implementation is kept. One deliberate difference: the mask token is initialised N(0, 0.02) truncated, as in the
+the masked pixels. The encoder states MTO needs come from a loop over upstream's own blocks (or from upstream's
+`output_hidden_states` when the caller asks for the states), so the configured attention implementation is kept, and
+`hidden_states` / `attentions` are upstream's, in patch order, whichever path runs. One deliberate difference: the mask token is initialised N(0, 0.02) truncated, as in the
 official SimMIM, where upstream initialises it to zeros.
 """
 
@@ -241,8 +242,8 @@ class SimMIMMTOForMaskedImageModeling(SimMIMMTOPreTrainedModel, ViTForMaskedImag
         if use_mto and not (output_hidden_states or output_attentions):
             # The visible-first encoder (see SimMIMMTOModel) needs a host read of the mask, which `torch.compile`
             # and `torch.export` cannot trace without a graph break: they take the patch-order states and the
-            # mask-based terms, with no data-dependent shape.
-            if not torch.compiler.is_compiling():
+            # mask-based terms, with no data-dependent shape. A padding mask over the tokens stays in patch order.
+            if not torch.compiler.is_compiling() and attention_mask is None:
                 num_masked = self._common_masked_count(bool_masked_pos)
             kwargs["mto_states"] = "patch_order" if num_masked is None else "visible_first"
         elif use_mto:
