@@ -1,6 +1,7 @@
 """recipes/pretrain.py end to end, as a user runs it: a subprocess on the embedded default data."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -83,6 +84,30 @@ def test_pretrain_recipe_runs_and_leaves_a_loadable_checkpoint(tmp_path):
     pixels = processor(images=[__import__("PIL.Image").Image.new("L", (28, 28))], return_tensors="pt").pixel_values
     assert pixels.shape == (1, 3, 32, 32)
     assert torch.isfinite(model(pixels).loss)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FASHION_MNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
+@pytest.mark.parametrize(
+    "preset, overrides",
+    [
+        ("tiny_cpu_mae_mto.yaml", TINY_FLAGS[1]),
+        ("tiny_cpu_simmim_mto.yaml", TINY_FLAGS[1].split(",decoder_")[0] + ",encoder_stride=4"),
+    ],
+)
+def test_pretrain_recipe_runs_compiled_without_graph_breaks(tmp_path, preset, overrides):
+    out = tmp_path / "run"
+    flags = ["--config", str(ROOT / "recipes" / "configs" / preset), "--config_overrides", overrides]
+    flags += ["--torch_compile", "true", "--max_steps", "3", "--logging_steps", "1", "--save_strategy", "no"]
+    flags += ["--max_train_samples", "64", "--max_eval_samples", "16", "--per_device_train_batch_size", "16"]
+    flags += ["--per_device_eval_batch_size", "16", "--dataloader_num_workers", "0", "--report_to", "none"]
+    cmd = [sys.executable, str(ROOT / "recipes" / "pretrain.py"), *flags, "--output_dir", str(out)]
+    env = {**os.environ, "TORCH_LOGS": "graph_breaks"}  # dynamo reports every graph break on stderr
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Graph break" not in result.stderr, result.stderr[-3000:]
+    logged = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert len(logged) == 3 and all(math.isfinite(e["mto/ranking_loss"]) for e in logged)
 
 
 def test_yaml_preset_with_command_line_overrides():
