@@ -60,8 +60,10 @@ def _download(version: str, root: Path) -> None:
         # A package, so their relative imports resolve; `direct_transformers_import` also reads this file.
         (staging / "__init__.py").write_text("")
         root.mkdir(parents=True, exist_ok=True)
-        # Moved in whole only once complete: an interrupted download leaves no half-filled cache.
-        shutil.move(str(staging), str(root / PACKAGE))
+        # Moved in whole only once complete: an interrupted download leaves no half-filled cache. Another test
+        # process may have filled it meanwhile; its copy is the same.
+        if not (root / PACKAGE).exists():
+            shutil.move(str(staging), str(root / PACKAGE))
 
 
 class _ExportTesterMixin:
