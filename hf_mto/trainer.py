@@ -22,6 +22,7 @@ import torch
 from huggingface_hub.errors import HfHubHTTPError
 from transformers import Trainer, TrainingArguments, ViTForMaskedImageModeling, ViTMAEForPreTraining
 
+from .checkpoints import ConvertedCheckpointsMixin
 from .evolved import EvolvedMasking
 
 try:  # the HTTP client of huggingface_hub: httpx2 from version 2, httpx before
@@ -170,7 +171,7 @@ class MTOTrainingArguments(ScaledLRTrainingArguments):
         }
 
 
-class MTOTrainer(Trainer):
+class MTOTrainer(ConvertedCheckpointsMixin, Trainer):
     """Trainer for the hf_mto models (and upstream ViTMAE / ViTForMaskedImageModeling): draws the masks, weights the
     MTO terms and logs every component.
 
