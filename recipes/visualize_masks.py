@@ -21,9 +21,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForMaskedImageModeling, AutoModelForPreTraining  # noqa: E402
+from transformers import AutoImageProcessor  # noqa: E402
 
 import hf_mto  # noqa: E402,F401  (registers the Auto classes)
+from hf_mto.analysis import load_checkpoint  # noqa: E402
 from hf_mto.cli import parse_args  # noqa: E402
 from hf_mto.data import (  # noqa: E402
     DataArguments,
@@ -57,12 +58,6 @@ class VisualizeArguments:
         bad = [t for t in self.schedule_points if not 0.0 <= t <= 1.0]
         if bad:
             raise ValueError(f"schedule_points must lie in [0, 1], got {bad}")
-
-
-def load_model(checkpoint: str):
-    config = AutoConfig.from_pretrained(checkpoint)
-    auto = AutoModelForPreTraining if config.model_type == "vit_mae_mto" else AutoModelForMaskedImageModeling
-    return auto.from_pretrained(checkpoint).eval()
 
 
 def palette(num_colours: int, seed: int) -> np.ndarray:
@@ -100,7 +95,7 @@ def draw(image: np.ndarray, partitions, masks, grid: int, patch: int, path: Path
 @torch.no_grad()
 def main(argv=None):
     vis_args, data_args = parse_args((VisualizeArguments, DataArguments), argv)
-    model = load_model(vis_args.checkpoint)
+    model = load_checkpoint(vis_args.checkpoint)
     processor = AutoImageProcessor.from_pretrained(vis_args.checkpoint)
     config = model.config
     size = processor.size["height"]

@@ -245,9 +245,13 @@ def test_models_that_are_not_ours_are_rejected(tmp_path):
     upstream = ViTMAEForPreTraining(ViTMAEConfig(**TINY_MAE))
     with pytest.raises(ValueError, match="ViTMAEForPreTraining"):
         check_model(upstream)
+    # an upstream checkpoint is analysed through our class that extends it (official MAEs, the paper's Table 1)
     upstream.save_pretrained(tmp_path / "upstream")
-    with pytest.raises(ValueError, match=r"'vit_mae' checkpoint.*simmim_mto"):
-        load_checkpoint(tmp_path / "upstream")
+    assert isinstance(load_checkpoint(tmp_path / "upstream"), ViTMAEMTOForPreTraining)
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ValueError, match=r"'bert' checkpoint.*simmim_mto.*vit_mae"):
+        load_checkpoint(tmp_path / "bert")
     with pytest.raises(ValueError, match="masking must be one of"):
         draw_mask_inputs(tiny_mae(), 2, masking="evolved")
     with pytest.raises(ValueError, match="the model masks 45"):  # MAE with a block mask of another count
