@@ -61,7 +61,7 @@ class ModelArguments:
         default=None, metadata={"help": "States where L_spa applies (0 = initial embedding). Config default [0]."}
     )
     mto_affinity: str | None = field(
-        default=None, metadata={"help": "Affinity logits: dot (paper), scaled or cosine. Config default dot."}
+        default=None, metadata={"help": "Affinity logits: scaled (x.y / sqrt(D), default), dot (paper) or cosine."}
     )
     mto_temperature: float | None = field(default=None, metadata={"help": "Temperature of the cosine affinity."})
     mto_ranking: str | None = field(

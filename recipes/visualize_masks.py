@@ -3,7 +3,7 @@
 For a few images it writes one PNG each, two rows:
   - the partition of the patches into the maximal subtrees at several depths, one colour per subtree
     (the EHM paper's Fig. 6);
-  - the evolved mask at several points of the depth schedule, t = epoch / total epochs (Fig. 7).
+  - the evolved mask at several points of the depth schedule, t = the training progress in [0, 1] (Fig. 7).
 
     python recipes/visualize_masks.py --checkpoint outputs/vit-mae-mto-tiny --output_dir outputs/mask_pictures
     python recipes/visualize_masks.py --checkpoint outputs/simmim-mto-tiny --train_dir my_images/ --num_images 8
@@ -48,7 +48,7 @@ class VisualizeArguments:
     mask_ratio: float | None = field(default=None, metadata={"help": "Masking ratio (default: the config's)."})
     schedule_points: list[float] = field(
         default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 0.9],
-        metadata={"help": "Points t = epoch / total epochs of the depth schedule (f0=0, f1=1) to draw masks at."},
+        metadata={"help": "Training progress points t in [0, 1] of the depth schedule (f0=0, f1=1) to draw masks at."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the mask sampling."})
 
@@ -124,7 +124,7 @@ def main(argv=None):
             partitions.append((depth, labels.numpy()))
         masks = []
         for t in vis_args.schedule_points:
-            depth = evolved_depth(tree.heights, t, 1.0)
+            depth = evolved_depth(tree.heights, t)
             mask = evolved_mask(tree, depth, ratio, generator=generator)[i]
             masks.append((t, int(depth[i]), mask.numpy()))
         draw(images[i], partitions, masks, grid, patch, out / f"image_{i}.png")
