@@ -336,21 +336,6 @@ class MaskGenerator:
         return beit_block_mask(batch_size, self.grid_size, self.mask_ratio, generator=generator, device=device)
 
 
-def check_mask(mask: torch.Tensor, batch_size: int, num_patches: int) -> None:
-    """Raise ``ValueError`` unless ``mask`` is a ``[batch_size, num_patches]`` bool tensor (True = masked).
-
-    Models call this on user-supplied masks so a wrong mask fails with a clear message instead of deep inside torch.
-    """
-    if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"mask must be a torch.Tensor of dtype torch.bool, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise ValueError(f"mask must have dtype torch.bool (True = masked), got {mask.dtype}")
-    if tuple(mask.shape) != (batch_size, num_patches):
-        raise ValueError(
-            f"mask must have shape [batch_size, num_patches] = {[batch_size, num_patches]}, got {list(mask.shape)}"
-        )
-
-
 def mask_to_noise(mask: torch.Tensor, *, expected_num_masked: int | None = None) -> torch.Tensor:
     """Turn a mask into the ``noise`` argument of HF ``ViTMAEForPreTraining`` so that MAE masks exactly ``mask``.
 

@@ -15,7 +15,6 @@ from hf_mto.masking import (
     attention_similarity,
     beit_block_mask,
     build_merge_tree,
-    check_mask,
     cut_tree,
     evolved_depth,
     evolved_mask,
@@ -239,20 +238,8 @@ def test_beit_block_mask_rejects_bad_settings():
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# check_mask and mask_to_noise
+# mask_to_noise
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def test_check_mask_accepts_and_rejects():
-    check_mask(torch.zeros(2, 64, dtype=torch.bool), 2, 64)
-    with pytest.raises(ValueError, match=r"shape \[batch_size, num_patches\] = \[2, 64\], got \[2, 63\]"):
-        check_mask(torch.zeros(2, 63, dtype=torch.bool), 2, 64)
-    with pytest.raises(ValueError, match=r"got \[64\]"):
-        check_mask(torch.zeros(64, dtype=torch.bool), 2, 64)
-    with pytest.raises(ValueError, match="dtype torch.bool .*got torch.float32"):
-        check_mask(torch.zeros(2, 64), 2, 64)
-    with pytest.raises(ValueError, match="got list"):
-        check_mask([[True] * 64] * 2, 2, 64)
 
 
 def test_mask_to_noise_hand_values():
