@@ -50,7 +50,7 @@ def main(argv=None):
 
     def tree_and_mask(s):
         tree = build_merge_tree(s)
-        depth = evolved_depth(tree.heights, epoch=1, total_epochs=2)  # mid-schedule
+        depth = evolved_depth(tree.heights, progress=0.5)  # mid-schedule
         return evolved_mask(tree, depth, ratio)
 
     s = similarity()

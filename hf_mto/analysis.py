@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from transformers import AutoConfig, TrainerCallback
+from transformers import PreTrainedConfig, TrainerCallback
 
-from .cli import MODEL_CLASSES
+from .checkpoints import load_pretrained
+from .cli import MODEL_CLASSES, UPSTREAM_MODEL_TYPES
 from .data import collate_pixel_values, first_readable_pixels
 from .masking import MaskGenerator, mask_to_noise, square_side
 from .models.simmim_mto import SimMIMMTOForMaskedImageModeling
@@ -57,19 +58,24 @@ def check_model(model) -> None:
 
 
 def load_checkpoint(checkpoint: str | os.PathLike, **kwargs):
-    """Load an hf_mto pre-training checkpoint (local path or Hub id) in eval mode.
+    """Load a pre-training checkpoint (local path or Hub id) in eval mode: one of hf_mto's, or an upstream one (the
+    Hub's official MAE, anything `ViTMAEForPreTraining` / `ViTForMaskedImageModeling` saved) into the model of ours
+    that extends its class, so official models can be analysed (the paper's Table 1).
 
     Raises:
-        ValueError: the checkpoint is not one of ours (its `model_type` is neither `vit_mae_mto` nor `simmim_mto`).
+        ValueError: the checkpoint is of another model type.
+        IncompleteCheckpointError: it lacks weights of the model (e.g. a `vit` classifier, which has no SimMIM head).
     """
-    config = AutoConfig.from_pretrained(checkpoint, **kwargs)
-    if config.model_type not in MODEL_CLASSES:
+    model_type = PreTrainedConfig.get_config_dict(checkpoint, **kwargs)[0].get("model_type")
+    model_type = UPSTREAM_MODEL_TYPES.get(model_type, model_type)
+    if model_type not in MODEL_CLASSES:
         raise ValueError(
-            f"{str(checkpoint)!r} is a {config.model_type!r} checkpoint; the analysis needs a pre-training checkpoint "
-            f"of hf_mto, model_type one of {sorted(MODEL_CLASSES)}"
+            f"{str(checkpoint)!r} is a {model_type!r} checkpoint; the analysis needs a pre-training checkpoint, "
+            f"model_type one of {sorted(MODEL_CLASSES) + sorted(UPSTREAM_MODEL_TYPES)}"
         )
-    _, model_class = MODEL_CLASSES[config.model_type]
-    return model_class.from_pretrained(checkpoint, config=config, **kwargs).eval()
+    config_class, model_class = MODEL_CLASSES[model_type]
+    config = config_class.from_pretrained(checkpoint, **kwargs)
+    return load_pretrained(model_class, checkpoint, config=config, **kwargs).eval()
 
 
 def mto_stack(model) -> str:
@@ -185,7 +191,7 @@ def run_model(model, pixel_values: torch.Tensor, mask_inputs: dict[str, torch.Te
 
 
 def layer_entropies(
-    states: Sequence[torch.Tensor], mask: torch.Tensor, affinity: str = "dot", temperature: float = 0.1
+    states: Sequence[torch.Tensor], mask: torch.Tensor, affinity: str = "scaled", temperature: float = 0.1
 ) -> dict[str, torch.Tensor]:
     """Per layer and image: ``"heterogeneity"`` (Eq. 2, masked rows over visible columns, = `mto.heterogeneity`)
     and ``"visible_entropy"`` (the entropy L_spa averages, Eq. 3: visible rows over all columns), each
@@ -377,7 +383,7 @@ def affinity_maps(
     mask: torch.Tensor,
     index: int = 0,
     layers: Iterable[int] | None = None,
-    affinity: str = "dot",
+    affinity: str = "scaled",
     temperature: float = 0.1,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Fig. 2: the affinity ψ(X Xᵀ) (row-wise softmax over all tokens) of image `index` at each of `layers`, with

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser, ViTImageProcessor
 
+from .checkpoints import load_pretrained
 from .models.simmim_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling
 from .models.vit_mae_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining
 
@@ -26,6 +27,9 @@ MODEL_CLASSES = {
     "vit_mae_mto": (ViTMAEMTOConfig, ViTMAEMTOForPreTraining),
     "simmim_mto": (SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling),
 }
+# Upstream checkpoints (the Hub's official MAE, anything `ViTMAEForPreTraining` / `ViTForMaskedImageModeling` saved)
+# load into the model of ours that extends their class.
+UPSTREAM_MODEL_TYPES = {"vit_mae": "vit_mae_mto", "vit": "simmim_mto"}
 
 
 @dataclass
@@ -57,7 +61,7 @@ class ModelArguments:
         default=None, metadata={"help": "States where L_spa applies (0 = initial embedding). Config default [0]."}
     )
     mto_affinity: str | None = field(
-        default=None, metadata={"help": "Affinity logits: dot (paper), scaled or cosine. Config default dot."}
+        default=None, metadata={"help": "Affinity logits: scaled (x.y / sqrt(D), default), dot (paper) or cosine."}
     )
     mto_temperature: float | None = field(default=None, metadata={"help": "Temperature of the cosine affinity."})
     mto_ranking: str | None = field(
@@ -107,8 +111,8 @@ def build_config(model_args: ModelArguments):
 def build_model(model_args: ModelArguments, config):
     _, model_class = MODEL_CLASSES[model_args.model_type]
     if model_args.model_name_or_path:
-        return model_class.from_pretrained(
-            model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir
+        return load_pretrained(
+            model_class, model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir
         )
     return model_class(config)
 

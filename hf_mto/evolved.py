@@ -5,7 +5,7 @@ Per training step, on the training device and from the current weights (DESIGN.m
 1. `encoder_similarity`: one no-grad pass of the encoder over the *unmasked* images through its first
    `num_layers` blocks; post-softmax attention averaged over heads and layers, CLS dropped, symmetrised.
 2. `masking.build_merge_tree`: average-linkage tree over the patches, batched over images.
-3. `masking.evolved_depth`: depth d = floor(h * (f0 + (f1 - f0) * epoch / total_epochs)) per image.
+3. `masking.evolved_depth`: depth d = floor(h * (f0 + (f1 - f0) * t)) per image, t the training progress in [0, 1].
 4. `masking.evolved_mask`: whole subtrees at depth d masked in random order, exactly round(ratio * N) patches.
 
 The attention maps are computed from each block's own query/key projections, so the training forward keeps its
@@ -78,7 +78,8 @@ class EvolvedMasking:
     Args:
         mask_ratio: fraction of patches masked; every row masks exactly ``round(mask_ratio * N)``.
         num_layers: encoder blocks whose attention defines the similarity.
-        f0, f1: the depth schedule d = floor(h * (f0 + (f1 - f0) * epoch / total_epochs)); EHM Eq. 14 is (0, 1).
+        f0, f1: the depth schedule d = floor(h * (f0 + (f1 - f0) * t)), t the training progress in [0, 1]; EHM
+            Eq. 14 is (0, 1).
     """
 
     mask_ratio: float
@@ -96,10 +97,13 @@ class EvolvedMasking:
         return round(self.mask_ratio * num_patches)
 
     def __call__(
-        self, model, pixel_values: torch.Tensor, epoch: float, total_epochs: float
+        self, model, pixel_values: torch.Tensor, progress: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns ``mask [B, N]`` bool (True = masked), ``depth [B]`` and tree ``height [B]``."""
+        """Masks for ``pixel_values [B, C, H, W]`` at training progress t = ``progress`` in [0, 1].
+
+        Returns ``mask [B, N]`` bool (True = masked), ``depth [B]`` and tree ``height [B]``.
+        """
         similarity = encoder_similarity(model, pixel_values, self.num_layers)
         tree = build_merge_tree(similarity)
-        depth = evolved_depth(tree.heights, epoch, total_epochs, self.f0, self.f1)
+        depth = evolved_depth(tree.heights, progress, self.f0, self.f1)
         return evolved_mask(tree, depth, self.mask_ratio), depth, tree.heights

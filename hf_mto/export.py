@@ -43,12 +43,15 @@ from transformers import (
     PreTrainedModel,
     ViTConfig,
     ViTImageProcessor,
+    ViTMAEConfig,
+    ViTMAEForPreTraining,
     ViTMAEModel,
     ViTModel,
 )
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.utils import cached_file
 
+from .checkpoints import check_loading_info, newly_initialised_keys
 from .models.simmim_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling
 from .models.vit_mae_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining
 
@@ -56,6 +59,8 @@ from .models.vit_mae_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining
 _EXPORTABLE: dict[str, tuple[type[PreTrainedModel], type[PreTrainedModel]]] = {
     ViTMAEMTOConfig.model_type: (ViTMAEMTOForPreTraining, ViTMAEModel),
     SimMIMMTOConfig.model_type: (SimMIMMTOForMaskedImageModeling, ViTModel),
+    # upstream MAE (the Hub's official checkpoints): its encoder is a ViT as well
+    ViTMAEConfig.model_type: (ViTMAEForPreTraining, ViTMAEModel),
 }
 
 # The ViTConfig fields carried over from the pre-training config (every one of them shapes or runs the encoder).
@@ -136,12 +141,9 @@ def _load(checkpoint: str | os.PathLike, hub_kwargs: dict) -> PreTrainedModel:
         raise _not_ours(model_type, f"checkpoint {str(checkpoint)!r}")
     model_class = _EXPORTABLE[model_type][0]
     model, info = model_class.from_pretrained(checkpoint, output_loading_info=True, **hub_kwargs)
-    missing = sorted(key for key in info["missing_keys"] if key.startswith("vit."))
-    if missing or info["mismatched_keys"]:
-        raise ValueError(
-            f"checkpoint {str(checkpoint)!r} does not hold the whole encoder: missing {missing}, "
-            f"mismatched {info['mismatched_keys']}"
-        )
+    # Only the encoder is exported: a checkpoint without the pre-training head still exports.
+    head = {key for key in newly_initialised_keys(info) if not key.startswith(f"{model.base_model_prefix}.")}
+    check_loading_info(info, checkpoint, model_class.__name__, allowed_new=head)
     return model
 
 
@@ -168,13 +170,14 @@ def _model_card(source_name: str, model_type: str, source_class: str, config: Vi
     origin = {
         "vit_mae_mto": "MAE (ViTMAE) pre-training with Masked Token Optimization in the decoder",
         "simmim_mto": "SimMIM pre-training with Masked Token Optimization in the encoder",
+        "vit_mae": "MAE (ViTMAE) pre-training",
     }[model_type]
     position_note = (
         "MAE's position embeddings are a fixed 2-D sin-cos table that was frozen during pre-training. Here they are "
         "ordinary (trainable) ViT position embeddings holding the same values; freeze "
         "`vit.embeddings.position_embeddings` to keep them fixed while fine-tuning. `encoder_stride` (absent from "
         "ViTMAE's config) is set to `patch_size`."
-        if model_type == "vit_mae_mto"
+        if model_type in ("vit_mae_mto", "vit_mae")
         else "SimMIM's mask token and reconstruction head were dropped; the position embeddings are the learned ones."
     )
     return f"""---

@@ -53,6 +53,12 @@ from transformers import (
 )
 from transformers.models.vit.modeling_vit import ViTLayer
 
+from .checkpoints import (
+    ConvertedCheckpointsMixin,
+    IncompleteCheckpointError,
+    check_loading_info,
+    newly_initialised_keys,
+)
 from .cli import build_image_processor
 from .data import to_rgb
 from .export import export_encoder
@@ -496,15 +502,13 @@ def build_classification_model(args: FinetuneArguments, label_names: Sequence[st
             source, config=config, ignore_mismatched_sizes=True, output_loading_info=True, **hub_kwargs
         )
     head = _head_keys(args.global_pool)
-    mismatched = {entry[0] if isinstance(entry, (tuple, list)) else entry for entry in info["mismatched_keys"]}
-    missing = (set(info["missing_keys"]) | mismatched) - head
-    if missing:
-        hint = " (a vit_gap checkpoint needs --global_pool)" if model_type == ViTGAPConfig.model_type else ""
-        raise ValueError(
-            f"checkpoint {args.model_name_or_path!r} does not hold the whole ViT encoder: missing or mismatched "
-            f"{sorted(missing)}{hint}"
-        )
-    new_head = (set(info["missing_keys"]) | mismatched) & {"classifier.weight"}
+    try:
+        check_loading_info(info, args.model_name_or_path, model_class.__name__, allowed_new=head)
+    except IncompleteCheckpointError as err:
+        if model_type != ViTGAPConfig.model_type:
+            raise
+        raise IncompleteCheckpointError(f"{err} A vit_gap checkpoint needs --global_pool.", err.keys) from None
+    new_head = set(newly_initialised_keys(info)) & {"classifier.weight"}
     if new_head and args.head_init_std is not None:
         with torch.no_grad():
             nn.init.trunc_normal_(model.classifier.weight, std=args.head_init_std)
@@ -552,7 +556,7 @@ class AccuracyMetric:
         return self.metric.compute(predictions=predictions, references=np.asarray(eval_prediction.label_ids))
 
 
-class FinetuneTrainer(Trainer):
+class FinetuneTrainer(ConvertedCheckpointsMixin, Trainer):
     """The HF Trainer with layer-wise lr decay and Mixup / CutMix (see the module docstring).
 
     With plain `TrainingArguments` it is the stock Trainer. Losses are per-batch means, divided by the Trainer over

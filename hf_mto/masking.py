@@ -336,21 +336,6 @@ class MaskGenerator:
         return beit_block_mask(batch_size, self.grid_size, self.mask_ratio, generator=generator, device=device)
 
 
-def check_mask(mask: torch.Tensor, batch_size: int, num_patches: int) -> None:
-    """Raise ``ValueError`` unless ``mask`` is a ``[batch_size, num_patches]`` bool tensor (True = masked).
-
-    Models call this on user-supplied masks so a wrong mask fails with a clear message instead of deep inside torch.
-    """
-    if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"mask must be a torch.Tensor of dtype torch.bool, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise ValueError(f"mask must have dtype torch.bool (True = masked), got {mask.dtype}")
-    if tuple(mask.shape) != (batch_size, num_patches):
-        raise ValueError(
-            f"mask must have shape [batch_size, num_patches] = {[batch_size, num_patches]}, got {list(mask.shape)}"
-        )
-
-
 def mask_to_noise(mask: torch.Tensor, *, expected_num_masked: int | None = None) -> torch.Tensor:
     """Turn a mask into the ``noise`` argument of HF ``ViTMAEForPreTraining`` so that MAE masks exactly ``mask``.
 
@@ -573,46 +558,36 @@ def evolved_mask(
     return _mask_lowest(group_rank.gather(1, labels) * n + patch_rank, num_masked)
 
 
-def evolved_depth(
-    heights: torch.Tensor,
-    epoch: float,
-    total_epochs: float,
-    f0: float = 0.0,
-    f1: float = 1.0,
-) -> torch.Tensor:
-    """Masking depth for the current epoch (EHM Eq. 14, generalised): ``d = floor(h * (f0 + (f1 - f0) * t))``.
+def evolved_depth(heights: torch.Tensor, progress: float, f0: float = 0.0, f1: float = 1.0) -> torch.Tensor:
+    """Masking depth at training progress t (EHM Eq. 14, generalised): ``d = floor(h * (f0 + (f1 - f0) * t))``.
 
-    ``t = epoch / total_epochs``; the paper's schedule is ``f0 = 0, f1 = 1``: the depth grows linearly from 0
-    (random masking) to h. Note that at depth h the only group is the root, so that mask is a random subset again;
-    the coarsest structured masks come at h - 1 (the root's two children). Results are clamped to ``[0, h]`` so an
-    epoch counter slightly past ``total_epochs`` is harmless. A pure function of the epoch, so resuming gives the
-    same schedule.
+    ``t`` is the training progress, the fraction of training done, in [0, 1] (the trainer's fractional epoch over the
+    total, counted in optimizer steps, so a one-epoch run sweeps the whole schedule). The paper's schedule is
+    ``f0 = 0, f1 = 1``: the depth grows linearly from 0 (random masking) to h. Note that at depth h the only group is
+    the root, so that mask is a random subset again; the coarsest structured masks come just before (the root's two
+    children at h - 1). A pure function of t, so resuming at the same point of training gives the same depths.
 
     Args:
         heights: ``[B]`` integer, tree heights (``MergeTree.heights``).
-        epoch: current (possibly fractional) epoch, >= 0.
-        total_epochs: total pre-training epochs, > 0.
-        f0: fraction of the height at epoch 0.
-        f1: fraction of the height at the last epoch; ``0 <= f0 <= f1 <= 1``.
+        progress: training progress t in [0, 1].
+        f0: fraction of the height at t = 0.
+        f1: fraction of the height at t = 1; ``0 <= f0 <= f1 <= 1``.
 
     Returns:
-        depth: ``[B]`` long, on ``heights``' device.
+        depth: ``[B]`` long in ``[0, h]``, on ``heights``' device.
     """
     if not isinstance(heights, torch.Tensor) or heights.dim() != 1 or heights.is_floating_point():
         described = (
             f"{heights.dtype} tensor of shape {list(heights.shape)}" if isinstance(heights, torch.Tensor) else heights
         )
         raise ValueError(f"heights must be a [B] integer tensor, got {described}")
-    if not total_epochs > 0:
-        raise ValueError(f"total_epochs must be > 0, got {total_epochs!r}")
-    if not epoch >= 0:
-        raise ValueError(f"epoch must be >= 0, got {epoch!r}")
+    if not 0.0 <= progress <= 1.0:
+        raise ValueError(f"progress must be in [0, 1] (the fraction of training done), got {progress!r}")
     if not 0.0 <= f0 <= f1 <= 1.0:
         raise ValueError(f"need 0 <= f0 <= f1 <= 1, got f0={f0!r}, f1={f1!r}")
     h = heights.to(torch.float64)
-    # Multiply before dividing so integer epochs give exact values (h * 29 / 100 rather than h * 0.29).
-    depth = torch.floor(h * f0 + h * (f1 - f0) * epoch / total_epochs + _DEPTH_EPS).long()
-    return torch.minimum(depth, heights.long()).clamp_(min=0)
+    # With f0, f1 and t in [0, 1] the depth is in [0, h]: no clamping needed.
+    return torch.floor(h * f0 + h * (f1 - f0) * progress + _DEPTH_EPS).long()
 
 
 def attention_similarity(attentions: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:

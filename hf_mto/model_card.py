@@ -299,7 +299,7 @@ def _mto_info(config, args, model: dict) -> dict:
     ]
     settings = []
     if enabled:
-        affinity = getattr(config, "mto_affinity", "dot")
+        affinity = getattr(config, "mto_affinity", "scaled")
         if affinity == "cosine":
             affinity = f"cosine / temperature {fmt(getattr(config, 'mto_temperature', None))}"
         settings = [

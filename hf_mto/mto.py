@@ -9,7 +9,8 @@ as decided in DESIGN.md:
 - ``ranking_loss``      Eq. 7   L_r: softplus ranking that makes H decrease with depth.
 
 Conventions: ``hidden`` is ``[B, N, D]`` (patch tokens only, never the CLS token); ``mask`` is ``[B, N]`` bool,
-True = masked. Everything is computed in float32 with autocast disabled, through ``log_softmax`` (never
+True = masked. Affinity logits default to ``x_i . x_j / sqrt(D)`` (``"scaled"``): the paper's raw dot product
+saturates the softmax at ViT-B widths (DESIGN.md, "MTO math"). Everything is computed in float32 with autocast disabled, through ``log_softmax`` (never
 ``log(softmax)``), and is finite (values and gradients) for every mask: an image with no masked or no visible
 token has nothing to measure, contributes 0 and is left out of batch means.
 """
@@ -79,12 +80,13 @@ def _affinity_features(hidden: torch.Tensor, affinity: str, temperature: float) 
     return x
 
 
-def affinity_logits(hidden: torch.Tensor, affinity: str = "dot", temperature: float = 0.1) -> torch.Tensor:
+def affinity_logits(hidden: torch.Tensor, affinity: str = "scaled", temperature: float = 0.1) -> torch.Tensor:
     """Token-token affinity logits in float32.
 
     Args:
         hidden: ``[B, N, D]`` token states (any float dtype).
-        affinity: ``"dot"`` (raw ``x_i . x_j``, the paper's form), ``"scaled"`` (divided by sqrt(D)) or
+        affinity: ``"scaled"`` (default: ``x_i . x_j / sqrt(D)``, attention's convention), ``"dot"`` (raw
+            ``x_i . x_j``, the paper's literal form, which saturates the softmax at ViT-B widths; see DESIGN.md) or
             ``"cosine"`` (cosine similarity divided by ``temperature``).
         temperature: only used by ``"cosine"``.
 
@@ -149,7 +151,7 @@ def mean_heterogeneity(heterogeneity: torch.Tensor, mask: torch.Tensor) -> torch
 
 
 def heterogeneity(
-    hidden: torch.Tensor, mask: torch.Tensor, affinity: str = "dot", temperature: float = 0.1
+    hidden: torch.Tensor, mask: torch.Tensor, affinity: str = "scaled", temperature: float = 0.1
 ) -> torch.Tensor:
     """Eq. 2: heterogeneity H of masked tokens with respect to visible tokens, per image.
 
@@ -167,7 +169,7 @@ def heterogeneity(
 
 
 def sparsity_loss(
-    hidden: torch.Tensor, mask: torch.Tensor, affinity: str = "dot", temperature: float = 0.1
+    hidden: torch.Tensor, mask: torch.Tensor, affinity: str = "scaled", temperature: float = 0.1
 ) -> torch.Tensor:
     """Eq. 3 (L_spa): entropy of each visible token's affinity over **all** tokens, averaged.
 
@@ -275,7 +277,7 @@ def mto_terms(
     hidden_states: list[torch.Tensor] | tuple[torch.Tensor, ...],
     mask: torch.Tensor,
     spa_layers: list[int] | tuple[int, ...] = (0,),
-    affinity: str = "dot",
+    affinity: str = "scaled",
     temperature: float = 0.1,
     eps: float = 1e-6,
     ranking: str = "intended",
@@ -393,7 +395,7 @@ def mto_terms_visible_first(
     hidden_states: list[torch.Tensor] | tuple[torch.Tensor, ...],
     num_visible: int,
     spa_layers: list[int] | tuple[int, ...] = (0,),
-    affinity: str = "dot",
+    affinity: str = "scaled",
     temperature: float = 0.1,
     eps: float = 1e-6,
     ranking: str = "intended",

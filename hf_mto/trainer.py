@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 from huggingface_hub.errors import HfHubHTTPError
-from transformers import Trainer, TrainingArguments, ViTForMaskedImageModeling, ViTMAEForPreTraining
+from transformers import Trainer, TrainerState, TrainingArguments, ViTForMaskedImageModeling, ViTMAEForPreTraining
 
+from .checkpoints import ConvertedCheckpointsMixin
 from .evolved import EvolvedMasking
 
 try:  # the HTTP client of huggingface_hub: httpx2 from version 2, httpx before
@@ -111,7 +112,8 @@ class MTOTrainingArguments(ScaledLRTrainingArguments):
         metadata={
             "help": f"Mask generator, one of {TRAINER_MASKING}. Default: the model's own (MAE: random, "
             "SimMIM: simmim_block). The ratio is the model config's mask_ratio. `evolved` is evolved hierarchical "
-            "masking, cut from a tree built from the model's own attention at a depth that rises with the epoch."
+            "masking, cut from a tree built from the model's own attention at a depth that rises with the training "
+            "progress t (see evolved_f0)."
         },
     )
     mask_patch_size: int = field(
@@ -125,7 +127,11 @@ class MTOTrainingArguments(ScaledLRTrainingArguments):
         },
     )
     evolved_f0: float = field(
-        default=0.0, metadata={"help": "Evolved masking: depth = floor(height x (f0 + (f1 - f0) x epoch / epochs))."}
+        default=0.0,
+        metadata={
+            "help": "Evolved masking: depth = floor(height x (f0 + (f1 - f0) x t)), t the training progress in [0, 1) "
+            "(fractional epoch / total epochs, counted in optimizer steps: global_step / max_steps)."
+        },
     )
     evolved_f1: float = field(default=1.0, metadata={"help": "Evolved masking: see evolved_f0."})
     reconstruction_images: int = field(
@@ -171,7 +177,23 @@ class MTOTrainingArguments(ScaledLRTrainingArguments):
         }
 
 
-class MTOTrainer(Trainer):
+def training_progress(state: TrainerState) -> float:
+    """Training progress t, the fraction of the run done: ``global_step / max_steps``, in [0, 1) during training.
+
+    This is the fractional epoch over the total epochs (DESIGN.md, evolved masking step 3), counted in optimizer
+    steps. For a run of whole epochs it equals `state.epoch / state.num_train_epochs` at every step (at every epoch
+    end when an epoch's batches do not divide into whole accumulation steps, since `state.epoch` counts batches).
+    It is not taken from those two because the Trainer rounds `num_train_epochs` up, to 2 for a `max_steps` run of
+    1.5 epochs or for `num_train_epochs=1.5`, which would stop the schedule at 3/4 of its span. Both counters are
+    restored on resume, so a resumed run continues the schedule exactly.
+    """
+    if state.max_steps <= 0:  # before training starts (an evaluation first): the start of the schedule
+        return 0.0
+    # At most 1: a checkpoint of a longer run resumed with a smaller max_steps, evaluated without training further.
+    return min(state.global_step / state.max_steps, 1.0)
+
+
+class MTOTrainer(ConvertedCheckpointsMixin, Trainer):
     """Trainer for the hf_mto models (and upstream ViTMAE / ViTForMaskedImageModeling): draws the masks, weights the
     MTO terms and logs every component.
 
@@ -241,14 +263,11 @@ class MTOTrainer(Trainer):
             return inputs
         pixel_values = inputs["pixel_values"]
         if isinstance(self.mask_generator, EvolvedMasking):
-            # From the current weights, inside the step: the epoch comes from the Trainer state, so a resumed run
-            # continues the depth schedule where it stopped.
+            # From the current weights, inside the step: the training progress comes from the Trainer state, so a
+            # resumed run continues the depth schedule exactly where it stopped, mid-epoch included.
             with self.accelerator.autocast():
                 mask, depth, height = self.mask_generator(
-                    self.accelerator.unwrap_model(model),
-                    pixel_values,
-                    epoch=int(self.state.epoch or 0),
-                    total_epochs=max(self.state.num_train_epochs or self.args.num_train_epochs, 1),
+                    self.accelerator.unwrap_model(model), pixel_values, progress=training_progress(self.state)
                 )
             self._record({"evolved/depth": depth.float().mean(), "evolved/tree_height": height.float().mean()})
         else:

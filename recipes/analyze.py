@@ -11,7 +11,11 @@ Writes to --output_dir:
     python recipes/analyze.py --checkpoint outputs/simmim-mto-tiny --mask_patch_size 8 --num_reconstructions 0
 
 Data arguments are those of `recipes/pretrain.py` (default: the embedded Fashion-MNIST); the validation split is
-used, with the evaluation transform. Works whether the checkpoint trained with MTO on or off.
+used, with the evaluation transform. Works whether the checkpoint trained with MTO on or off, and on upstream
+checkpoints too (an official MAE, `model_type: vit_mae`, or a `ViTForMaskedImageModeling` one), analysed on their own
+weights through the model of ours that extends their class:
+
+    python recipes/analyze.py --checkpoint facebook/vit-mae-base --output_dir outputs/analysis-mae
 """
 
 import json

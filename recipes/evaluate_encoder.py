@@ -29,6 +29,7 @@ from accelerate import PartialState
 from transformers import AutoImageProcessor, PreTrainedConfig, ViTMAEModel, ViTModel
 
 import hf_mto  # noqa: F401  (registers our models with the Auto classes)
+from hf_mto.checkpoints import load_pretrained
 from hf_mto.cli import MODEL_CLASSES, build_image_processor, parse_args
 from hf_mto.data import DataArguments, build_eval_transform, load_datasets
 from hf_mto.evaluation import EncoderEvalArguments, evaluate_encoder, labelled_eval_splits
@@ -60,8 +61,7 @@ def load_model(checkpoint: str, **hub_kwargs) -> torch.nn.Module:
     config_dict, _ = PreTrainedConfig.get_config_dict(checkpoint, **hub_kwargs)
     model_type = config_dict.get("model_type")
     if model_type in MODEL_CLASSES:
-        model_class = MODEL_CLASSES[model_type][1]
-        return model_class.from_pretrained(checkpoint, **hub_kwargs)
+        return load_pretrained(MODEL_CLASSES[model_type][1], checkpoint, **hub_kwargs)
     if model_type == "vit_gap":
         # Its encoder has no final layernorm (fc_norm after pooling replaces it): as a ViTModel it would get a
         # freshly initialised one.
@@ -69,9 +69,10 @@ def load_model(checkpoint: str, **hub_kwargs) -> torch.nn.Module:
             f"{checkpoint!r} is a fine-tuned vit_gap classifier; evaluate the pre-trained or exported encoder instead"
         )
     if model_type == "vit":
-        return ViTModel.from_pretrained(checkpoint, add_pooling_layer=False, **hub_kwargs)
+        # a classifier's head and a pre-training head are not the encoder's: only encoder weights must be there
+        return load_pretrained(ViTModel, checkpoint, add_pooling_layer=False, **hub_kwargs)
     if model_type == "vit_mae":
-        return ViTMAEModel.from_pretrained(checkpoint, **hub_kwargs)
+        return load_pretrained(ViTMAEModel, checkpoint, **hub_kwargs)
     raise ValueError(
         f"cannot evaluate {checkpoint!r}: model_type {model_type!r} is not a ViT (expected one of "
         f"{sorted(MODEL_CLASSES) + ['vit', 'vit_mae']})"

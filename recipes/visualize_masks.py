@@ -3,7 +3,7 @@
 For a few images it writes one PNG each, two rows:
   - the partition of the patches into the maximal subtrees at several depths, one colour per subtree
     (the EHM paper's Fig. 6);
-  - the evolved mask at several points of the depth schedule, t = epoch / total epochs (Fig. 7).
+  - the evolved mask at several points of the depth schedule, t = the training progress in [0, 1] (Fig. 7).
 
     python recipes/visualize_masks.py --checkpoint outputs/vit-mae-mto-tiny --output_dir outputs/mask_pictures
     python recipes/visualize_masks.py --checkpoint outputs/simmim-mto-tiny --train_dir my_images/ --num_images 8
@@ -21,9 +21,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForMaskedImageModeling, AutoModelForPreTraining  # noqa: E402
+from transformers import AutoImageProcessor  # noqa: E402
 
 import hf_mto  # noqa: E402,F401  (registers the Auto classes)
+from hf_mto.analysis import load_checkpoint  # noqa: E402
 from hf_mto.cli import parse_args  # noqa: E402
 from hf_mto.data import (  # noqa: E402
     DataArguments,
@@ -47,7 +48,7 @@ class VisualizeArguments:
     mask_ratio: float | None = field(default=None, metadata={"help": "Masking ratio (default: the config's)."})
     schedule_points: list[float] = field(
         default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 0.9],
-        metadata={"help": "Points t = epoch / total epochs of the depth schedule (f0=0, f1=1) to draw masks at."},
+        metadata={"help": "Training progress points t in [0, 1] of the depth schedule (f0=0, f1=1) to draw masks at."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the mask sampling."})
 
@@ -57,12 +58,6 @@ class VisualizeArguments:
         bad = [t for t in self.schedule_points if not 0.0 <= t <= 1.0]
         if bad:
             raise ValueError(f"schedule_points must lie in [0, 1], got {bad}")
-
-
-def load_model(checkpoint: str):
-    config = AutoConfig.from_pretrained(checkpoint)
-    auto = AutoModelForPreTraining if config.model_type == "vit_mae_mto" else AutoModelForMaskedImageModeling
-    return auto.from_pretrained(checkpoint).eval()
 
 
 def palette(num_colours: int, seed: int) -> np.ndarray:
@@ -100,7 +95,7 @@ def draw(image: np.ndarray, partitions, masks, grid: int, patch: int, path: Path
 @torch.no_grad()
 def main(argv=None):
     vis_args, data_args = parse_args((VisualizeArguments, DataArguments), argv)
-    model = load_model(vis_args.checkpoint)
+    model = load_checkpoint(vis_args.checkpoint)
     processor = AutoImageProcessor.from_pretrained(vis_args.checkpoint)
     config = model.config
     size = processor.size["height"]
@@ -129,7 +124,7 @@ def main(argv=None):
             partitions.append((depth, labels.numpy()))
         masks = []
         for t in vis_args.schedule_points:
-            depth = evolved_depth(tree.heights, t, 1.0)
+            depth = evolved_depth(tree.heights, t)
             mask = evolved_mask(tree, depth, ratio, generator=generator)[i]
             masks.append((t, int(depth[i]), mask.numpy()))
         draw(images[i], partitions, masks, grid, patch, out / f"image_{i}.png")

@@ -68,7 +68,7 @@ def test_layer_entropies_hand_computed():
     a = math.log(3) / 2
     hidden = torch.tensor([[[0.0, 0.0], [a, 0.0], [1.0, 0.0], [-1.0, 0.0]]])
     mask = torch.tensor([[True, True, False, False]])
-    entropies = layer_entropies([hidden, 2 * hidden], mask)
+    entropies = layer_entropies([hidden, 2 * hidden], mask, affinity="dot")
     row1 = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
     assert entropies["heterogeneity"][0, 0].item() == pytest.approx((math.log(2) + row1) / 2, abs=1e-6)
 
@@ -80,7 +80,7 @@ def test_layer_entropies_hand_computed():
     expected_visible = (entropy([0, a, 1, -1]) + entropy([0, -a, -1, 1])) / 2
     assert entropies["visible_entropy"][0, 0].item() == pytest.approx(expected_visible, abs=1e-6)
     # layer "1" (the states doubled) is checked against the library's own Eq. 2
-    assert entropies["heterogeneity"][1].tolist() == pytest.approx(heterogeneity(2 * hidden, mask).tolist())
+    assert entropies["heterogeneity"][1].tolist() == pytest.approx(heterogeneity(2 * hidden, mask, "dot").tolist())
     assert entropies["heterogeneity"].shape == (2, 1)
 
 
@@ -189,7 +189,7 @@ def test_affinity_maps_are_the_softmax_permuted_masked_first():
     maps, order, num_masked = affinity_maps(states, mask, index=1, layers=[1])
     assert num_masked == 2 and order.tolist() == [0, 4, 1, 2, 3, 5]
     assert mask[1, order[:num_masked]].all() and not mask[1, order[num_masked:]].any()
-    probs = torch.softmax(states[1][1] @ states[1][1].T, dim=-1)
+    probs = torch.softmax(states[1][1] @ states[1][1].T / math.sqrt(4), dim=-1)  # the default affinity, D = 4
     assert maps.shape == (1, 6, 6)
     for i in range(6):
         for j in range(6):
@@ -248,9 +248,13 @@ def test_models_that_are_not_ours_are_rejected(tmp_path):
     upstream = ViTMAEForPreTraining(ViTMAEConfig(**TINY_MAE))
     with pytest.raises(ValueError, match="ViTMAEForPreTraining"):
         check_model(upstream)
+    # an upstream checkpoint is analysed through our class that extends it (official MAEs, the paper's Table 1)
     upstream.save_pretrained(tmp_path / "upstream")
-    with pytest.raises(ValueError, match=r"'vit_mae' checkpoint.*simmim_mto"):
-        load_checkpoint(tmp_path / "upstream")
+    assert isinstance(load_checkpoint(tmp_path / "upstream"), ViTMAEMTOForPreTraining)
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ValueError, match=r"'bert' checkpoint.*simmim_mto.*vit_mae"):
+        load_checkpoint(tmp_path / "bert")
     with pytest.raises(ValueError, match="masking must be one of"):
         draw_mask_inputs(tiny_mae(), 2, masking="evolved")
     with pytest.raises(ValueError, match="the model masks 45"):  # MAE with a block mask of another count

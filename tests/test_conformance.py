@@ -5,12 +5,11 @@ their base models) as the reference: every test that passes there passes on ours
 that holds. The mixins come from the sdist of the installed transformers (tests/transformers_common.py); without
 network on the first run the module is skipped.
 
-Skip list: tests that pass on upstream's classes and skip on ours, with the reason.
-- `test_reverse_loading_mapping`, `test_can_load_from_already_mapped_keys`: the mixin skips them itself ("No
-  conversion found") because no checkpoint conversion mapping is registered for `vit_mae_mto` / `simmim_mto` (upstream
-  has one for `vit_mae` / `vit`); they run once one is.
-Every other skip is the mixin's own and the same on upstream's classes (no accelerator, no flash attention, no
-`inputs_embeds`, not a composite or MoE model, ...).
+Skip list: none of our own. Every test has the same outcome on our classes as on upstream's; every skip is the
+mixin's own, with its reason, on both (no accelerator, no flash attention or kernels library, no `inputs_embeds`, not
+a composite or MoE model, transformers' `@slow` without RUN_SLOW, ...). The checkpoint-mapping tests
+(`test_reverse_loading_mapping`, `test_can_load_from_already_mapped_keys`) run on ours because the modeling files
+register upstream's conversion mapping for our classes.
 
 Inputs carry a fixed mask (`noise` for MAE, `bool_masked_pos` for SimMIM, the same count masked in every image as
 hf_mto's generators do), so outputs are deterministic and the MTO terms are computed in every forward with MTO on.

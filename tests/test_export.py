@@ -201,12 +201,19 @@ def test_not_ours_raises_naming_the_model_type(tmp_path):
         export_encoder(tmp_path / "plain-vit", tmp_path / "out")
     with pytest.raises(ValueError, match="model_type 'vit'"):
         export_encoder(plain, tmp_path / "out")
-    upstream_mae = ViTMAEForPreTraining(ViTMAEConfig(**TINY_MAE))
-    with pytest.raises(ValueError, match="model_type 'vit_mae'"):
-        export_encoder(upstream_mae, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     with pytest.raises(TypeError):
         export_encoder(123, tmp_path / "out")
+
+
+def test_upstream_mae_exports(tmp_path):
+    """An official MAE (upstream `ViTMAEForPreTraining`, model_type vit_mae) exports like ours."""
+    torch.manual_seed(0)
+    upstream_mae = ViTMAEForPreTraining(ViTMAEConfig(**TINY_MAE))
+    export_encoder(upstream_mae, tmp_path / "out")
+    encoder = ViTModel.from_pretrained(tmp_path / "out", add_pooling_layer=False)
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(value, upstream_mae.vit.state_dict()[key]), key
 
 
 def test_refuses_to_overwrite_the_checkpoint(exported):

@@ -15,7 +15,6 @@ from hf_mto.masking import (
     attention_similarity,
     beit_block_mask,
     build_merge_tree,
-    check_mask,
     cut_tree,
     evolved_depth,
     evolved_mask,
@@ -239,20 +238,8 @@ def test_beit_block_mask_rejects_bad_settings():
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# check_mask and mask_to_noise
+# mask_to_noise
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def test_check_mask_accepts_and_rejects():
-    check_mask(torch.zeros(2, 64, dtype=torch.bool), 2, 64)
-    with pytest.raises(ValueError, match=r"shape \[batch_size, num_patches\] = \[2, 64\], got \[2, 63\]"):
-        check_mask(torch.zeros(2, 63, dtype=torch.bool), 2, 64)
-    with pytest.raises(ValueError, match=r"got \[64\]"):
-        check_mask(torch.zeros(64, dtype=torch.bool), 2, 64)
-    with pytest.raises(ValueError, match="dtype torch.bool .*got torch.float32"):
-        check_mask(torch.zeros(2, 64), 2, 64)
-    with pytest.raises(ValueError, match="got list"):
-        check_mask([[True] * 64] * 2, 2, 64)
 
 
 def test_mask_to_noise_hand_values():
@@ -611,32 +598,32 @@ def test_evolved_mask_determinism_and_validation():
 
 
 @pytest.mark.parametrize(
-    ("epoch", "total", "f0", "f1", "expected"),
+    ("progress", "f0", "f1", "expected"),
     [
-        (0, 100, 0.0, 1.0, [0, 0, 0]),
-        (33, 100, 0.0, 1.0, [3, 2, 0]),  # 10*0.33 = 3.3, 7*0.33 = 2.31
-        (50, 100, 0.0, 1.0, [5, 3, 0]),  # 3.5 -> 3
-        (100, 100, 0.0, 1.0, [10, 7, 0]),  # the last epoch reaches the height
-        (150, 100, 0.0, 1.0, [10, 7, 0]),  # past the end: clamped to the height
-        (12.5, 25, 0.0, 1.0, [5, 3, 0]),  # fractional epoch, t = 0.5
-        (0, 100, 0.2, 0.6, [2, 1, 0]),  # f0 = 0.2: 2.0, 1.4
-        (50, 100, 0.2, 0.6, [4, 2, 0]),  # f = 0.4: 4.0, 2.8
-        (100, 100, 0.2, 0.6, [6, 4, 0]),  # f = 0.6: 6.0, 4.2
+        (0.0, 0.0, 1.0, [0, 0, 0]),
+        (0.33, 0.0, 1.0, [3, 2, 0]),  # 10*0.33 = 3.3, 7*0.33 = 2.31
+        (0.5, 0.0, 1.0, [5, 3, 0]),  # 3.5 -> 3
+        (0.999, 0.0, 1.0, [9, 6, 0]),  # the last step of a run: one level short of the height
+        (1.0, 0.0, 1.0, [10, 7, 0]),  # the end of training reaches the height
+        (0.0, 0.2, 0.6, [2, 1, 0]),  # f0 = 0.2: 2.0, 1.4
+        (0.5, 0.2, 0.6, [4, 2, 0]),  # f = 0.4: 4.0, 2.8
+        (1.0, 0.2, 0.6, [6, 4, 0]),  # f = 0.6: 6.0, 4.2
     ],
 )
-def test_evolved_depth_schedule(epoch, total, f0, f1, expected):
+def test_evolved_depth_schedule(progress, f0, f1, expected):
     heights = torch.tensor([10, 7, 0])
-    depth = evolved_depth(heights, epoch, total, f0, f1)
+    depth = evolved_depth(heights, progress, f0, f1)
     assert depth.dtype == torch.long
     assert depth.tolist() == expected
-    # Resuming at the same epoch gives the same depth: it is a pure function of the epoch.
-    assert evolved_depth(heights, epoch, total, f0, f1).tolist() == expected
+    # Resuming at the same progress gives the same depth: it is a pure function of the progress.
+    assert evolved_depth(heights, progress, f0, f1).tolist() == expected
 
 
 def test_evolved_depth_exact_on_decimal_fractions():
     # 100 * 0.29 is 28.999999999999996 in floating point; the intended depth is 29.
-    assert evolved_depth(torch.tensor([100]), 100, 100, 0.0, 0.29).tolist() == [29]
-    assert evolved_depth(torch.tensor([100]), 29, 100).tolist() == [29]
+    assert evolved_depth(torch.tensor([100]), 1.0, 0.0, 0.29).tolist() == [29]
+    assert evolved_depth(torch.tensor([100]), 0.29).tolist() == [29]
+    assert evolved_depth(torch.tensor([100]), 29 / 100).tolist() == [29]  # a step fraction, as the trainer passes
 
 
 @pytest.mark.parametrize(
@@ -645,20 +632,20 @@ def test_evolved_depth_exact_on_decimal_fractions():
         ({"f0": 0.7, "f1": 0.3}, "f0=0.7, f1=0.3"),
         ({"f0": -0.1}, "f0=-0.1"),
         ({"f1": 1.5}, "f1=1.5"),
-        ({"total_epochs": 0}, "total_epochs must be > 0, got 0"),
-        ({"total_epochs": -5}, "total_epochs must be > 0, got -5"),
-        ({"epoch": -1}, "epoch must be >= 0, got -1"),
+        ({"progress": -0.1}, r"progress must be in \[0, 1\] \(the fraction of training done\), got -0.1"),
+        ({"progress": 3}, r"progress must be in \[0, 1\] \(the fraction of training done\), got 3"),  # an epoch
+        ({"progress": float("nan")}, "got nan"),
     ],
 )
 def test_evolved_depth_rejects_bad_settings(kwargs, message):
-    arguments = {"heights": torch.tensor([5]), "epoch": 1, "total_epochs": 10, **kwargs}
+    arguments = {"heights": torch.tensor([5]), "progress": 0.1, **kwargs}
     with pytest.raises(ValueError, match=message):
         evolved_depth(**arguments)
 
 
 def test_evolved_depth_rejects_float_heights():
     with pytest.raises(ValueError, match="integer tensor, got torch.float32"):
-        evolved_depth(torch.tensor([5.0]), 1, 10)
+        evolved_depth(torch.tensor([5.0]), 0.1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -701,7 +688,7 @@ def test_attention_to_mask_pipeline():
     similarity = attention_similarity(attentions)
     assert similarity.shape == (3, 64, 64) and torch.equal(similarity, similarity.transpose(1, 2))
     tree = build_merge_tree(similarity)
-    depth = evolved_depth(tree.heights, epoch=40, total_epochs=80)
+    depth = evolved_depth(tree.heights, progress=0.5)
     assert torch.equal(depth, tree.heights // 2)
     assert evolved_mask(tree, depth, 0.75, generator=seeded(22)).sum(dim=1).tolist() == [48] * 3
 

@@ -206,6 +206,7 @@ def test_simmim_card_with_evolved_masking(tmp_path):
     assert 'AutoModelForMaskedImageModeling.from_pretrained("user/simmim", trust_remote_code=True)' in card
     assert "Masked Token Optimization (MTO)** on the encoder" in card
     assert "**f0 = 0.2, f1 = 0.8**" in card and "in its first\n1 block(s)" in card
+    assert "t the training progress (the fraction of the run's optimizer steps done" in card
     assert "`evolved`, evolved hierarchical masking, mask ratio 0.6" in card
     assert "| L_e (`singularity_loss`) | Eq. 6 (singularity) | 0 | no |" in card
     assert "- L_spa on states: H^0, H^1" in card

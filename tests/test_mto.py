@@ -26,12 +26,18 @@ MASK = torch.tensor([[False, True, False]])
 def test_heterogeneity_by_hand():
     # masked row 1 over visible columns {0, 2}: logits x1.x0 = 1, x1.x2 = 0
     expected = entropy([1.0, 0.0])
+    assert mto.heterogeneity(HIDDEN, MASK, affinity="dot").item() == pytest.approx(expected, rel=1e-6)
+    # the default affinity divides the logits by sqrt(D) = sqrt(2)
+    expected = entropy([1.0 / math.sqrt(2), 0.0])
     assert mto.heterogeneity(HIDDEN, MASK).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_sparsity_loss_by_hand():
     # visible rows over all columns: row 0 logits [1, 1, 0]; row 2 logits [0, 0, 0] (uniform over 3)
     expected = (entropy([1.0, 1.0, 0.0]) + math.log(3)) / 2
+    assert mto.sparsity_loss(HIDDEN, MASK, affinity="dot").item() == pytest.approx(expected, rel=1e-6)
+    # the default affinity divides the logits by sqrt(D) = sqrt(2)
+    expected = (entropy([1.0 / math.sqrt(2), 1.0 / math.sqrt(2), 0.0]) + math.log(3)) / 2
     assert mto.sparsity_loss(HIDDEN, MASK).item() == pytest.approx(expected, rel=1e-6)
 
 
@@ -40,7 +46,7 @@ def test_sparsity_loss_is_mean_over_images_of_mean_over_visible_rows():
     mask = torch.cat([MASK, torch.tensor([[True, False, True]])])
     # image 2: tokens [0,0], [1,1] (visible), [1,0] -> single visible row 1, logits [0, 2, 1]
     expected = ((entropy([1.0, 1.0, 0.0]) + math.log(3)) / 2 + entropy([0.0, 2.0, 1.0])) / 2
-    assert mto.sparsity_loss(hidden, mask).item() == pytest.approx(expected, rel=1e-6)
+    assert mto.sparsity_loss(hidden, mask, affinity="dot").item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_affinity_modes_by_hand():

@@ -23,9 +23,10 @@ class SimMIMMTOConfig(ViTConfig):
             done. Can be overridden per call with `forward(use_mto=...)`.
         mto_spa_layers (`list[int]`, *optional*, defaults to `[0]`):
             Encoder states where the sparsity loss L_spa applies (0 = the embeddings output).
-        mto_affinity (`str`, *optional*, defaults to `"dot"`):
-            `"dot"` (raw dot product, the paper's), `"scaled"` (divided by sqrt(hidden_size)) or `"cosine"`
-            (cosine similarity divided by `mto_temperature`).
+        mto_affinity (`str`, *optional*, defaults to `"scaled"`):
+            `"scaled"` (dot product divided by sqrt(hidden_size), attention's convention), `"dot"` (the raw dot
+            product, as the paper writes it; at ViT-B widths it saturates the softmax, so L_spa vanishes with zero
+            gradient) or `"cosine"` (cosine similarity divided by `mto_temperature`).
         mto_temperature (`float`, *optional*, defaults to 0.1):
             Temperature of the `"cosine"` affinity.
         mto_ranking (`str`, *optional*, defaults to `"intended"`):
@@ -51,7 +52,7 @@ class SimMIMMTOConfig(ViTConfig):
     mask_ratio: float = 0.6
     use_mto: bool = True
     mto_spa_layers: list[int] | tuple[int, ...] = (0,)
-    mto_affinity: str = "dot"
+    mto_affinity: str = "scaled"
     mto_temperature: float | int = 0.1
     mto_ranking: str = "intended"
     mto_eps: float = 1e-6

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import ViTForMaskedImageModeling, ViTModel
+from transformers.conversion_mapping import (
+    get_checkpoint_conversion_mapping,
+    register_checkpoint_conversion_mapping,
+)
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling, MaskedImageModelingOutput
 from transformers.models.vit.modeling_vit import ViTEmbeddings, ViTPreTrainedModel
@@ -288,3 +292,20 @@ class SimMIMMTOForMaskedImageModeling(SimMIMMTOPreTrainedModel, ViTForMaskedImag
 
 
 __all__ = ["SimMIMMTOForMaskedImageModeling", "SimMIMMTOModel", "SimMIMMTOPreTrainedModel", "SimMIMMTOOutput"]
+
+
+def _register_checkpoint_conversion() -> None:
+    """Give our encoder upstream `ViTModel`'s key renaming, looked up by class name (transformers 5 applies a
+    conversion mapping only to the class names and `model_type`s it knows, and none to custom code that did not
+    register one). Upstream `ViTForMaskedImageModeling` itself has no mapping; its `ViTModel` does.
+
+    Loading then maps the legacy names of upstream's `save_pretrained` and of 4.x checkpoints
+    (``encoder.layer.N.attention.attention.query``) to the modules' names, and `save_pretrained` writes upstream's
+    names. Done here, in the modeling file, so that `trust_remote_code` loading gets it too.
+    """
+    register_checkpoint_conversion_mapping(
+        SimMIMMTOModel.__name__, get_checkpoint_conversion_mapping(ViTModel.__name__), overwrite=True
+    )
+
+
+_register_checkpoint_conversion()

@@ -24,9 +24,11 @@ class ViTMAEMTOConfig(ViTMAEConfig):
             Decoder states where the sparsity loss L_spa applies: 0 is the decoder input (after `decoder_embed`,
             mask-token insertion and position embedding), l is the output of decoder block l. The paper uses `[0]`,
             "the initial embedding stage".
-        mto_affinity (`str`, *optional*, defaults to `"dot"`):
-            Affinity logits between tokens: `"dot"` (raw dot product, as in the paper), `"scaled"` (divided by
-            sqrt(decoder_hidden_size)) or `"cosine"` (cosine similarity divided by `mto_temperature`).
+        mto_affinity (`str`, *optional*, defaults to `"scaled"`):
+            Affinity logits between tokens: `"scaled"` (dot product divided by sqrt(decoder_hidden_size), attention's
+            convention), `"dot"` (the raw dot product, as the paper writes it; at ViT-B widths it saturates the
+            softmax, so L_spa vanishes with zero gradient) or `"cosine"` (cosine similarity divided by
+            `mto_temperature`).
         mto_temperature (`float`, *optional*, defaults to 0.1):
             Temperature of the `"cosine"` affinity; unused otherwise.
         mto_ranking (`str`, *optional*, defaults to `"intended"`):
@@ -52,7 +54,7 @@ class ViTMAEMTOConfig(ViTMAEConfig):
 
     use_mto: bool = True
     mto_spa_layers: list[int] | tuple[int, ...] = (0,)
-    mto_affinity: str = "dot"
+    mto_affinity: str = "scaled"
     mto_temperature: float | int = 0.1
     mto_ranking: str = "intended"
     mto_eps: float = 1e-6

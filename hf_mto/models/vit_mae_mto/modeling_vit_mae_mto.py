@@ -11,6 +11,10 @@ Subclasses transformers' ViTMAE: same module names and state-dict keys (upstream
 from dataclasses import dataclass
 
 import torch
+from transformers.conversion_mapping import (
+    get_checkpoint_conversion_mapping,
+    register_checkpoint_conversion_mapping,
+)
 from transformers.models.vit_mae.modeling_vit_mae import (
     ViTMAEDecoder,
     ViTMAEDecoderOutput,
@@ -263,3 +267,22 @@ class ViTMAEMTOForPreTraining(ViTMAEMTOPreTrainedModel, ViTMAEForPreTraining):
 
 
 __all__ = ["ViTMAEMTOForPreTraining", "ViTMAEMTOModel", "ViTMAEMTOPreTrainedModel", "ViTMAEMTOForPreTrainingOutput"]
+
+
+def _register_checkpoint_conversion() -> None:
+    """Give our classes upstream's key renaming, looked up by class name (transformers 5 applies a conversion mapping
+    only to the class names and `model_type`s it knows, and none to custom code that did not register one).
+
+    Loading then maps the legacy names of the Hub's official MAE checkpoints and of upstream's `save_pretrained`
+    (``encoder.layer.N.attention.attention.query``) to the modules' names, and `save_pretrained` writes upstream's
+    names, so other tools read our checkpoints. Done here, in the modeling file, so that `trust_remote_code`
+    loading gets it too.
+    """
+    for ours, upstream in (
+        (ViTMAEMTOForPreTraining.__name__, ViTMAEForPreTraining.__name__),
+        (ViTMAEMTOModel.__name__, ViTMAEModel.__name__),
+    ):
+        register_checkpoint_conversion_mapping(ours, get_checkpoint_conversion_mapping(upstream), overwrite=True)
+
+
+_register_checkpoint_conversion()
