@@ -16,6 +16,7 @@ import torch
 from hf_mto.cli import ModelArguments, build_config, build_model, parse_args
 from hf_mto.data import DataArguments
 from hf_mto.evaluation import EncoderEvalArguments
+from hf_mto.mto import mean_heterogeneity
 from hf_mto.trainer import MTOTrainer, MTOTrainingArguments
 
 pytestmark = pytest.mark.slow  # a ViT-B built, run and differentiated three times per affinity: ~20 s a preset
@@ -47,7 +48,8 @@ def measure(model, inputs: dict) -> dict:
     number of visible tokens per image."""
     outputs = model(**inputs, use_mto=True)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    measured = {"H": outputs.heterogeneity.tolist(), "num_visible": int((~outputs.mask.bool()).sum(dim=1).min())}
+    heterogeneity = mean_heterogeneity(outputs.heterogeneity, outputs.mask)  # H^0..H^L, batch means
+    measured = {"H": heterogeneity.tolist(), "num_visible": int((~outputs.mask.bool()).sum(dim=1).min())}
     for name, key in (("sparsity_loss", "L_spa"), ("singularity_loss", "L_e"), ("ranking_loss", "L_r")):
         value = getattr(outputs, name)
         grads = torch.autograd.grad(value, parameters, retain_graph=True, allow_unused=True)
