@@ -21,6 +21,9 @@ from .models.simmim_mto import (
     SimMIMMTOModel,
     SimMIMMTOOutput,
 )
+
+# The methods' declarations for generic code (hf_mto.methods): importing them registers them.
+from .models.simmim_mto.method_simmim_mto import SimMIMMTOMethod  # noqa: E402
 from .models.vit_gap import ViTGAPConfig, ViTGAPForImageClassification
 from .models.vit_mae_mto import (
     ViTMAEMTOConfig,
@@ -28,6 +31,7 @@ from .models.vit_mae_mto import (
     ViTMAEMTOForPreTrainingOutput,
     ViTMAEMTOModel,
 )
+from .models.vit_mae_mto.method_vit_mae_mto import ViTMAEMTOMethod  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -62,6 +66,7 @@ _register()
 
 __all__ = [
     "SimMIMMTOConfig",
+    "SimMIMMTOMethod",
     "SimMIMMTOForMaskedImageModeling",
     "SimMIMMTOModel",
     "SimMIMMTOOutput",
@@ -70,6 +75,7 @@ __all__ = [
     "ViTMAEMTOConfig",
     "ViTMAEMTOForPreTraining",
     "ViTMAEMTOForPreTrainingOutput",
+    "ViTMAEMTOMethod",
     "ViTMAEMTOModel",
     "__version__",
 ]

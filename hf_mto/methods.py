@@ -1,0 +1,157 @@
+"""What generic code needs to know about a pre-training method, declared once per method (DESIGN.md, "One method,
+one place").
+
+Each method's folder under `hf_mto/models/` holds, beside its configuration and modeling files, a `method_*.py` with
+a `PreTrainingMethod` subclass: how a mask reaches the model, the default masking, which stacks of states MTO acts
+on, how to run the encoder over a whole (unmasked) image, what an export keeps, what the model card says, and a
+per-step hook (a teacher update, for methods that have one). The trainer, analysis, evaluation, export, model card
+and recipes read these declarations through `method_for` and hold no switch over methods.
+
+The declarations live outside the modeling files on purpose: the modeling files travel beside every checkpoint as
+remote code and must import nothing from hf_mto, while a declaration may use all of it.
+
+A method also covers the upstream transformers class its model extends (`extends`): `MTOTrainer`, the analysis and
+the export then treat an upstream `ViTMAEForPreTraining` as MAE, on its own weights.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+
+_METHODS: dict[str, type[PreTrainingMethod]] = {}
+
+
+class PreTrainingMethod:
+    """The declarations of one pre-training method. Subclass it in the method's folder and `register_method` it.
+
+    Class attributes:
+        name: the method as papers and model cards name it ("MAE", "SimMIM").
+        config_class / model_class: ours; `model_class.config_class.model_type` keys the registry.
+        auto_class_name: the transformers Auto class that loads the model ("AutoModelForPreTraining").
+        extends: the upstream classes (and their `model_type`s) the model extends; checkpoints and models of those
+            are handled as this method, on their own weights.
+        mask_input_name: the forward argument a mask reaches the model through ("noise", "bool_masked_pos").
+        default_masking: the `hf_mto.masking` strategy used when the user chooses none.
+        own_masking: a strategy the model draws by itself when given no mask (MAE's random masking, upstream's
+            path): the trainer then passes none. None when the model needs a mask from outside.
+        mto_stacks: names of the stacks of states MTO acts on, in the order the model returns them.
+        export_dropped_keys: encoder weights that have no place in a plain `ViTModel` (SimMIM's mask token).
+        card_notes: sentences the exported encoder's model card adds about this method's encoder.
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[PretrainedConfig]]
+    model_class: ClassVar[type[PreTrainedModel]]
+    auto_class_name: ClassVar[str]
+    extends: ClassVar[tuple[type[PreTrainedModel], ...]] = ()
+    extends_model_types: ClassVar[tuple[str, ...]] = ()
+    mask_input_name: ClassVar[str]
+    default_masking: ClassVar[str]
+    own_masking: ClassVar[str | None] = None
+    mto_stacks: ClassVar[tuple[str, ...]]
+    export_dropped_keys: ClassVar[tuple[str, ...]] = ()
+    card_notes: ClassVar[str] = ""
+
+    @classmethod
+    def model_type(cls) -> str:
+        return cls.config_class.model_type
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Masks
+    # ---------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def mask_inputs(cls, model: PreTrainedModel, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The forward argument(s) that make the model mask exactly ``mask`` (``[B, N]`` bool, True = masked)."""
+        return {cls.mask_input_name: mask}
+
+    @classmethod
+    def num_masked(cls, config, num_patches: int, drawn: int) -> int:
+        """How many patches a generator that masks ``drawn`` per image will have masked in the model; the default
+        is the generator's own count. A method whose model keeps a count of its own (MAE) checks it here and
+        raises a `ValueError` naming the ratio that would agree."""
+        return drawn
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # The encoder over whole images (evolved masking, analysis, evaluation, export)
+    # ---------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def encoder(cls, model: PreTrainedModel) -> PreTrainedModel:
+        """The ViT encoder of a pre-training model (its base model)."""
+        return model.base_model
+
+    @classmethod
+    def unmasked_embeddings(cls, model: PreTrainedModel, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[B, 1 + N, D]`` token embeddings of the whole image (CLS first), nothing masked: patch projection plus
+        position embedding, CLS plus its position. Built from the embedding module's parameters because a
+        pre-training embedding module may always mask (MAE's drops patches)."""
+        embeddings = cls.encoder(model).embeddings
+        patches = embeddings.patch_embeddings(pixel_values)  # [B, N, D]
+        position = embeddings.position_embeddings  # [1, 1 + N, D]
+        cls_token = (embeddings.cls_token + position[:, :1]).expand(patches.shape[0], -1, -1)
+        return torch.cat([cls_token, patches + position[:, 1:]], dim=1)
+
+    @classmethod
+    def encoder_blocks(cls, model: PreTrainedModel) -> torch.nn.ModuleList:
+        """The encoder's transformer blocks, in order."""
+        return cls.encoder(model).layers
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Training
+    # ---------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def on_step_end(cls, model: PreTrainedModel, progress: float) -> None:
+        """Called after every optimizer step with the training progress t in [0, 1] (a teacher's EMA update goes
+        here). No-op by default."""
+
+
+def register_method(method: type[PreTrainingMethod]) -> type[PreTrainingMethod]:
+    """Make ``method`` known to generic code (its model type and the upstream model types it extends)."""
+    for model_type in (method.model_type(), *method.extends_model_types):
+        _METHODS[model_type] = method
+    return method
+
+
+def registered_methods() -> list[type[PreTrainingMethod]]:
+    """Every registered method, once each, in registration order."""
+    return list(dict.fromkeys(_METHODS.values()))
+
+
+def model_types() -> list[str]:
+    """The model types of our pre-training models."""
+    return [method.model_type() for method in registered_methods()]
+
+
+def method_for(model_or_config_or_type) -> type[PreTrainingMethod]:
+    """The method of a model, config, model class or `model_type` string (ours or an upstream one a method extends).
+
+    Raises:
+        ValueError: naming the model type when no method declares it.
+    """
+    target = model_or_config_or_type
+    target = getattr(target, "module", target)  # DistributedDataParallel
+    if isinstance(target, str):
+        model_type = target
+    else:
+        config = getattr(target, "config", target)
+        model_type = getattr(config, "model_type", None)
+    method = _METHODS.get(model_type)
+    if method is not None and not isinstance(target, (str, PretrainedConfig, type)):
+        # a model type shared with other architectures (upstream "vit") only counts for the classes extended
+        if not isinstance(target, (method.model_class, *method.extends)):
+            method = None
+    if method is None:
+        known = sorted(_METHODS)
+        name = type(target).__name__ if not isinstance(target, str) else target
+        raise ValueError(
+            f"{name} (model_type {model_type!r}) is not a pre-training model hf_mto knows; model types: {known}"
+        )
+    return method
+
+
+__all__ = ["PreTrainingMethod", "method_for", "model_types", "register_method", "registered_methods"]

@@ -1,0 +1,27 @@
+"""SimMIM + MTO as generic code sees it (see `hf_mto.methods`). Not imported by the modeling files, so not part of the
+remote code saved beside checkpoints."""
+
+from __future__ import annotations
+
+from transformers import ViTForMaskedImageModeling
+
+from ...methods import PreTrainingMethod, register_method
+from .configuration_simmim_mto import SimMIMMTOConfig
+from .modeling_simmim_mto import SimMIMMTOForMaskedImageModeling
+
+
+@register_method
+class SimMIMMTOMethod(PreTrainingMethod):
+    name = "SimMIM"
+    config_class = SimMIMMTOConfig
+    model_class = SimMIMMTOForMaskedImageModeling
+    auto_class_name = "AutoModelForMaskedImageModeling"
+    extends = (ViTForMaskedImageModeling,)
+    extends_model_types = ("vit",)
+    mask_input_name = "bool_masked_pos"
+    default_masking = "simmim_block"
+    mto_stacks = ("encoder",)
+    export_dropped_keys = ("embeddings.mask_token",)
+    card_notes = (
+        "SimMIM's mask token and reconstruction head were dropped; the position embeddings are the learned ones."
+    )
