@@ -33,6 +33,8 @@ class PreTrainingMethod:
         auto_class_name: the transformers Auto class that loads the model ("AutoModelForPreTraining").
         extends: the upstream classes (and their `model_type`s) the model extends; checkpoints and models of those
             are handled as this method, on their own weights.
+        encoder_classes: the classes of the encoder (`encoder(model)`), ours and upstream's: an encoder alone is
+            recognised as this method's too (for export and evaluation).
         mask_input_name: the forward argument a mask reaches the model through ("noise", "bool_masked_pos").
         default_masking: the `hf_mto.masking` strategy used when the user chooses none.
         own_masking: a strategy the model draws by itself when given no mask (MAE's random masking, upstream's
@@ -48,6 +50,7 @@ class PreTrainingMethod:
     auto_class_name: ClassVar[str]
     extends: ClassVar[tuple[type[PreTrainedModel], ...]] = ()
     extends_model_types: ClassVar[tuple[str, ...]] = ()
+    encoder_classes: ClassVar[tuple[type[PreTrainedModel], ...]] = ()
     mask_input_name: ClassVar[str]
     default_masking: ClassVar[str]
     own_masking: ClassVar[str | None] = None
@@ -127,29 +130,39 @@ def model_types() -> list[str]:
     return [method.model_type() for method in registered_methods()]
 
 
-def method_for(model_or_config_or_type) -> type[PreTrainingMethod]:
-    """The method of a model, config, model class or `model_type` string (ours or an upstream one a method extends).
+def method_for(target) -> type[PreTrainingMethod]:
+    """The method of a model (or its encoder), a config, a config dict or a `model_type` string, ours or an
+    upstream one a method extends.
+
+    An upstream model type can be shared with other architectures (a `vit` checkpoint may be a SimMIM model or an
+    image classifier): a model must then be an instance of a class the method declares, and a config whose
+    `architectures` are given must name one.
 
     Raises:
-        ValueError: naming the model type when no method declares it.
+        ValueError: naming the class or model type when no method declares it.
     """
-    target = model_or_config_or_type
     target = getattr(target, "module", target)  # DistributedDataParallel
     if isinstance(target, str):
-        model_type = target
+        model_type, architectures, described = target, None, repr(target)
+    elif isinstance(target, dict):
+        model_type, architectures = target.get("model_type"), target.get("architectures")
+        described = "a config"
     else:
         config = getattr(target, "config", target)
-        model_type = getattr(config, "model_type", None)
+        model_type, architectures = getattr(config, "model_type", None), getattr(config, "architectures", None)
+        described = type(target).__name__
     method = _METHODS.get(model_type)
-    if method is not None and not isinstance(target, (str, PretrainedConfig, type)):
-        # a model type shared with other architectures (upstream "vit") only counts for the classes extended
-        if not isinstance(target, (method.model_class, *method.extends)):
-            method = None
+    if method is not None:
+        classes = (method.model_class, *method.extends, *method.encoder_classes)
+        if isinstance(target, torch.nn.Module):
+            known = isinstance(target, classes)
+        else:
+            known = not architectures or any(name in {c.__name__ for c in classes} for name in architectures)
+        method = method if known else None
     if method is None:
-        known = sorted(_METHODS)
-        name = type(target).__name__ if not isinstance(target, str) else target
         raise ValueError(
-            f"{name} (model_type {model_type!r}) is not a pre-training model hf_mto knows; model types: {known}"
+            f"{described} (model_type {model_type!r}) is not a pre-training model hf_mto knows; model types: "
+            f"{sorted(_METHODS)}"
         )
     return method
 

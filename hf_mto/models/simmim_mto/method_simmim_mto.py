@@ -3,7 +3,7 @@ remote code saved beside checkpoints."""
 
 from __future__ import annotations
 
-from transformers import ViTForMaskedImageModeling
+from transformers import ViTForMaskedImageModeling, ViTModel
 
 from ...methods import PreTrainingMethod, register_method
 from .configuration_simmim_mto import SimMIMMTOConfig
@@ -18,6 +18,7 @@ class SimMIMMTOMethod(PreTrainingMethod):
     auto_class_name = "AutoModelForMaskedImageModeling"
     extends = (ViTForMaskedImageModeling,)
     extends_model_types = ("vit",)
+    encoder_classes = (ViTModel,)  # ours, SimMIMMTOModel, is one
     mask_input_name = "bool_masked_pos"
     default_masking = "simmim_block"
     mto_stacks = ("encoder",)

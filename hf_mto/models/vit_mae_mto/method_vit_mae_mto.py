@@ -4,12 +4,12 @@ remote code saved beside checkpoints."""
 from __future__ import annotations
 
 import torch
-from transformers import ViTMAEForPreTraining
+from transformers import ViTMAEForPreTraining, ViTMAEModel
 
 from ...masking import mask_to_noise
 from ...methods import PreTrainingMethod, register_method
 from .configuration_vit_mae_mto import ViTMAEMTOConfig
-from .modeling_vit_mae_mto import ViTMAEMTOForPreTraining
+from .modeling_vit_mae_mto import ViTMAEMTOForPreTraining, ViTMAEMTOModel
 
 
 @register_method
@@ -20,6 +20,7 @@ class ViTMAEMTOMethod(PreTrainingMethod):
     auto_class_name = "AutoModelForPreTraining"
     extends = (ViTMAEForPreTraining,)
     extends_model_types = ("vit_mae",)
+    encoder_classes = (ViTMAEMTOModel, ViTMAEModel)
     mask_input_name = "noise"
     default_masking = "random"
     own_masking = "random"  # MAE draws its own random mask from its noise: upstream's path, same distribution
