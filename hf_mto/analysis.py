@@ -29,10 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from transformers import PreTrainedConfig, TrainerCallback
+from transformers import TrainerCallback
 
-from .checkpoints import load_pretrained
-from .cli import MODEL_CLASSES, UPSTREAM_MODEL_TYPES
+from .checkpoints import load_pretraining_checkpoint
 from .data import collate_pixel_values, first_readable_pixels
 from .masking import MaskGenerator, mask_to_noise, square_side
 from .models.simmim_mto import SimMIMMTOForMaskedImageModeling
@@ -66,16 +65,7 @@ def load_checkpoint(checkpoint: str | os.PathLike, **kwargs):
         ValueError: the checkpoint is of another model type.
         IncompleteCheckpointError: it lacks weights of the model (e.g. a `vit` classifier, which has no SimMIM head).
     """
-    model_type = PreTrainedConfig.get_config_dict(checkpoint, **kwargs)[0].get("model_type")
-    model_type = UPSTREAM_MODEL_TYPES.get(model_type, model_type)
-    if model_type not in MODEL_CLASSES:
-        raise ValueError(
-            f"{str(checkpoint)!r} is a {model_type!r} checkpoint; the analysis needs a pre-training checkpoint, "
-            f"model_type one of {sorted(MODEL_CLASSES) + sorted(UPSTREAM_MODEL_TYPES)}"
-        )
-    config_class, model_class = MODEL_CLASSES[model_type]
-    config = config_class.from_pretrained(checkpoint, **kwargs)
-    return load_pretrained(model_class, checkpoint, config=config, **kwargs).eval()
+    return load_pretraining_checkpoint(checkpoint, **kwargs).eval()
 
 
 def mto_stack(model) -> str:

@@ -12,8 +12,10 @@ from __future__ import annotations
 import os
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_NAME
+
+from .methods import method_for
 
 # How many weight names an error lists before it summarises the rest.
 _NAMES_SHOWN = 8
@@ -91,6 +93,21 @@ def load_pretrained(
     return model
 
 
+def load_pretraining_checkpoint(checkpoint: str | os.PathLike, **kwargs) -> PreTrainedModel:
+    """The pre-training model of a checkpoint, through the method that declares its model type (see
+    `hf_mto.methods.method_for`): ours by their own class, an upstream one (the Hub's official MAE, anything
+    `ViTForMaskedImageModeling` saved) by the class of ours that extends it, on its own weights.
+
+    Raises:
+        ValueError: naming the model type when no method declares it.
+        IncompleteCheckpointError: the checkpoint lacks weights of the model.
+    """
+    config_dict, _ = PretrainedConfig.get_config_dict(checkpoint, **kwargs)
+    method = method_for(config_dict)
+    config = method.config_class.from_pretrained(checkpoint, **kwargs)
+    return load_pretrained(method.model_class, checkpoint, config=config, **kwargs)
+
+
 def load_weights_into(model: PreTrainedModel, checkpoint: str | os.PathLike) -> None:
     """Copy a saved checkpoint's weights into ``model`` in place (the Trainer's resume and best-model reload).
 
@@ -142,6 +159,7 @@ __all__ = [
     "IncompleteCheckpointError",
     "check_loading_info",
     "load_pretrained",
+    "load_pretraining_checkpoint",
     "load_weights_into",
     "newly_initialised_keys",
 ]

@@ -12,24 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from transformers import HfArgumentParser, ViTImageProcessor
+from transformers import HfArgumentParser
 
 from .checkpoints import load_pretrained
-from .models.simmim_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling
-from .models.vit_mae_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining
-
-# ImageNet statistics, as the official MAE/SimMIM and `facebook/vit-mae-base`'s image processor use; grayscale data
-# is converted to RGB first so checkpoints fine-tune with the stock RGB pipelines.
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
-
-MODEL_CLASSES = {
-    "vit_mae_mto": (ViTMAEMTOConfig, ViTMAEMTOForPreTraining),
-    "simmim_mto": (SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling),
-}
-# Upstream checkpoints (the Hub's official MAE, anything `ViTMAEForPreTraining` / `ViTForMaskedImageModeling` saved)
-# load into the model of ours that extends their class.
-UPSTREAM_MODEL_TYPES = {"vit_mae": "vit_mae_mto", "vit": "simmim_mto"}
+from .methods import method_for, model_types
 
 
 @dataclass
@@ -37,7 +23,7 @@ class ModelArguments:
     """Which model to pre-train and how it is configured."""
 
     model_type: str = field(
-        default="vit_mae_mto", metadata={"help": f"Model to pre-train: one of {sorted(MODEL_CLASSES)}."}
+        default="vit_mae_mto", metadata={"help": "Model to pre-train: the model type of a registered method."}
     )
     model_name_or_path: str | None = field(
         default=None,
@@ -71,16 +57,21 @@ class ModelArguments:
     cache_dir: str | None = field(default=None, metadata={"help": "Where Hub downloads are cached."})
 
     def __post_init__(self):
-        if self.model_type not in MODEL_CLASSES:
-            raise ValueError(f"model_type must be one of {sorted(MODEL_CLASSES)}, got {self.model_type!r}")
+        if self.model_type not in model_types():
+            raise ValueError(f"model_type must be one of {sorted(model_types())}, got {self.model_type!r}")
 
     def config_kwargs(self) -> dict:
         """The config fields given explicitly as arguments."""
-        if self.norm_pix_loss is not None and self.model_type != "vit_mae_mto":
-            raise ValueError(f"norm_pix_loss applies to vit_mae_mto only, not to {self.model_type!r}")
         names = ("mask_ratio", "norm_pix_loss", "mto_spa_layers", "mto_affinity", "mto_temperature", "mto_ranking")
         kwargs = {name: getattr(self, name) for name in (*names, "mto_eps")}
-        return {name: value for name, value in kwargs.items() if value is not None}
+        kwargs = {name: value for name, value in kwargs.items() if value is not None}
+        fields = method_for(self.model_type).config_class().to_dict()
+        unknown = sorted(name for name in kwargs if name not in fields)
+        if unknown:  # e.g. norm_pix_loss, which only MAE has
+            raise ValueError(
+                f"{', '.join(unknown)} does not apply to {self.model_type!r}: its config has no such field"
+            )
+        return kwargs
 
 
 def _parse_overrides(overrides: str | None, config_class) -> dict:
@@ -100,7 +91,7 @@ def _parse_overrides(overrides: str | None, config_class) -> dict:
 
 
 def build_config(model_args: ModelArguments):
-    config_class, _ = MODEL_CLASSES[model_args.model_type]
+    config_class = method_for(model_args.model_type).config_class
     source = model_args.config_name or model_args.model_name_or_path
     kwargs = {**_parse_overrides(model_args.config_overrides, config_class), **model_args.config_kwargs()}
     if source:
@@ -109,20 +100,12 @@ def build_config(model_args: ModelArguments):
 
 
 def build_model(model_args: ModelArguments, config):
-    _, model_class = MODEL_CLASSES[model_args.model_type]
+    model_class = method_for(model_args.model_type).model_class
     if model_args.model_name_or_path:
         return load_pretrained(
             model_class, model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir
         )
     return model_class(config)
-
-
-def build_image_processor(config) -> ViTImageProcessor:
-    """The image processor saved beside every checkpoint: resize to the model's size, ImageNet normalisation."""
-    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
-    return ViTImageProcessor(
-        size={"height": size, "width": size}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, do_convert_rgb=True
-    )
 
 
 def parse_args(dataclass_types, argv: list[str] | None = None, default_config: str | Path | None = None):

@@ -54,8 +54,23 @@ from accelerate.utils import gather_object
 from huggingface_hub.errors import LocalEntryNotFoundError
 from PIL import Image, ImageFile
 from torchvision import transforms as T
+from transformers import ViTImageProcessor
 
 logger = logging.getLogger(__name__)
+
+# ImageNet statistics, as the official MAE/SimMIM and `facebook/vit-mae-base`'s image processor use; grayscale data
+# is converted to RGB first so checkpoints fine-tune with the stock RGB pipelines.
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def build_image_processor(config) -> ViTImageProcessor:
+    """The image processor saved beside every checkpoint: resize to the model's size, ImageNet normalisation."""
+    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    return ViTImageProcessor(
+        size={"height": size, "width": size}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, do_convert_rgb=True
+    )
+
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 

@@ -43,25 +43,13 @@ from transformers import (
     PreTrainedModel,
     ViTConfig,
     ViTImageProcessor,
-    ViTMAEConfig,
-    ViTMAEForPreTraining,
-    ViTMAEModel,
     ViTModel,
 )
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.utils import cached_file
 
 from .checkpoints import check_loading_info, newly_initialised_keys
-from .models.simmim_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling
-from .models.vit_mae_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining
-
-# model_type -> (pre-training class, class its `.vit` encoder derives from)
-_EXPORTABLE: dict[str, tuple[type[PreTrainedModel], type[PreTrainedModel]]] = {
-    ViTMAEMTOConfig.model_type: (ViTMAEMTOForPreTraining, ViTMAEModel),
-    SimMIMMTOConfig.model_type: (SimMIMMTOForMaskedImageModeling, ViTModel),
-    # upstream MAE (the Hub's official checkpoints): its encoder is a ViT as well
-    ViTMAEConfig.model_type: (ViTMAEForPreTraining, ViTMAEModel),
-}
+from .methods import PreTrainingMethod, method_for, model_types
 
 # The ViTConfig fields carried over from the pre-training config (every one of them shapes or runs the encoder).
 ENCODER_CONFIG_FIELDS = (
@@ -80,12 +68,18 @@ ENCODER_CONFIG_FIELDS = (
     "initializer_range",
 )
 
-# Encoder weights that have no place in a plain ViTModel.
-_DROPPED_ENCODER_KEYS = ("embeddings.mask_token",)  # SimMIM's mask token
+
+def _method(target, source: str) -> type[PreTrainingMethod]:
+    """The method of `target` (see `method_for`), or a ValueError naming its model type and what exports."""
+    try:
+        return method_for(target)
+    except ValueError:
+        model_type = target.get("model_type") if isinstance(target, dict) else getattr(target, "model_type", None)
+        raise _not_ours(model_type, source) from None
 
 
 def _not_ours(model_type, source: str) -> ValueError:
-    supported = " or ".join(repr(name) for name in _EXPORTABLE)
+    supported = " or ".join(repr(name) for name in model_types())
     return ValueError(
         f"export_encoder exports hf_mto pre-training models (model_type {supported}); {source} has model_type "
         f"{model_type!r}. A plain transformers checkpoint (e.g. model_type 'vit') needs no export."
@@ -97,13 +91,12 @@ def _as_int(value) -> int:
 
 
 def encoder_config(config: PreTrainedConfig) -> ViTConfig:
-    """The [`~transformers.ViTConfig`] of the encoder of a `ViTMAEMTOConfig` or `SimMIMMTOConfig`.
+    """The [`~transformers.ViTConfig`] of the encoder of a pre-training config (one a method declares).
 
-    Only the encoder's fields are carried (see `ENCODER_CONFIG_FIELDS`); `encoder_stride` is SimMIM's, or
-    `patch_size` for MAE, whose config has none.
+    Only the encoder's fields are carried (see `ENCODER_CONFIG_FIELDS`); `encoder_stride` is the config's own, or
+    `patch_size` where it has none (MAE).
     """
-    if config.model_type not in _EXPORTABLE:
-        raise _not_ours(config.model_type, f"config {type(config).__name__}")
+    _method(config, f"config {type(config).__name__}")
     kwargs = {field: getattr(config, field) for field in ENCODER_CONFIG_FIELDS}
     for field in ("image_size", "patch_size"):
         if isinstance(kwargs[field], tuple):
@@ -112,34 +105,21 @@ def encoder_config(config: PreTrainedConfig) -> ViTConfig:
     return ViTConfig(**kwargs)
 
 
-def _split(model: PreTrainedModel) -> tuple[PreTrainedModel, PreTrainedModel]:
-    """(pre-training model or encoder as given, its ViT encoder); ValueError for anything that is not ours."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in _EXPORTABLE:
-        raise _not_ours(model_type, f"the given {type(model).__name__}")
-    pretraining_class, encoder_class = _EXPORTABLE[model_type]
-    encoder = model.vit if isinstance(model, pretraining_class) else model
-    if not isinstance(encoder, encoder_class):
-        raise ValueError(
-            f"cannot export a {type(model).__name__} (model_type {model_type!r}): pass a {pretraining_class.__name__} "
-            f"or its `.vit` encoder"
-        )
-    return model, encoder
+def _split(model: PreTrainedModel) -> tuple[type[PreTrainingMethod], PreTrainedModel]:
+    """(its method, its ViT encoder) for a pre-training model or its encoder alone; ValueError for anything else."""
+    method = _method(model, f"the given {type(model).__name__}")
+    return method, model if isinstance(model, method.encoder_classes) else method.encoder(model)
 
 
-def encoder_state_dict(encoder: PreTrainedModel) -> dict[str, torch.Tensor]:
-    """The encoder's weights under `ViTModel(config, add_pooling_layer=False)`'s keys (the names are the same;
-    SimMIM's mask token is dropped)."""
-    return {key: value for key, value in encoder.state_dict().items() if key not in _DROPPED_ENCODER_KEYS}
+def encoder_state_dict(encoder: PreTrainedModel, dropped: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The encoder's weights under `ViTModel(config, add_pooling_layer=False)`'s keys (the names are the same),
+    without the ``dropped`` ones (`PreTrainingMethod.export_dropped_keys`, e.g. SimMIM's mask token)."""
+    return {key: value for key, value in encoder.state_dict().items() if key not in dropped}
 
 
 def _load(checkpoint: str | os.PathLike, hub_kwargs: dict) -> PreTrainedModel:
     config_dict, _ = PreTrainedConfig.get_config_dict(checkpoint, **hub_kwargs)
-    model_type = config_dict.get("model_type")
-    if model_type not in _EXPORTABLE:
-        raise _not_ours(model_type, f"checkpoint {str(checkpoint)!r}")
-    model_class = _EXPORTABLE[model_type][0]
+    model_class = _method(config_dict, f"checkpoint {str(checkpoint)!r}").model_class
     model, info = model_class.from_pretrained(checkpoint, output_loading_info=True, **hub_kwargs)
     # Only the encoder is exported: a checkpoint without the pre-training head still exports.
     head = {key for key in newly_initialised_keys(info) if not key.startswith(f"{model.base_model_prefix}.")}
@@ -166,20 +146,13 @@ def _image_processor(source: str | None, config: ViTConfig, hub_kwargs: dict):
     )
 
 
-def _model_card(source_name: str, model_type: str, source_class: str, config: ViTConfig, path: str) -> str:
-    origin = {
-        "vit_mae_mto": "MAE (ViTMAE) pre-training with Masked Token Optimization in the decoder",
-        "simmim_mto": "SimMIM pre-training with Masked Token Optimization in the encoder",
-        "vit_mae": "MAE (ViTMAE) pre-training",
-    }[model_type]
-    position_note = (
-        "MAE's position embeddings are a fixed 2-D sin-cos table that was frozen during pre-training. Here they are "
-        "ordinary (trainable) ViT position embeddings holding the same values; freeze "
-        "`vit.embeddings.position_embeddings` to keep them fixed while fine-tuning. `encoder_stride` (absent from "
-        "ViTMAE's config) is set to `patch_size`."
-        if model_type in ("vit_mae_mto", "vit_mae")
-        else "SimMIM's mask token and reconstruction head were dropped; the position embeddings are the learned ones."
-    )
+def _model_card(
+    source_name: str, method: type[PreTrainingMethod], model_type: str, source_class: str, config: ViTConfig, path: str
+) -> str:
+    origin = f"{method.name} pre-training"
+    if model_type == method.model_type():  # ours, not the upstream class it extends
+        origin += f" with Masked Token Optimization in the {' and '.join(method.mto_stacks)}"
+    position_note = method.card_notes
     return f"""---
 library_name: transformers
 pipeline_tag: image-feature-extraction
@@ -274,9 +247,9 @@ def export_encoder(
         raise TypeError(
             f"checkpoint_or_model must be a path, a Hub id or a model, got {type(checkpoint_or_model).__name__}"
         )
-    model, encoder = _split(model)
+    method, encoder = _split(model)
     config = encoder_config(model.config)
-    weights = encoder_state_dict(encoder)
+    weights = encoder_state_dict(encoder, method.export_dropped_keys)
 
     vit = ViTModel(config, add_pooling_layer=False)
     vit.to(dtype=encoder.embeddings.patch_embeddings.projection.weight.dtype)
@@ -290,7 +263,12 @@ def export_encoder(
     image_processor.save_pretrained(output_dir)
     (output_dir / "README.md").write_text(
         _model_card(
-            source_name or type(model).__name__, model.config.model_type, type(model).__name__, config, str(output_dir)
+            source_name or type(model).__name__,
+            method,
+            model.config.model_type,
+            type(model).__name__,
+            config,
+            str(output_dir),
         )
     )
     _verify(output_dir, {key: value.detach().cpu() for key, value in weights.items()})

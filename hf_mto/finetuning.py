@@ -59,13 +59,11 @@ from .checkpoints import (
     check_loading_info,
     newly_initialised_keys,
 )
-from .cli import build_image_processor
-from .data import to_rgb
+from .data import build_image_processor, to_rgb
 from .export import export_encoder
+from .methods import method_for, model_types
 from .metrics import ACCURACY_PATH
-from .models.simmim_mto import SimMIMMTOConfig
 from .models.vit_gap import ViTGAPConfig, ViTGAPForImageClassification
-from .models.vit_mae_mto import ViTMAEMTOConfig
 from .trainer import ScaledLRTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -75,7 +73,6 @@ RANDOM_ERASING_MODES = ("const", "rand", "pixel")
 # Weights that never get weight decay (besides every 1-D parameter: biases, norms).
 NO_WEIGHT_DECAY = ("*cls_token", "*position_embeddings", "*mask_token")
 # Pre-training checkpoints whose encoder is exported (hf_mto.export) before fine-tuning.
-_PRETRAINING_TYPES = (ViTMAEMTOConfig.model_type, SimMIMMTOConfig.model_type)
 _CLASSIFIER_TYPES = ("vit", ViTGAPConfig.model_type)
 
 
@@ -455,6 +452,16 @@ def _head_keys(global_pool: bool) -> set[str]:
     return keys | {"fc_norm.weight", "fc_norm.bias"} if global_pool else keys
 
 
+def _is_pretraining_checkpoint(config_dict: dict) -> bool:
+    """Whether a checkpoint is a pre-training model a method declares (ours, or an upstream one such as an official
+    MAE): its encoder is exported first."""
+    try:
+        method_for(config_dict)
+    except ValueError:
+        return False
+    return True
+
+
 def build_classification_model(args: FinetuneArguments, label_names: Sequence[str]) -> PreTrainedModel:
     """A ViT classifier for `label_names`, its encoder loaded from `args.model_name_or_path`.
 
@@ -480,14 +487,14 @@ def build_classification_model(args: FinetuneArguments, label_names: Sequence[st
         (ViTGAPForImageClassification, ViTGAPConfig) if args.global_pool else (ViTForImageClassification, ViTConfig)
     )
     with contextlib.ExitStack() as stack:
-        if model_type in _PRETRAINING_TYPES:
+        if _is_pretraining_checkpoint(config_dict):
             exported = stack.enter_context(tempfile.TemporaryDirectory(prefix="hf_mto_encoder_"))
             export_encoder(source, exported, **hub_kwargs)
             source, hub_kwargs = exported, {}
             config_dict, _ = PreTrainedConfig.get_config_dict(source)
         elif model_type not in _CLASSIFIER_TYPES:
             raise ValueError(
-                f"fine-tuning needs a ViT checkpoint (model_type {_CLASSIFIER_TYPES + _PRETRAINING_TYPES}); "
+                f"fine-tuning needs a ViT checkpoint (model_type {_CLASSIFIER_TYPES + tuple(model_types())}); "
                 f"{source!r} has model_type {model_type!r}"
             )
         kept = {key: value for key, value in config_dict.items() if key not in _CONFIG_KEYS_NOT_COPIED}

@@ -135,8 +135,8 @@ def method_for(target) -> type[PreTrainingMethod]:
     upstream one a method extends.
 
     An upstream model type can be shared with other architectures (a `vit` checkpoint may be a SimMIM model or an
-    image classifier): a model must then be an instance of a class the method declares, and a config whose
-    `architectures` are given must name one.
+    image classifier): a model must then be an instance of a class the method declares (its encoder classes
+    included), and a config whose `architectures` are given must name its pre-training class or one it extends.
 
     Raises:
         ValueError: naming the class or model type when no method declares it.
@@ -153,9 +153,9 @@ def method_for(target) -> type[PreTrainingMethod]:
         described = type(target).__name__
     method = _METHODS.get(model_type)
     if method is not None:
-        classes = (method.model_class, *method.extends, *method.encoder_classes)
+        classes = (method.model_class, *method.extends)
         if isinstance(target, torch.nn.Module):
-            known = isinstance(target, classes)
+            known = isinstance(target, (*classes, *method.encoder_classes))
         else:
             known = not architectures or any(name in {c.__name__ for c in classes} for name in architectures)
         method = method if known else None

@@ -26,13 +26,14 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate import PartialState
-from transformers import AutoImageProcessor, PreTrainedConfig, ViTMAEModel, ViTModel
+from transformers import AutoImageProcessor, PreTrainedConfig, ViTModel
 
 import hf_mto  # noqa: F401  (registers our models with the Auto classes)
-from hf_mto.checkpoints import load_pretrained
-from hf_mto.cli import MODEL_CLASSES, build_image_processor, parse_args
-from hf_mto.data import DataArguments, build_eval_transform, load_datasets
+from hf_mto.checkpoints import IncompleteCheckpointError, load_pretrained, load_pretraining_checkpoint
+from hf_mto.cli import parse_args
+from hf_mto.data import DataArguments, build_eval_transform, build_image_processor, load_datasets
 from hf_mto.evaluation import EncoderEvalArguments, evaluate_encoder, labelled_eval_splits
+from hf_mto.methods import model_types
 
 logger = logging.getLogger(__name__)
 
@@ -56,27 +57,29 @@ class EvaluateArguments:
 
 
 def load_model(checkpoint: str, **hub_kwargs) -> torch.nn.Module:
-    """The model of `checkpoint` whose encoder is evaluated: ours by their own class, a ViT as `ViTModel` (without the
-    pooler, which pre-training never had), a ViTMAE as `ViTMAEModel`."""
+    """The model of `checkpoint` whose encoder is evaluated: a pre-training model by its method (ours, or the class
+    of ours that extends an upstream one), any other ViT as `ViTModel` (without the pooler, which pre-training never
+    had)."""
     config_dict, _ = PreTrainedConfig.get_config_dict(checkpoint, **hub_kwargs)
     model_type = config_dict.get("model_type")
-    if model_type in MODEL_CLASSES:
-        return load_pretrained(MODEL_CLASSES[model_type][1], checkpoint, **hub_kwargs)
     if model_type == "vit_gap":
         # Its encoder has no final layernorm (fc_norm after pooling replaces it): as a ViTModel it would get a
         # freshly initialised one.
         raise ValueError(
             f"{checkpoint!r} is a fine-tuned vit_gap classifier; evaluate the pre-trained or exported encoder instead"
         )
-    if model_type == "vit":
-        # a classifier's head and a pre-training head are not the encoder's: only encoder weights must be there
-        return load_pretrained(ViTModel, checkpoint, add_pooling_layer=False, **hub_kwargs)
-    if model_type == "vit_mae":
-        return load_pretrained(ViTMAEModel, checkpoint, **hub_kwargs)
-    raise ValueError(
-        f"cannot evaluate {checkpoint!r}: model_type {model_type!r} is not a ViT (expected one of "
-        f"{sorted(MODEL_CLASSES) + ['vit', 'vit_mae']})"
-    )
+    try:
+        return load_pretraining_checkpoint(checkpoint, **hub_kwargs)
+    except IncompleteCheckpointError:
+        raise
+    except ValueError:
+        if model_type != "vit":
+            raise ValueError(
+                f"cannot evaluate {checkpoint!r}: model_type {model_type!r} is not a ViT or a pre-training model "
+                f"(one of {sorted(model_types())})"
+            ) from None
+    # a classifier's head is not the encoder's: only encoder weights must be there
+    return load_pretrained(ViTModel, checkpoint, add_pooling_layer=False, **hub_kwargs)
 
 
 def main(argv=None) -> dict:

@@ -26,12 +26,13 @@ import transformers
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_mto.analysis import ReconstructionCallback
-from hf_mto.cli import ModelArguments, build_config, build_image_processor, build_model, parse_args
+from hf_mto.cli import ModelArguments, build_config, build_model, parse_args
 from hf_mto.data import (
     DataArguments,
     PixelCollator,
     apply_transform,
     build_eval_transform,
+    build_image_processor,
     build_pretraining_transform,
     load_datasets,
     skipped_images,

@@ -32,7 +32,7 @@ from hf_mto.analysis import (
     reconstruct,
     run_model,
 )
-from hf_mto.cli import IMAGENET_MEAN, IMAGENET_STD, build_image_processor
+from hf_mto.data import IMAGENET_MEAN, IMAGENET_STD, build_image_processor
 from hf_mto.mto import heterogeneity
 from hf_mto.trainer import MTOTrainer, MTOTrainingArguments
 
@@ -253,7 +253,7 @@ def test_models_that_are_not_ours_are_rejected(tmp_path):
     assert isinstance(load_checkpoint(tmp_path / "upstream"), ViTMAEMTOForPreTraining)
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
-    with pytest.raises(ValueError, match=r"'bert' checkpoint.*simmim_mto.*vit_mae"):
+    with pytest.raises(ValueError, match=r"model_type 'bert'.*simmim_mto.*vit_mae"):
         load_checkpoint(tmp_path / "bert")
     with pytest.raises(ValueError, match="masking must be one of"):
         draw_mask_inputs(tiny_mae(), 2, masking="evolved")

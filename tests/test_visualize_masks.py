@@ -10,7 +10,7 @@ from PIL import Image
 from test_recipe_pretrain import FASHION_MNIST
 
 from hf_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining
-from hf_mto.cli import build_image_processor
+from hf_mto.data import build_image_processor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 import visualize_masks  # noqa: E402
