@@ -25,11 +25,7 @@ can be set in the YAML/JSON preset or on the command line; the command line wins
 """
 
 import logging
-import sys
 from pathlib import Path
-
-import transformers
-from transformers.trainer_utils import get_last_checkpoint
 
 from hf_mto.cli import parse_args
 from hf_mto.data import (
@@ -51,6 +47,7 @@ from hf_mto.finetuning import (
     load_image_processor,
     prepare_labels,
 )
+from hf_mto.run import evaluate, finish, setup_run, train
 
 logger = logging.getLogger(__name__)
 
@@ -61,15 +58,7 @@ def main(argv=None):
     args, data_args, training_args = parse_args(
         (FinetuneArguments, DataArguments, FinetuneTrainingArguments), argv, default_config=DEFAULT_CONFIG
     )
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    transformers.set_seed(training_args.seed)
+    setup_run(training_args, logger)
 
     splits = load_datasets(data_args, cache_dir=args.cache_dir, seed=training_args.seed)
     if training_args.do_eval and "validation" not in splits:
@@ -114,29 +103,14 @@ def main(argv=None):
     )
 
     if training_args.do_train:
-        resume = training_args.resume_from_checkpoint
-        if resume is None and training_args.output_dir and Path(training_args.output_dir).is_dir():
-            resume = get_last_checkpoint(training_args.output_dir)
-            if resume is not None:
-                logger.info("resuming from the last checkpoint in the output directory: %s", resume)
-        train_result = trainer.train(resume_from_checkpoint=resume)
-        trainer.save_model()
-        trainer.log_metrics("train", train_result.metrics)
-        trainer.save_metrics("train", train_result.metrics)
-        trainer.save_state()
+        train(trainer)
 
-    metrics = {}
-    if training_args.do_eval:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
+    metrics = evaluate(trainer) if training_args.do_eval else {}
 
     if training_args.push_to_hub:
         trainer.push_to_hub(tags=["image-classification", "vit", "hf-mto"], finetuned_from=args.model_name_or_path)
 
-    # Every process waits, then tears the process group down before exiting (see recipes/pretrain.py).
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    finish(trainer)
     return metrics
 
 

@@ -19,11 +19,7 @@ YAML/JSON file or on the command line; the command line wins.
 """
 
 import logging
-import sys
 from pathlib import Path
-
-import transformers
-from transformers.trainer_utils import get_last_checkpoint
 
 from hf_mto.analysis import ReconstructionCallback
 from hf_mto.cli import ModelArguments, build_config, build_model, parse_args
@@ -38,6 +34,7 @@ from hf_mto.data import (
     skipped_images,
 )
 from hf_mto.evaluation import EncoderEvalArguments, EncoderEvalCallback, labelled_eval_splits
+from hf_mto.run import evaluate, finish, setup_run, train
 from hf_mto.trainer import MTOTrainer, MTOTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -51,15 +48,7 @@ def main(argv=None):
         argv,
         default_config=DEFAULT_CONFIG,
     )
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    transformers.set_seed(training_args.seed)
+    setup_run(training_args, logger)
 
     config = build_config(model_args)
     model = build_model(model_args, config)
@@ -110,24 +99,13 @@ def main(argv=None):
         EncoderEvalCallback.from_args(bank, queries, eval_args).attach(trainer)
 
     if training_args.do_train:
-        resume = training_args.resume_from_checkpoint
-        if resume is None and training_args.output_dir and Path(training_args.output_dir).is_dir():
-            resume = get_last_checkpoint(training_args.output_dir)
-            if resume is not None:
-                logger.info("resuming from the last checkpoint in the output directory: %s", resume)
-        train_result = trainer.train(resume_from_checkpoint=resume)
-        trainer.save_model()
-        trainer.log_metrics("train", train_result.metrics)
-        trainer.save_metrics("train", train_result.metrics)
-        trainer.save_state()
+        train(trainer)
 
     if skipped_images():
         logger.warning("%d unreadable images were skipped (each named in a warning above)", len(skipped_images()))
 
     if training_args.do_eval:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
+        evaluate(trainer)
 
     if training_args.push_to_hub:
         # saves the model and its card first; a Hub failure is a warning (MTOTrainer.push_to_hub)
@@ -135,11 +113,7 @@ def main(argv=None):
     else:
         trainer.create_model_card()  # the card of output_dir, now with the final evaluation
 
-    # Tear down the process group before the interpreter exits: a gloo group left alive can abort a process
-    # (SIGABRT, "terminate called without an active exception") after all the work is done. Wait for every process
-    # first: one that tears down while the main process is still writing its model card aborted the same way.
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    finish(trainer)
 
 
 if __name__ == "__main__":
