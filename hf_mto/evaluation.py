@@ -13,8 +13,8 @@ run (`EncoderEvalCallback`) or on any checkpoint (`recipes/evaluate_encoder.py`)
   L2-normalised features; each of the k = 20 most similar training images votes for its class with weight
   exp(similarity / T), T = 0.07; the class with the largest total wins.
 * **Linear probe** (`linear_probe_accuracy`): scikit-learn's `LogisticRegression` (multinomial, L-BFGS, L2 penalty
-  `C`) on features standardised with the training set's mean and variance (about 20 s for 10k x 64-d features on 2
-  CPU cores: MAE's CLS features are badly conditioned and L-BFGS needs ~500 iterations). It is a quick
+  `C`) on features standardised with the training set's mean and variance (MAE's CLS features are badly
+  conditioned and L-BFGS needs hundreds of iterations). It is a quick
   proxy, not MAE's linear-probing protocol (90 epochs of LARS with a BatchNorm head and augmentation), so its numbers
   are comparable between checkpoints evaluated here, not with published linear-probe results.
 
@@ -75,7 +75,7 @@ class EncoderEvalArguments:
         default=1000,
         metadata={
             "help": "Linear probe: L-BFGS iterations at most. MAE's CLS features are badly conditioned and need "
-            "several hundred (about 20 s for 10k x 64-d features on 2 CPU cores); fewer cost accuracy."
+            "several hundred; fewer cost accuracy."
         },
     )
     encoder_eval_train_samples: int | None = field(

@@ -213,7 +213,7 @@ def beit_block_mask(
     than the grid allows, much of the mask can come from the top-up.
 
     Rectangles are placed by a Python loop per image on the host (BEiT's own algorithm is sequential); it is cheap
-    (about 10 ms for B=128 on 14x14 on a CPU core) and only the uniform draws touch ``device``.
+    next to a training step, and only the uniform draws touch ``device``.
 
     Args:
         batch_size: B.
@@ -417,7 +417,7 @@ def build_merge_tree(similarity: torch.Tensor) -> MergeTree:
     argmax never picks them. Ties are broken by the lowest flat index ``row * N + col`` of the slots (torch.argmax
     returns the first maximum), which makes the tree deterministic. Images run in parallel on ``similarity``'s
     device; only the N-1 merge steps are a Python loop, each one argmax over ``B * N**2`` entries plus O(B N)
-    updates (B=128, N=196: about 0.35 s on 2 CPU cores).
+    updates (its share of a step is measured by `benchmarks/evolved_overhead.py`).
 
     Only the symmetric part ``(S + S^T) / 2`` is used (the diagonal is ignored), so similarities computed with
     slightly asymmetric rounding are fine. Half-precision input is promoted to float32 to avoid spurious ties.

@@ -335,9 +335,7 @@ class _VisibleFirstEntropies(torch.autograd.Function):
     zero-fills a buffer per slice and concatenates the split's gradients; here the closed form of the entropy's
     gradient needs only ``p`` and ``log p``, the layer's gradient is assembled by one concatenation, and a layer with
     both terms computes one ``visible @ patchesᵀ`` (Eq. 2's logits are its transposed visible-by-masked block) and
-    two ``bmm`` for the gradient. For five [128, 65, 64] states (the tiny SimMIM preset, where the terms are a
-    noticeable share of a step) that takes their forward and backward from about 11 ms to about 6-7 ms on the
-    reference CPU.
+    two ``bmm`` for the gradient (the saving is measured by `benchmarks/step_time.py`, figures in the README).
 
     Args (forward):
         features: ``[B, P + N, D]`` float32 affinity features; tokens ``[:P]`` (CLS) are ignored, ``[P:P+V]`` are

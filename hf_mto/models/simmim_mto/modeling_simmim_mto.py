@@ -67,9 +67,9 @@ class SimMIMMTOPreTrainedModel(ViTPreTrainedModel):
 class _PermuteTokens(torch.autograd.Function):
     """``hidden[b, index[b]]`` for a per-image token permutation, whose backward is the inverse permutation.
 
-    Rows are picked from ``hidden`` viewed as ``[B * T, D]`` by one `index_select` on flat row indices: on CPU about
-    ten times faster than `gather` with the index expanded over D, and a gradient of one `index_select` instead of
-    a zero fill plus `scatter_add`.
+    Rows are picked from ``hidden`` viewed as ``[B * T, D]`` by one `index_select` on flat row indices: on CPU much
+    faster than `gather` with the index expanded over D, and a gradient of one `index_select` instead of a zero fill
+    plus `scatter_add`.
 
     Args (forward):
         hidden: ``[B, T, D]``.
