@@ -29,10 +29,10 @@ try:  # the HTTP client of huggingface_hub: httpx2 from version 2, httpx before
     from httpx2 import TransportError
 except ImportError:  # pragma: no cover
     from httpx import TransportError
+from . import model_card
 from .log_keys import HETEROGENEITY_PREFIX
 from .masking import MASKING_STRATEGIES, MaskGenerator, square_side
 from .methods import PreTrainingMethod, method_for
-from .model_card import render_model_card
 from .mto import mean_heterogeneity
 
 logger = logging.getLogger(__name__)
@@ -376,7 +376,7 @@ class MTOTrainer(ConvertedCheckpointsMixin, Trainer):
                 for tags in (recorded["tags"], given["tags"])
                 for tag in ([tags] if isinstance(tags, str) else tags)
             ]
-        return render_model_card(model.config, self.args, self.state, **{**defaults, **recorded, **given})
+        return model_card.render_model_card(model.config, self.args, self.state, **{**defaults, **recorded, **given})
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Every save (`checkpoint-*` folders, `save_model`, `push_to_hub`) writes the card beside the weights.
