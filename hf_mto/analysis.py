@@ -1,7 +1,7 @@
 """Heterogeneity analysis (MTO paper, Section 3: Table 1, Fig. 1 and 2) and reconstruction pictures.
 
-For a pre-trained hf_mto model (`ViTMAEMTOForPreTraining`, whose MTO stack is the decoder, or
-`SimMIMMTOForMaskedImageModeling`, the encoder) and a set of images:
+For a pre-trained hf_mto model (of any registered method, `hf_mto.methods`: `ViTMAEMTOForPreTraining`, whose MTO
+stack is the decoder, `SimMIMMTOForMaskedImageModeling`, the encoder) and a set of images:
 
 - `analyze_heterogeneity` measures, per layer l = 0..L of that stack, the heterogeneity H^l (Eq. 2: mean over masked
   tokens of the entropy of their affinity over the visible tokens) averaged over the images, whatever the checkpoint's
@@ -13,8 +13,10 @@ For a pre-trained hf_mto model (`ViTMAEMTOForPreTraining`, whose MTO stack is th
   patches pasted back (as the official MAE visualisation does), un-normalised to [0, 1].
 - `ReconstructionCallback` writes those pictures at every evaluation of a Trainer, and to TensorBoard.
 
-Masks come from the model's own masking (MAE: uniform noise, SimMIM: `simmim_block`, or any `hf_mto.masking`
-strategy) drawn from a seeded generator, so every number and picture here is reproducible.
+Masks come from the method's default masking (MAE: its own uniform noise, SimMIM: `simmim_block`) or any
+`hf_mto.masking` strategy, drawn from a seeded generator, so every number and picture here is reproducible. What
+differs between methods (the mask input, the forward that yields the MTO stack's states and the reconstruction) is
+the method's declaration.
 """
 
 from __future__ import annotations
@@ -33,10 +35,9 @@ from transformers import TrainerCallback
 
 from .checkpoints import load_pretraining_checkpoint
 from .data import collate_pixel_values, first_readable_pixels
-from .masking import MaskGenerator, mask_to_noise, square_side
-from .models.simmim_mto import SimMIMMTOForMaskedImageModeling
-from .models.vit_mae_mto import ViTMAEMTOForPreTraining
-from .mto import _mean_row_entropy, affinity_logits, has_masked_and_visible
+from .masking import MaskGenerator, square_side
+from .methods import PreTrainingMethod, method_for, registered_methods
+from .mto import affinity_logits, has_masked_and_visible, mean_row_entropy
 
 # Grey that masked patches are drawn with, in display space [0, 1].
 MASKED_GREY = 0.5
@@ -47,13 +48,17 @@ MASKED_GREY = 0.5
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def check_model(model) -> None:
-    """Raise a `ValueError` unless `model` is one of hf_mto's pre-training models."""
-    if not isinstance(model, (ViTMAEMTOForPreTraining, SimMIMMTOForMaskedImageModeling)):
+def check_model(model) -> type[PreTrainingMethod]:
+    """The method of `model`; a `ValueError` unless it is one of hf_mto's pre-training models. An upstream model a
+    method extends is refused too (its forward has no MTO switch and its config no affinity): `load_checkpoint` loads
+    its checkpoint into ours."""
+    ours = tuple(method.model_class for method in registered_methods())
+    if not isinstance(model, ours):
         raise ValueError(
-            "analysis needs a ViTMAEMTOForPreTraining or SimMIMMTOForMaskedImageModeling model, got "
+            f"analysis needs one of hf_mto's pre-training models ({', '.join(cls.__name__ for cls in ours)}), got "
             f"{type(model).__name__}"
         )
+    return method_for(model)
 
 
 def load_checkpoint(checkpoint: str | os.PathLike, **kwargs):
@@ -69,9 +74,9 @@ def load_checkpoint(checkpoint: str | os.PathLike, **kwargs):
 
 
 def mto_stack(model) -> str:
-    """Which stack MTO (and so the analysis) looks at: MAE's ``"decoder"`` or SimMIM's ``"encoder"``."""
-    check_model(model)
-    return "decoder" if isinstance(model, ViTMAEMTOForPreTraining) else "encoder"
+    """Which stack MTO (and so the analysis) looks at: the method's first `mto_stacks` (each method has one: MAE's
+    ``"decoder"``, SimMIM's ``"encoder"``)."""
+    return check_model(model).mto_stacks[0]
 
 
 def default_mask_patch_size(image_size: int, patch_size: int) -> int:
@@ -91,33 +96,29 @@ def draw_mask_inputs(
     masking: str | None = None,
     mask_patch_size: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The masking argument of one forward, drawn on the CPU from `generator`: ``{"noise": [B, N]}`` for MAE,
-    ``{"bool_masked_pos": [B, N]}`` for SimMIM.
+    """The masking argument(s) of one forward for ``batch_size`` images, drawn on the CPU from `generator`: the
+    method's `mask_inputs` (MAE: ``{"noise": [B, N]}``, SimMIM: ``{"bool_masked_pos": [B, N]}``), or its
+    `own_mask_inputs` for the masking the model draws itself.
 
     Args:
-        masking: a strategy of `hf_mto.masking.MaskGenerator`; default the model's own (MAE: its uniform noise,
-            SimMIM: ``simmim_block``).
+        masking: a strategy of `hf_mto.masking.MaskGenerator`; default the method's `default_masking` (MAE: its own
+            uniform noise, SimMIM: ``simmim_block``).
         mask_patch_size: side of SimMIM's squares in pixels; default `default_mask_patch_size`.
     """
-    check_model(model)
+    method = check_model(model)
+    strategy = masking or method.default_masking
+    if strategy == method.own_masking:
+        return method.own_mask_inputs(model, batch_size, generator)
     config = model.config
     image_size, patch_size = square_side(config.image_size), square_side(config.patch_size)
-    num_patches = (image_size // patch_size) ** 2
-    is_mae = isinstance(model, ViTMAEMTOForPreTraining)
-    if is_mae and masking in (None, "random"):
-        return {"noise": torch.rand(batch_size, num_patches, generator=generator)}
     masks = MaskGenerator(
-        masking or "simmim_block",
+        strategy,
         image_size,
         patch_size,
         config.mask_ratio,
         mask_patch_size or default_mask_patch_size(image_size, patch_size),
     )(batch_size, generator=generator)
-    if is_mae:
-        # MAE keeps int(N * (1 - ratio)) patches whatever the mask says: the counts must agree.
-        expected = num_patches - int(num_patches * (1 - config.mask_ratio))
-        return {"noise": mask_to_noise(masks, expected_num_masked=expected)}
-    return {"bool_masked_pos": masks}
+    return method.mask_inputs(model, masks)
 
 
 @dataclass
@@ -136,42 +137,15 @@ class ModelPass:
     prediction: torch.Tensor
 
 
-def mae_prediction_to_pixels(model, pixel_values: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """MAE's predicted patches ``[B, N, P*P*C]`` -> image ``[B, C, H, W]`` in the normalised space of `pixel_values`.
-
-    With `norm_pix_loss` the model predicts each patch normalised by its own mean and variance; as the official MAE
-    visualisation does, those statistics are taken from the original image's patch and put back
-    (``pred * sqrt(var + 1e-6) + mean``, the inverse of the loss's target normalisation).
-    """
-    prediction = logits.float()
-    if model.config.norm_pix_loss:
-        target = model.patchify(pixel_values.float())
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        prediction = prediction * (var + 1.0e-6) ** 0.5 + mean
-    return model.unpatchify(prediction, original_image_size=tuple(pixel_values.shape[-2:]))
-
-
 @torch.no_grad()
 def run_model(model, pixel_values: torch.Tensor, mask_inputs: dict[str, torch.Tensor]) -> ModelPass:
-    """One no-grad forward returning the states of the MTO stack, the mask and the reconstruction."""
-    check_model(model)
+    """One no-grad forward (the method's `analysis_pass`) returning the states of the MTO stack, the mask and the
+    reconstruction; ``pixel_values`` ``[B, C, H, W]``, ``mask_inputs`` as `draw_mask_inputs` gives them."""
+    method = check_model(model)
     parameter = next(model.parameters())
     pixel_values = pixel_values.to(parameter.device, parameter.dtype)
     mask_inputs = {name: value.to(parameter.device) for name, value in mask_inputs.items()}
-    if isinstance(model, ViTMAEMTOForPreTraining):
-        encoded = model.vit(pixel_values, noise=mask_inputs["noise"])
-        # The decoder returns its states in MAE's shuffled order (CLS, visible, masked); put them in patch order.
-        decoded = model.decoder(encoded.last_hidden_state, encoded.ids_restore, output_hidden_states=True)
-        index = encoded.ids_restore.unsqueeze(-1).expand(-1, -1, decoded.hidden_states[0].shape[-1])
-        states = [torch.gather(state[:, 1:].float(), 1, index) for state in decoded.hidden_states]
-        prediction = mae_prediction_to_pixels(model, pixel_values, decoded.logits)
-        mask = encoded.mask.bool()
-    else:
-        outputs = model(pixel_values, use_mto=False, output_hidden_states=True, **mask_inputs)
-        states = [state[:, 1:].float() for state in outputs.hidden_states]
-        prediction = outputs.reconstruction.float()
-        mask = outputs.mask.bool()
+    states, mask, prediction = method.analysis_pass(model, pixel_values, mask_inputs)
     return ModelPass(states=states, mask=mask, prediction=prediction)
 
 
@@ -190,8 +164,8 @@ def layer_entropies(
     heterogeneity, visible = [], []
     for state in states:
         logits = affinity_logits(state, affinity, temperature)
-        heterogeneity.append(_mean_row_entropy(logits, rows=mask, cols=~mask))
-        visible.append(_mean_row_entropy(logits, rows=~mask, cols=every))
+        heterogeneity.append(mean_row_entropy(logits, rows=mask, cols=~mask))
+        visible.append(mean_row_entropy(logits, rows=~mask, cols=every))
     return {"heterogeneity": torch.stack(heterogeneity), "visible_entropy": torch.stack(visible)}
 
 
@@ -273,7 +247,7 @@ def analyze_heterogeneity(
     """Heterogeneity H^0..H^L of `model`'s MTO stack, averaged over `images` with seeded masks.
 
     Args:
-        model: a `ViTMAEMTOForPreTraining` or `SimMIMMTOForMaskedImageModeling` (MTO on or off in its config).
+        model: one of hf_mto's pre-training models (MTO on or off in its config).
         images: ``[M, C, H, W]`` normalised pixels, or a dataset whose items hold ``"pixel_values"`` (as
             `hf_mto.data.apply_transform` gives).
         seed: seed of the masks (drawn on the CPU, so the result does not depend on the device).
@@ -281,7 +255,7 @@ def analyze_heterogeneity(
 
     Images without a masked or a visible token (none with hf_mto's generators) are left out of the means.
     """
-    check_model(model)
+    method = check_model(model)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     config = model.config
@@ -303,8 +277,7 @@ def analyze_heterogeneity(
         raise ValueError("no image to analyse: the dataset is empty or no image had both masked and visible tokens")
     heterogeneity = torch.cat(per_image["heterogeneity"], dim=1)  # [L+1, M]
     visible = torch.cat(per_image["visible_entropy"], dim=1)
-    is_mae = isinstance(model, ViTMAEMTOForPreTraining)
-    strategy = masking or ("random" if is_mae else "simmim_block")
+    strategy = masking or method.default_masking
     image_size, patch_size = square_side(config.image_size), square_side(config.patch_size)
     return HeterogeneityResult(
         model_type=config.model_type,
@@ -669,9 +642,7 @@ class ReconstructionCallback(TrainerCallback):
             masking = self.masking or getattr(args, "masking", None)
             if masking == "evolved":
                 masking = None
-            mask_patch_size = self.mask_patch_size
-            if mask_patch_size is None and isinstance(model, SimMIMMTOForMaskedImageModeling):
-                mask_patch_size = getattr(args, "mask_patch_size", None)
+            mask_patch_size = self.mask_patch_size or getattr(args, "mask_patch_size", None)
             generator = torch.Generator().manual_seed(self.seed)
             self._mask_inputs = draw_mask_inputs(
                 model, len(self.pixel_values), generator, masking=masking, mask_patch_size=mask_patch_size

@@ -40,7 +40,7 @@ from transformers import TrainerCallback, ViTMAEModel, ViTModel
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEEmbeddings
 
 from .data import PixelCollator, apply_transform, process_share
-from .evolved import _unmasked_embeddings
+from .methods import method_for
 
 logger = logging.getLogger(__name__)
 
@@ -161,8 +161,9 @@ def encoder_features(model: torch.nn.Module, pixel_values: torch.Tensor, pooling
     encoder = resolve_encoder(model)
     pixel_values = pixel_values.to(encoder.embeddings.patch_embeddings.projection.weight.dtype)
     if isinstance(encoder.embeddings, ViTMAEEmbeddings):
-        hidden = _unmasked_embeddings(encoder.embeddings, pixel_values)
-        for layer in encoder.layers:
+        method = method_for(encoder.config)  # its declaration rebuilds the embeddings without dropping patches
+        hidden = method.unmasked_embeddings(encoder, pixel_values)  # [B, 1 + N, D]
+        for layer in method.encoder_blocks(encoder):
             hidden = layer(hidden)
         hidden = encoder.layernorm(hidden)
     else:

@@ -9,7 +9,8 @@ Per training step, on the training device and from the current weights (DESIGN.m
 4. `masking.evolved_mask`: whole subtrees at depth d masked in random order, exactly round(ratio * N) patches.
 
 The attention maps are computed from each block's own query/key projections, so the training forward keeps its
-attention implementation (SDPA, flash): nothing is switched to eager.
+attention implementation (SDPA, flash): nothing is switched to eager. The unmasked embeddings and the blocks come
+from the model's method (`hf_mto.methods`: `unmasked_embeddings`, `encoder_blocks`).
 """
 
 from __future__ import annotations
@@ -19,18 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .masking import attention_similarity, build_merge_tree, evolved_depth, evolved_mask
-
-
-def _unmasked_embeddings(embeddings, pixel_values: torch.Tensor) -> torch.Tensor:
-    """``[B, 1 + N, D]`` token embeddings of the whole image (CLS first), without any masking.
-
-    ViTMAE's embedding module always drops patches, and SimMIM's substitutes the mask token only where asked, so
-    both are rebuilt here from the same parameters: patch projection + position embedding, CLS + its position.
-    """
-    patches = embeddings.patch_embeddings(pixel_values)  # [B, N, D]
-    position = embeddings.position_embeddings  # [1, 1 + N, D]
-    cls = (embeddings.cls_token + position[:, :1]).expand(patches.shape[0], -1, -1)
-    return torch.cat([cls, patches + position[:, 1:]], dim=1)
+from .methods import method_for
 
 
 @torch.no_grad()
@@ -38,18 +28,20 @@ def encoder_similarity(model, pixel_values: torch.Tensor, num_layers: int) -> to
     """Patch-to-patch similarity from the model's own attention over the unmasked image.
 
     Args:
-        model: a ViTMAE or ViT masked-image-modeling model (ours or upstream): anything with `.vit.embeddings` and
-            `.vit.layers` whose blocks have `layernorm_before` and `attention.q_proj/k_proj`.
+        model: a pre-training model of a registered method (ours or an upstream class it extends) whose
+            `encoder_blocks` are ViT blocks: `layernorm_before`, `attention.q_proj/k_proj/v_proj/o_proj`, `mlp`,
+            `layernorm_after`.
         pixel_values: ``[B, C, H, W]``.
         num_layers: how many of the first blocks to average over (the EHM paper uses 6 of 12).
 
     Returns:
         ``[B, N, N]`` float32, symmetric, CLS excluded.
     """
-    layers = model.vit.layers
+    method = method_for(model)
+    layers = method.encoder_blocks(model)
     if not 1 <= num_layers <= len(layers):
         raise ValueError(f"evolved_attention_layers must be in [1, {len(layers)}], got {num_layers}")
-    hidden = _unmasked_embeddings(model.vit.embeddings, pixel_values)
+    hidden = method.unmasked_embeddings(model, pixel_values)  # [B, 1 + N, D]
     batch_size, num_tokens, _ = hidden.shape
     maps = []
     for index, layer in enumerate(layers[:num_layers]):

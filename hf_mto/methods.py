@@ -72,6 +72,15 @@ class PreTrainingMethod:
         return {cls.mask_input_name: mask}
 
     @classmethod
+    def own_mask_inputs(
+        cls, model: PreTrainedModel, batch_size: int, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The forward argument(s) with which the model draws its `own_masking` from ``generator`` (on the CPU), for
+        ``batch_size`` images: seeded masks for the analysis, distributed as the model's own. Only methods with an
+        `own_masking` define it."""
+        raise NotImplementedError(f"{cls.__name__} declares no own_masking")
+
+    @classmethod
     def num_masked(cls, config, num_patches: int, drawn: int) -> int:
         """How many patches a generator that masks ``drawn`` per image will have masked in the model; the default
         is the generator's own count. A method whose model keeps a count of its own (MAE) checks it here and
@@ -102,6 +111,24 @@ class PreTrainingMethod:
     def encoder_blocks(cls, model: PreTrainedModel) -> torch.nn.ModuleList:
         """The encoder's transformer blocks, in order."""
         return cls.encoder(model).layers
+
+    @classmethod
+    def analysis_pass(
+        cls, model: PreTrainedModel, pixel_values: torch.Tensor, mask_inputs: dict[str, torch.Tensor]
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """One forward for `hf_mto.analysis` (the caller holds `no_grad` and has moved the inputs to the model).
+
+        Args:
+            pixel_values: ``[B, C, H, W]`` normalised pixels.
+            mask_inputs: the masking argument(s) of the forward (`mask_inputs` or `own_mask_inputs`).
+
+        Returns:
+            ``(states, mask, prediction)``: ``states`` the L+1 states H^0..H^L of the MTO stack (the first of
+            `mto_stacks`), each ``[B, N, D]`` float32, patch tokens only, in patch (raster) order; ``mask`` ``[B, N]``
+            bool, True = masked; ``prediction`` ``[B, C, H, W]`` float32, the reconstruction in the normalised space
+            of ``pixel_values``.
+        """
+        raise NotImplementedError(f"{cls.__name__} does not declare an analysis pass")
 
     # ---------------------------------------------------------------------------------------------------------------
     # Training

@@ -33,9 +33,10 @@ from typing import Any
 import jinja2
 from huggingface_hub import ModelCard, ModelCardData
 
+from .log_keys import HETEROGENEITY_PREFIX
+from .log_keys import MTO_TERMS as TRAINER_MTO_TERMS
 from .masking import square_side
-from .trainer import HETEROGENEITY_PREFIX
-from .trainer import MTO_TERMS as TRAINER_MTO_TERMS
+from .methods import method_for
 
 DEFAULT_TEMPLATE = "pretraining.md.jinja"
 TEMPLATE_FOLDER = "model_cards"
@@ -58,39 +59,6 @@ _EVAL_BOOKKEEPING = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_
 _IN_LOSS_TABLE = ("eval_loss", "eval_reconstruction_loss")
 # At most this many rows of the training log go into the card (evenly spaced, the last one always).
 MAX_CURVE_ROWS = 20
-
-# model_type -> what the card says about it. The upstream types are what MTOTrainer also trains (without MTO terms).
-_MODELS = {
-    "vit_mae_mto": dict(
-        method="MAE",
-        model_class="ViTMAEMTOForPreTraining",
-        auto_class="AutoModelForPreTraining",
-        mto_where="decoder",
-        remote_code=True,
-    ),
-    "simmim_mto": dict(
-        method="SimMIM",
-        model_class="SimMIMMTOForMaskedImageModeling",
-        auto_class="AutoModelForMaskedImageModeling",
-        mto_where="encoder",
-        remote_code=True,
-    ),
-    "vit_mae": dict(
-        method="MAE",
-        model_class="ViTMAEForPreTraining",
-        auto_class="AutoModelForPreTraining",
-        mto_where=None,
-        remote_code=False,
-    ),
-    "vit": dict(
-        method="SimMIM",
-        model_class="ViTForMaskedImageModeling",
-        auto_class="AutoModelForMaskedImageModeling",
-        mto_where=None,
-        remote_code=False,
-    ),
-}
-_DEFAULT_MASKING = {"MAE": "random", "SimMIM": "simmim_block"}
 
 
 def fmt(value: Any) -> str:
@@ -250,16 +218,39 @@ def summarise_log_history(log_history: Sequence[Mapping]) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _model_info(config, model_class: str | None) -> dict:
+def _method_info(config) -> dict:
+    """What the card says about the model's method, from its declarations (`hf_mto.methods`). An upstream model that
+    a method extends (MTOTrainer trains those too, without MTO terms) is described by its own class, loads without
+    remote code and has no MTO stack."""
     model_type = getattr(config, "model_type", None)
-    info = dict(
-        _MODELS.get(
-            model_type,
-            dict(method="masked image modeling", model_class=None, auto_class="AutoModel", mto_where=None),
+    try:
+        method = method_for(config)
+    except ValueError:  # a model no method declares: the card says what any masked image model is
+        return dict(
+            method="masked image modeling",
+            model_class=None,
+            auto_class_name="AutoModel",
+            mto_stacks=(),
+            remote_code=False,
+            default_masking="random",
+            own_masking=None,
         )
+    ours = model_type == method.model_type()
+    extended = None if ours else next(cls for cls in method.extends if cls.config_class.model_type == model_type)
+    return dict(
+        method=method.name,
+        model_class=method.model_class.__name__ if ours else extended.__name__,
+        auto_class_name=method.auto_class_name,
+        mto_stacks=method.mto_stacks if ours else (),
+        remote_code=ours,
+        default_masking=method.default_masking,
+        own_masking=method.own_masking,
     )
-    info.setdefault("remote_code", False)
-    info["model_type"] = model_type
+
+
+def _model_info(config, model_class: str | None) -> dict:
+    info = _method_info(config)
+    info["model_type"] = getattr(config, "model_type", None)
     info["model_class"] = model_class or info["model_class"] or type(config).__name__
     info["has_decoder"] = hasattr(config, "decoder_hidden_size")
     image, patch = getattr(config, "image_size", None), getattr(config, "patch_size", None)
@@ -292,7 +283,7 @@ def _mto_info(config, args, model: dict) -> dict:
     # Without MTOTrainingArguments the weights are unknown (they are training arguments, not part of the config).
     recorded = hasattr(args, "mto_weights")
     weights = args.mto_weights() if recorded else {key: 0.0 for key, _, _ in MTO_TERMS}
-    enabled = model["mto_where"] is not None and any(w > 0 for w in weights.values())
+    enabled = bool(model["mto_stacks"]) and any(w > 0 for w in weights.values())
     terms = [
         {"key": key, "symbol": symbol, "paper": paper, "weight": weights[key], "on": weights[key] > 0}
         for key, symbol, paper in MTO_TERMS
@@ -312,9 +303,9 @@ def _mto_info(config, args, model: dict) -> dict:
 
 
 def _masking_info(config, args, model: dict) -> dict:
-    strategy = getattr(args, "masking", None) or _DEFAULT_MASKING.get(model["method"], "random")
+    strategy = getattr(args, "masking", None) or model["default_masking"]
     descriptions = {
-        "random": "random patches (MAE's own masking)" if model["method"] == "MAE" else "random patches",
+        "random": "random patches",
         "simmim_block": f"SimMIM's square blocks of {getattr(args, 'mask_patch_size', 32)} px",
         "beit_block": "BEiT's block-wise masking",
         "evolved": "evolved hierarchical masking",
@@ -324,6 +315,8 @@ def _masking_info(config, args, model: dict) -> dict:
         layers = getattr(args, "evolved_attention_layers", None) or max(1, config.num_hidden_layers // 2)
         evolved = {"f0": args.evolved_f0, "f1": args.evolved_f1, "attention_layers": layers}
     description = f"`{strategy}`, " + descriptions.get(strategy, strategy)
+    if strategy == model["own_masking"]:
+        description += f" ({model['method']}'s own masking)"
     if args is None:
         description += " (the model's default; the training arguments were not recorded)"
     return {
@@ -500,7 +493,7 @@ def model_card_context(
             *(tags or []),
         ]
     )
-    if not mto["enabled"] and (mto["recorded"] or model["mto_where"] is None):
+    if not mto["enabled"] and (mto["recorded"] or not model["mto_stacks"]):
         all_tags.remove("mto")
     card_data = ModelCardData(
         library_name="transformers",
@@ -513,7 +506,7 @@ def model_card_context(
     repo_id = repo_id or model_name or "path/to/checkpoint"
     method_summary = f"**{model['method']}**"
     if mto["enabled"]:
-        method_summary += f" and **Masked Token Optimization (MTO)** on the {model['mto_where']}"
+        method_summary += f" and **Masked Token Optimization (MTO)** on the {' and '.join(model['mto_stacks'])}"
     if masking["evolved"]:
         method_summary += ", masks from **Evolved Hierarchical Masking (EHM)**"
     return {

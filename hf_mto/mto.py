@@ -99,8 +99,10 @@ def affinity_logits(hidden: torch.Tensor, affinity: str = "scaled", temperature:
         return torch.bmm(x, x.transpose(1, 2))
 
 
-def _mean_row_entropy(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Mean over selected rows of the entropy of softmax over selected columns.
+def mean_row_entropy(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Mean over selected rows of the entropy of softmax over selected columns: the quantity behind H (Eq. 2: masked
+    rows over visible columns) and L_spa (Eq. 3: visible rows over all columns), for callers that take several of
+    them from the same ``affinity_logits`` (the heterogeneity analysis).
 
     Args:
         logits: ``[B, N, N]`` float32.
@@ -165,7 +167,7 @@ def heterogeneity(
         ``[B]`` float32; 0 for an image with no masked or no visible token.
     """
     _check_hidden_and_mask(hidden, mask)
-    return _mean_row_entropy(affinity_logits(hidden, affinity, temperature), rows=mask, cols=~mask)
+    return mean_row_entropy(affinity_logits(hidden, affinity, temperature), rows=mask, cols=~mask)
 
 
 def sparsity_loss(
@@ -190,7 +192,7 @@ def sparsity_loss(
 
 def _sparsity_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     all_cols = torch.ones_like(mask)
-    per_image = _mean_row_entropy(logits, rows=~mask, cols=all_cols)
+    per_image = mean_row_entropy(logits, rows=~mask, cols=all_cols)
     return _batch_mean(per_image, (~mask).any(dim=1))
 
 
@@ -299,7 +301,7 @@ def mto_terms(
     for layer, hidden in enumerate(hidden_states):
         _check_hidden_and_mask(hidden, mask)
         logits = affinity_logits(hidden, affinity, temperature)
-        per_layer.append(_mean_row_entropy(logits, rows=mask, cols=~mask))
+        per_layer.append(mean_row_entropy(logits, rows=mask, cols=~mask))
         if layer in spa_layers:
             spa.append(_sparsity_from_logits(logits, mask))
     return _collect_terms(torch.stack(per_layer), spa, eps, ranking, valid)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub.errors import HfHubHTTPError
-from transformers import Trainer, TrainerState, TrainingArguments, ViTForMaskedImageModeling, ViTMAEForPreTraining
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 
 from .checkpoints import ConvertedCheckpointsMixin
 from .evolved import EvolvedMasking
@@ -29,7 +29,10 @@ try:  # the HTTP client of huggingface_hub: httpx2 from version 2, httpx before
     from httpx2 import TransportError
 except ImportError:  # pragma: no cover
     from httpx import TransportError
-from .masking import MASKING_STRATEGIES, MaskGenerator, mask_to_noise, square_side
+from . import model_card
+from .log_keys import HETEROGENEITY_PREFIX
+from .masking import MASKING_STRATEGIES, MaskGenerator, square_side
+from .methods import PreTrainingMethod, method_for
 from .mto import mean_heterogeneity
 
 logger = logging.getLogger(__name__)
@@ -47,9 +50,6 @@ def _hub_unreachable(error: BaseException) -> bool:
 
 
 TRAINER_MASKING = (*MASKING_STRATEGIES, "evolved")
-
-MTO_TERMS = ("sparsity_loss", "singularity_loss", "ranking_loss")  # the models' output fields, logged as mto/<name>
-HETEROGENEITY_PREFIX = "mto/heterogeneity/layer_"  # + l: the batch-mean heterogeneity H^l
 
 
 @dataclass
@@ -110,10 +110,10 @@ class MTOTrainingArguments(ScaledLRTrainingArguments):
     masking: str | None = field(
         default=None,
         metadata={
-            "help": f"Mask generator, one of {TRAINER_MASKING}. Default: the model's own (MAE: random, "
-            "SimMIM: simmim_block). The ratio is the model config's mask_ratio. `evolved` is evolved hierarchical "
-            "masking, cut from a tree built from the model's own attention at a depth that rises with the training "
-            "progress t (see evolved_f0)."
+            "help": f"Mask generator, one of {TRAINER_MASKING}. Default: the method's `default_masking` (MAE: "
+            "random, SimMIM: simmim_block). The ratio is the model config's mask_ratio. `evolved` is evolved "
+            "hierarchical masking, cut from a tree built from the model's own attention at a depth that rises with the "
+            "training progress t (see evolved_f0)."
         },
     )
     mask_patch_size: int = field(
@@ -193,20 +193,36 @@ def training_progress(state: TrainerState) -> float:
     return min(state.global_step / state.max_steps, 1.0)
 
 
+class _MethodStepEnd(TrainerCallback):
+    """Calls the method's `on_step_end` after every optimizer step (not after each accumulated micro-batch), with the
+    training progress after that step; before the Trainer logs, evaluates or saves, so a checkpoint holds its
+    effect (a teacher's update)."""
+
+    def __init__(self, method: type[PreTrainingMethod]):
+        self.method = method
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.method.on_step_end(getattr(model, "module", model), training_progress(state))
+
+
 class MTOTrainer(ConvertedCheckpointsMixin, Trainer):
-    """Trainer for the hf_mto models (and upstream ViTMAE / ViTForMaskedImageModeling): draws the masks, weights the
-    MTO terms and logs every component.
+    """Trainer for every registered pre-training method (`hf_mto.methods`: ours, and the upstream classes they
+    extend, such as ViTMAEForPreTraining): draws the masks, weights the MTO terms and logs every component.
 
     Masks are drawn inside the training step, on the device, from the global RNG (which the Trainer seeds and
-    restores on resume): MAE gets them as `noise`, SimMIM as `bool_masked_pos`. A batch that already carries either
-    is left alone. MAE with `random` masking draws its own mask, exactly as upstream.
+    restores on resume), and reach the model through the method's `mask_inputs` (MAE: `noise`, SimMIM:
+    `bool_masked_pos`). A batch that already carries the method's `mask_input_name` is left alone. A masking the
+    model draws by itself (its `own_masking`: MAE's `random`) is left to it, exactly as upstream. After every
+    optimizer step the method's `on_step_end` runs.
     """
 
     args: MTOTrainingArguments
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.mask_generator, self.mask_input_name = self._build_mask_generator()
+        self.method = method_for(self.accelerator.unwrap_model(self.model))
+        self.mask_generator = self._build_mask_generator()
+        self.add_callback(_MethodStepEnd(self.method))
         if isinstance(self.mask_generator, EvolvedMasking) and self.is_fsdp_enabled:
             # The similarity pass calls the encoder's blocks one by one, outside FSDP's forward, where their
             # parameters are still sharded.
@@ -216,18 +232,10 @@ class MTOTrainer(ConvertedCheckpointsMixin, Trainer):
         self._metric_counts = {"train": defaultdict(int), "eval": defaultdict(int)}
         self._eval_prefix: str | None = None  # set while `evaluate` runs
 
-    def _build_mask_generator(self) -> tuple[MaskGenerator | EvolvedMasking | None, str]:
-        model = self.accelerator.unwrap_model(self.model)
-        config = model.config
-        if isinstance(model, ViTMAEForPreTraining):
-            input_name, default = "noise", "random"
-        elif isinstance(model, ViTForMaskedImageModeling):
-            input_name, default = "bool_masked_pos", "simmim_block"
-        else:
-            raise ValueError(
-                f"MTOTrainer trains ViTMAE or ViTForMaskedImageModeling models, got {type(model).__name__}"
-            )
-        strategy = self.args.masking or default
+    def _build_mask_generator(self) -> MaskGenerator | EvolvedMasking | None:
+        """The generator of the chosen masking (default the method's), None when the model draws it itself."""
+        config = self.accelerator.unwrap_model(self.model).config
+        strategy = self.args.masking or self.method.default_masking
         num_patches = (square_side(config.image_size) // square_side(config.patch_size)) ** 2
         if strategy == "evolved":
             depth = config.num_hidden_layers
@@ -245,21 +253,16 @@ class MTOTrainer(ConvertedCheckpointsMixin, Trainer):
                 self.args.mask_patch_size,
             )
             num_masked = generator.num_masked
-        if input_name == "noise":
-            if strategy == "random":
-                return None, input_name  # MAE's own random masking: upstream's path, same distribution
-            # MAE keeps int(N * (1 - mask_ratio)) patches whatever the mask says; the counts must agree.
-            mae_masked = num_patches - int(num_patches * (1 - config.mask_ratio))
-            if num_masked != mae_masked:
-                raise ValueError(
-                    f"{strategy} masking masks {num_masked} of {num_patches} patches per image but MAE with "
-                    f"mask_ratio {config.mask_ratio} masks {mae_masked}: choose a mask_ratio for which they agree "
-                    f"(e.g. {num_masked / num_patches})"
-                )
-        return generator, input_name
+        if strategy == self.method.own_masking:
+            return None  # the model's own draw: upstream's path, same distribution
+        try:  # a model with a count of its own (MAE) checks that the generator's agrees
+            self.method.num_masked(config, num_patches, num_masked)
+        except ValueError as error:
+            raise ValueError(f"{strategy} masking: {error}") from None
+        return generator
 
     def _with_masks(self, model, inputs: dict) -> dict:
-        if self.mask_generator is None or "noise" in inputs or "bool_masked_pos" in inputs:
+        if self.mask_generator is None or self.method.mask_input_name in inputs:
             return inputs
         pixel_values = inputs["pixel_values"]
         if isinstance(self.mask_generator, EvolvedMasking):
@@ -272,8 +275,7 @@ class MTOTrainer(ConvertedCheckpointsMixin, Trainer):
             self._record({"evolved/depth": depth.float().mean(), "evolved/tree_height": height.float().mean()})
         else:
             mask = self.mask_generator(pixel_values.shape[0], device=pixel_values.device)  # [B, N] bool
-        value = mask_to_noise(mask) if self.mask_input_name == "noise" else mask
-        return {**inputs, self.mask_input_name: value}
+        return {**inputs, **self.method.mask_inputs(self.accelerator.unwrap_model(model), mask)}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**self._with_masks(model, inputs), use_mto=self.args.use_mto)
@@ -355,8 +357,6 @@ class MTOTrainer(ConvertedCheckpointsMixin, Trainer):
     model_card_kwargs: dict | None = None
 
     def _render_model_card(self, folder: str, **kwargs) -> str:
-        from .model_card import render_model_card
-
         model = self.accelerator.unwrap_model(self.model)
         defaults = {
             "repo_id": self.hub_model_id or self.args.hub_model_id or folder,
@@ -376,7 +376,7 @@ class MTOTrainer(ConvertedCheckpointsMixin, Trainer):
                 for tags in (recorded["tags"], given["tags"])
                 for tag in ([tags] if isinstance(tags, str) else tags)
             ]
-        return render_model_card(model.config, self.args, self.state, **{**defaults, **recorded, **given})
+        return model_card.render_model_card(model.config, self.args, self.state, **{**defaults, **recorded, **given})
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Every save (`checkpoint-*` folders, `save_model`, `push_to_hub`) writes the card beside the weights.

@@ -54,3 +54,40 @@ def run_without_hf_mto(script: str, tmp_path) -> str:
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+@pytest.fixture
+def dummy_method(monkeypatch):
+    """A method registered for one test only: SimMIM's model under a model type of its own, with other declarations
+    (name, default masking `beit_block`) and hooks that record their calls (`steps`: (model, progress) per
+    `on_step_end`, `masks`: each mask given to `mask_inputs`). Generic code that follows the declarations, not the
+    model's class, treats its model differently from SimMIM's."""
+    from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling, SimMIMMTOMethod, methods
+
+    class DummyConfig(SimMIMMTOConfig):
+        model_type = "dummy_mim"
+
+    class DummyModel(SimMIMMTOForMaskedImageModeling):
+        config_class = DummyConfig
+
+    class DummyMethod(SimMIMMTOMethod):
+        name = "DummyMIM"
+        config_class = DummyConfig
+        model_class = DummyModel
+        extends = ()
+        extends_model_types = ()
+        default_masking = "beit_block"
+        steps = []
+        masks = []
+
+        @classmethod
+        def on_step_end(cls, model, progress):
+            cls.steps.append((model, progress))
+
+        @classmethod
+        def mask_inputs(cls, model, mask):
+            cls.masks.append(mask)
+            return super().mask_inputs(model, mask)
+
+    monkeypatch.setattr(methods, "_METHODS", dict(methods._METHODS))  # the registry as it was, after the test
+    return methods.register_method(DummyMethod)

@@ -261,6 +261,21 @@ def test_models_that_are_not_ours_are_rejected(tmp_path):
         draw_mask_inputs(tiny_mae(mask_ratio=0.7), 2, masking="simmim_block", mask_patch_size=8)
 
 
+def test_analysis_follows_a_registered_methods_declarations(dummy_method):
+    # SimMIM's model under a method of its own whose default masking is beit_block: the analysis draws that masking,
+    # hands it to the model through the method's mask_inputs and measures the method's MTO stack
+    torch.manual_seed(0)
+    model = dummy_method.model_class(dummy_method.config_class(**TINY_SIMMIM)).eval()
+    assert check_model(model) is dummy_method
+    _, pixels = images_01(3)
+    result = analyze_heterogeneity(model, pixels, seed=1)
+    assert (result.stack, result.masking, result.mask_patch_size) == ("encoder", "beit_block", None)
+    (mask,) = dummy_method.masks
+    assert mask.shape == (3, 64) and (mask.sum(dim=1) == round(0.6 * 64)).all()
+    expected = model(pixels, bool_masked_pos=mask, use_mto=True).heterogeneity.mean(dim=0)
+    assert result.heterogeneity == pytest.approx(expected.tolist(), rel=1e-5)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Reconstructions
 # --------------------------------------------------------------------------------------------------------------------

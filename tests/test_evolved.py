@@ -165,5 +165,5 @@ def test_bad_evolved_settings_raise_clear_errors(tmp_path):
         EvolvedMasking(1.2, 1)
     # MAE masks N - int(N * 0.4) = 39 patches, evolved masking round(0.6 * 64) = 38: refused before training
     mae = ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**{**TINY_MAE, "mask_ratio": 0.6}))
-    with pytest.raises(ValueError, match="evolved masking masks 38 of 64.*masks 39"):
+    with pytest.raises(ValueError, match="evolved masking: 38 of 64.*masks 39"):
         MTOTrainer(model=mae, args=make_args(tmp_path, masking="evolved"))

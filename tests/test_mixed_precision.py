@@ -8,7 +8,8 @@ import torch
 from conftest import TINY_MAE, TINY_VIT
 
 from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling, ViTMAEMTOConfig, ViTMAEMTOForPreTraining
-from hf_mto.trainer import MTO_TERMS, MTOTrainer, MTOTrainingArguments
+from hf_mto.log_keys import MTO_TERMS
+from hf_mto.trainer import MTOTrainer, MTOTrainingArguments
 
 
 def build(model_type):

@@ -11,7 +11,7 @@ import torch
 import transformers
 from conftest import TINY_MAE, TINY_SIMMIM, RandomImages
 from huggingface_hub import ModelCard
-from transformers import TrainerState
+from transformers import TrainerState, ViTConfig, ViTMAEConfig
 
 from hf_mto import SimMIMMTOConfig, ViTMAEMTOConfig, ViTMAEMTOForPreTraining
 from hf_mto.data import DataArguments
@@ -322,3 +322,25 @@ def test_callback_metrics_logged_after_the_evaluation_reach_the_card():
     metrics = dict(summary["evaluation"]["metrics"])
     assert metrics["eval_knn_accuracy"] == 0.61 and metrics["eval_linear_probe_accuracy"] == 0.72
     assert {row["key"]: row["eval"] for row in summary["losses"]}["loss"] == 1.2
+
+
+def test_the_card_follows_a_registered_methods_declarations(dummy_method):
+    card = render_model_card(dummy_method.config_class(**TINY_SIMMIM), repo_id="user/dummy")
+    assert "**DummyMIM**" in card and "(`DummyModel`, AutoModelForMaskedImageModeling)" in card
+    assert "`beit_block`, BEiT's block-wise masking (the model's default" in card
+    assert 'AutoModelForMaskedImageModeling.from_pretrained("user/dummy", trust_remote_code=True)' in card
+
+
+@pytest.mark.parametrize(
+    "config, model_class, auto_class, masking",
+    [
+        (ViTMAEConfig(**TINY_MAE), "ViTMAEForPreTraining", "AutoModelForPreTraining", "random patches (MAE's own"),
+        (ViTConfig(**TINY_SIMMIM), "ViTForMaskedImageModeling", "AutoModelForMaskedImageModeling", "SimMIM's square"),
+    ],
+    ids=["mae", "simmim"],
+)
+def test_upstream_models_get_the_card_of_the_method_that_extends_them(config, model_class, auto_class, masking):
+    card = render_model_card(config, repo_id="user/upstream")
+    assert f"(`{model_class}`, {auto_class})" in card and masking in card
+    assert f'{auto_class}.from_pretrained("user/upstream")' in card and "trust_remote_code" not in card
+    assert "Masked Token Optimization" not in card  # upstream classes compute no MTO terms

@@ -3,8 +3,16 @@
 import pytest
 import torch
 from conftest import TINY_MAE, TINY_SIMMIM, RandomImages
+from transformers import ViTConfig, ViTForMaskedImageModeling, ViTMAEConfig, ViTMAEForPreTraining
 
-from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling, ViTMAEMTOConfig, ViTMAEMTOForPreTraining
+from hf_mto import (
+    SimMIMMTOConfig,
+    SimMIMMTOForMaskedImageModeling,
+    SimMIMMTOMethod,
+    ViTMAEMTOConfig,
+    ViTMAEMTOForPreTraining,
+    ViTMAEMTOMethod,
+)
 from hf_mto.trainer import MTOTrainer, MTOTrainingArguments
 
 
@@ -127,7 +135,7 @@ def test_simmim_training_steps_change_every_parameter_with_block_masks(tmp_path)
     before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     args = make_args(tmp_path, mask_patch_size=8)
     trainer = MTOTrainer(model=model, args=args, train_dataset=RandomImages())
-    assert trainer.mask_generator.strategy == "simmim_block" and trainer.mask_input_name == "bool_masked_pos"
+    assert trainer.mask_generator.strategy == "simmim_block" and trainer.method.mask_input_name == "bool_masked_pos"
     trainer.train()
     unchanged = [name for name, p in model.named_parameters() if p.requires_grad and torch.equal(p, before[name])]
     assert unchanged == []
@@ -157,7 +165,7 @@ def test_mae_with_block_masks_masks_exactly_the_generated_patches(tmp_path):
 
 def test_mae_block_mask_count_mismatch_is_a_clear_error(tmp_path):
     model = ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**{**TINY_MAE, "mask_ratio": 0.6}))  # MAE masks 39 of 64
-    with pytest.raises(ValueError, match="masks 40 of 64.*masks 39.*0.625"):
+    with pytest.raises(ValueError, match="simmim_block masking: 40 of 64.*masks 39.*0.625"):
         MTOTrainer(model=model, args=make_args(tmp_path, masking="simmim_block", mask_patch_size=8))
 
 
@@ -183,3 +191,51 @@ def test_evaluation_components_take_the_evaluation_prefix(tmp_path):
     assert "test_reconstruction_loss" in test and not any(k.startswith("eval_") for k in test)
     logged = [k for entry in trainer.state.log_history for k in entry]
     assert "test_mto/sparsity_loss" in logged and "eval_a_mto/sparsity_loss" in logged
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The trainer reads the method's declarations (hf_mto.methods)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_the_trainer_follows_a_registered_methods_declarations(tmp_path, dummy_method):
+    torch.manual_seed(0)
+    model = dummy_method.model_class(dummy_method.config_class(**TINY_SIMMIM))
+    # 3 optimizer steps of 2 accumulated micro-batches of 4 images
+    args = make_args(tmp_path, max_steps=3, per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    trainer = MTOTrainer(model=model, args=args, train_dataset=RandomImages())
+    assert trainer.method is dummy_method
+    assert trainer.mask_generator.strategy == "beit_block"  # the method's default_masking, not SimMIM's
+    trainer.train()
+    # every micro-batch's mask went through the method's mask_inputs; the hook ran once per optimizer step
+    assert len(dummy_method.masks) == 6
+    assert all(mask.shape == (4, 64) and (mask.sum(dim=1) == 38).all() for mask in dummy_method.masks)
+    assert [progress for _, progress in dummy_method.steps] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert all(hooked is model for hooked, _ in dummy_method.steps)
+
+
+@pytest.mark.parametrize("upstream", ["mae", "simmim"])
+def test_upstream_models_train_as_the_method_that_extends_them(tmp_path, upstream):
+    # 0.625 x 64 = 40 patches, as many as 10 SimMIM squares of 2 x 2 patches (MAE's own count must agree)
+    torch.manual_seed(0)
+    if upstream == "mae":
+        model, method = ViTMAEForPreTraining(ViTMAEConfig(**{**TINY_MAE, "mask_ratio": 0.625})), ViTMAEMTOMethod
+    else:
+        model, method = ViTForMaskedImageModeling(ViTConfig(**TINY_SIMMIM, mask_ratio=0.625)), SimMIMMTOMethod
+    model.eval()
+    no_mto = dict(mto_spa_weight=0.0, mto_e_weight=0.0, mto_r_weight=0.0)
+    trainer = MTOTrainer(model=model, args=make_args(tmp_path, **no_mto))
+    assert trainer.method is method
+    # the method's default masking: MAE draws its own (no generator), SimMIM gets block masks
+    assert (trainer.mask_generator is None) == (upstream == "mae")
+    trainer = MTOTrainer(model=model, args=make_args(tmp_path, masking="simmim_block", mask_patch_size=8, **no_mto))
+    pixels = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(5)
+    inputs = trainer._with_masks(model, {"pixel_values": pixels})
+    torch.manual_seed(5)
+    expected = trainer.mask_generator(4)
+    if upstream == "mae":
+        assert torch.equal(model(**inputs).mask.bool(), expected)
+    else:
+        assert torch.equal(inputs["bool_masked_pos"], expected)
+    assert torch.isfinite(trainer.compute_loss(model, inputs))

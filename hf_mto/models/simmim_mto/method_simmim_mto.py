@@ -3,6 +3,7 @@ remote code saved beside checkpoints."""
 
 from __future__ import annotations
 
+import torch
 from transformers import ViTForMaskedImageModeling, ViTModel
 
 from ...methods import PreTrainingMethod, register_method
@@ -26,3 +27,11 @@ class SimMIMMTOMethod(PreTrainingMethod):
     card_notes = (
         "SimMIM's mask token and reconstruction head were dropped; the position embeddings are the learned ones."
     )
+
+    @classmethod
+    def analysis_pass(cls, model, pixel_values: torch.Tensor, mask_inputs: dict[str, torch.Tensor]):
+        """The encoder's states (SimMIM's MTO stack, already in patch order), the mask and the reconstruction; see
+        `PreTrainingMethod.analysis_pass`."""
+        outputs = model(pixel_values, use_mto=False, output_hidden_states=True, **mask_inputs)
+        states = [state[:, 1:].float() for state in outputs.hidden_states]
+        return states, outputs.mask.bool(), outputs.reconstruction.float()

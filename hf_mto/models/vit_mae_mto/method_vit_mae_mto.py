@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers import ViTMAEForPreTraining, ViTMAEModel
 
-from ...masking import mask_to_noise
+from ...masking import mask_to_noise, square_side
 from ...methods import PreTrainingMethod, register_method
 from .configuration_vit_mae_mto import ViTMAEMTOConfig
 from .modeling_vit_mae_mto import ViTMAEMTOForPreTraining, ViTMAEMTOModel
@@ -42,9 +42,8 @@ class ViTMAEMTOMethod(PreTrainingMethod):
         expected = cls.model_num_masked(config, num_patches)
         if drawn != expected:
             raise ValueError(
-                f"the masking masks {drawn} of {num_patches} patches per image but MAE with mask_ratio "
-                f"{config.mask_ratio} masks {expected}: choose a mask_ratio for which they agree "
-                f"(e.g. {drawn / num_patches})"
+                f"{drawn} of {num_patches} patches masked per image, but MAE with mask_ratio {config.mask_ratio} "
+                f"masks {expected}: choose a mask_ratio for which they agree (e.g. {drawn / num_patches})"
             )
         return drawn
 
@@ -52,3 +51,40 @@ class ViTMAEMTOMethod(PreTrainingMethod):
     def mask_inputs(cls, model, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         expected = cls.model_num_masked(model.config, mask.shape[1])
         return {"noise": mask_to_noise(mask, expected_num_masked=expected)}
+
+    @classmethod
+    def own_mask_inputs(
+        cls, model, batch_size: int, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``{"noise": [B, N]}`` uniform noise, as MAE draws it: it keeps the patches of the lowest noise."""
+        config = model.config
+        num_patches = (square_side(config.image_size) // square_side(config.patch_size)) ** 2
+        return {"noise": torch.rand(batch_size, num_patches, generator=generator)}
+
+    @classmethod
+    def prediction_to_pixels(cls, model, pixel_values: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """MAE's predicted patches ``[B, N, P*P*C]`` -> image ``[B, C, H, W]`` float32 in the normalised space of
+        ``pixel_values``.
+
+        With `norm_pix_loss` the model predicts each patch normalised by its own mean and variance; as the official
+        MAE visualisation does, those statistics are taken from the original image's patch and put back
+        (``pred * sqrt(var + 1e-6) + mean``, the inverse of the loss's target normalisation).
+        """
+        prediction = logits.float()
+        if model.config.norm_pix_loss:
+            target = model.patchify(pixel_values.float())
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            prediction = prediction * (var + 1.0e-6) ** 0.5 + mean
+        return model.unpatchify(prediction, original_image_size=tuple(pixel_values.shape[-2:]))
+
+    @classmethod
+    def analysis_pass(cls, model, pixel_values: torch.Tensor, mask_inputs: dict[str, torch.Tensor]):
+        """The decoder's states (MAE's MTO stack) in patch order, the mask and the reconstruction; see
+        `PreTrainingMethod.analysis_pass`."""
+        encoded = model.vit(pixel_values, noise=mask_inputs["noise"])
+        # The decoder returns its states in MAE's shuffled order (CLS, visible, masked); put them in patch order.
+        decoded = model.decoder(encoded.last_hidden_state, encoded.ids_restore, output_hidden_states=True)
+        index = encoded.ids_restore.unsqueeze(-1).expand(-1, -1, decoded.hidden_states[0].shape[-1])
+        states = [torch.gather(state[:, 1:].float(), 1, index) for state in decoded.hidden_states]
+        return states, encoded.mask.bool(), cls.prediction_to_pixels(model, pixel_values, decoded.logits)
