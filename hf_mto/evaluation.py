@@ -36,16 +36,14 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 from torch.utils.data import DataLoader, Subset
-from transformers import TrainerCallback, ViTMAEModel, ViTModel
-from transformers.models.vit_mae.modeling_vit_mae import ViTMAEEmbeddings
+from transformers import TrainerCallback
 
 from .data import PixelCollator, apply_transform, process_share
-from .methods import method_for
+from .methods import PreTrainingMethod, method_for
 
 logger = logging.getLogger(__name__)
 
 POOLINGS = ("cls", "mean")
-_ENCODER_CLASSES = (ViTModel, ViTMAEModel)
 
 
 @dataclass
@@ -133,18 +131,17 @@ def check_eval_settings(pooling: str, k: int, temperature: float, probe_c: float
 
 
 def resolve_encoder(model: torch.nn.Module) -> torch.nn.Module:
-    """The ViT encoder of `model`: itself if it is a `ViTModel` / `ViTMAEModel`, else its `.vit` (every pre-training
-    and classification model of ours and of transformers' ViT family keeps it there). DDP wrappers are unwrapped."""
+    """The ViT encoder of `model`: its base model (a pre-training or classification model keeps it as `.vit`, an
+    encoder is its own), which must have ViT's `embeddings`, `layers` and final `layernorm`. DDP wrappers are
+    unwrapped."""
     model = getattr(model, "module", model)  # DistributedDataParallel
-    if isinstance(model, _ENCODER_CLASSES):
-        return model
-    encoder = getattr(model, "vit", None)
-    if isinstance(encoder, _ENCODER_CLASSES):
-        return encoder
-    raise ValueError(
-        f"cannot find a ViT encoder in a {type(model).__name__}: pass a ViTModel or ViTMAEModel, or a model holding "
-        "one as `.vit` (ViTMAEMTOForPreTraining, SimMIMMTOForMaskedImageModeling, ViTForImageClassification, ...)"
-    )
+    encoder = getattr(model, "base_model", None)
+    if encoder is None or not all(hasattr(encoder, name) for name in ("embeddings", "layers", "layernorm")):
+        raise ValueError(
+            f"cannot find a ViT encoder in a {type(model).__name__}: pass a ViT (ViTModel, ViTMAEModel, ...) or a "
+            "model built on one (ViTMAEMTOForPreTraining, SimMIMMTOForMaskedImageModeling, ViTForImageClassification)"
+        )
+    return encoder
 
 
 def encoder_features(model: torch.nn.Module, pixel_values: torch.Tensor, pooling: str = "cls") -> torch.Tensor:
@@ -152,22 +149,22 @@ def encoder_features(model: torch.nn.Module, pixel_values: torch.Tensor, pooling
     (`pooling="cls"`) or mean of the patch tokens (`"mean"`). Runs with the model's current autograd and train/eval
     state; `extract_features` wraps it in `no_grad` and eval mode.
 
-    ViTMAE's embedding module always drops a random `mask_ratio` of the patches, so for a ViTMAE encoder the same
-    modules are run here on every patch: patch projection + position embedding, CLS token, the blocks, the final
-    layernorm. Other ViTs are called as they are, without `bool_masked_pos`, so nothing is masked.
+    The encoder runs over every patch through its method's `unmasked_embeddings` and `encoder_blocks` (a
+    pre-training embedding module may always mask, as MAE's drops patches), then the final layernorm; a ViT no
+    method declares (a classifier, an exported encoder) takes the generic declarations of `PreTrainingMethod`.
     """
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     encoder = resolve_encoder(model)
+    try:
+        method = method_for(encoder)
+    except ValueError:
+        method = PreTrainingMethod
     pixel_values = pixel_values.to(encoder.embeddings.patch_embeddings.projection.weight.dtype)
-    if isinstance(encoder.embeddings, ViTMAEEmbeddings):
-        method = method_for(encoder.config)  # its declaration rebuilds the embeddings without dropping patches
-        hidden = method.unmasked_embeddings(encoder, pixel_values)  # [B, 1 + N, D]
-        for layer in method.encoder_blocks(encoder):
-            hidden = layer(hidden)
-        hidden = encoder.layernorm(hidden)
-    else:
-        hidden = encoder(pixel_values=pixel_values).last_hidden_state
+    hidden = method.unmasked_embeddings(encoder, pixel_values)  # [B, 1 + N, D]
+    for layer in method.encoder_blocks(encoder):
+        hidden = layer(hidden)
+    hidden = encoder.layernorm(hidden)
     return hidden[:, 0] if pooling == "cls" else hidden[:, 1:].mean(dim=1)
 
 
