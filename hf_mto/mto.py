@@ -65,19 +65,23 @@ def _check_hidden_and_mask(hidden: torch.Tensor, mask: torch.Tensor) -> None:
         raise ValueError(f"mask must be [B, N] = {list(hidden.shape[:2])}, got shape {list(mask.shape)}")
 
 
-def _affinity_features(hidden: torch.Tensor, affinity: str, temperature: float) -> torch.Tensor:
-    """``[B, N, D]`` float32 features whose pairwise dot products are the affinity logits."""
+def _affinity_features(hidden: torch.Tensor, affinity: str, temperature: float) -> tuple[torch.Tensor, float]:
+    """``[B, N, D]`` float32 features and the factor that turns their pairwise dot products into the affinity logits.
+
+    The factor is applied to the logits rather than the features, so that "dot" and "scaled" use the states
+    themselves as features: a scaled copy of every state would be one more ``[B, N, D]`` tensor per layer kept for
+    the backward pass.
+    """
     if affinity not in AFFINITY_MODES:
         raise ValueError(f"affinity must be one of {AFFINITY_MODES}, got {affinity!r}")
     x = hidden.float()
     if affinity == "cosine":
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 for cosine affinity, got {temperature}")
-        # cos / T = (x_i / |x_i|) . (x_j / |x_j|) / sqrt(T)^2
-        return F.normalize(x, dim=-1) / temperature**0.5
+        return F.normalize(x, dim=-1), 1.0 / temperature  # cos / T
     if affinity == "scaled":
-        return x / x.shape[-1] ** 0.25
-    return x
+        return x, x.shape[-1] ** -0.5
+    return x, 1.0
 
 
 def affinity_logits(hidden: torch.Tensor, affinity: str = "scaled", temperature: float = 0.1) -> torch.Tensor:
@@ -95,8 +99,8 @@ def affinity_logits(hidden: torch.Tensor, affinity: str = "scaled", temperature:
     """
     # Autocast would run the matmul in bf16/fp16 again; the entropies need float32 logits.
     with torch.autocast(device_type=hidden.device.type, enabled=False):
-        x = _affinity_features(hidden, affinity, temperature)
-        return torch.bmm(x, x.transpose(1, 2))
+        x, scale = _affinity_features(hidden, affinity, temperature)
+        return torch.bmm(x, x.transpose(1, 2)).mul_(scale)
 
 
 def mean_row_entropy(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -342,6 +346,7 @@ class _VisibleFirstEntropies(torch.autograd.Function):
     Args (forward):
         features: ``[B, P + N, D]`` float32 affinity features; tokens ``[:P]`` (CLS) are ignored, ``[P:P+V]`` are
             the visible patches and the rest the masked ones.
+        logit_scale: the logits are ``logit_scale * features @ featuresᵀ`` (see `_affinity_features`).
         num_prefix_tokens: P.
         num_visible: V, ``0 < V < N``.
         with_sparsity: also compute Eq. 3 for this layer.
@@ -352,18 +357,19 @@ class _VisibleFirstEntropies(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, features, num_prefix_tokens: int, num_visible: int, with_sparsity: bool):
+    def forward(ctx, features, logit_scale: float, num_prefix_tokens: int, num_visible: int, with_sparsity: bool):
         patches = features[:, num_prefix_tokens:]
         visible, masked = patches[:, :num_visible], patches[:, num_visible:]
         if with_sparsity:
-            spa_logits = torch.bmm(visible, patches.transpose(1, 2))  # Eq. 3: visible rows, all patches, [B, V, N]
+            # Eq. 3: visible rows, all patches, [B, V, N]
+            spa_logits = torch.bmm(visible, patches.transpose(1, 2)).mul_(logit_scale)
             spa = _softmax_entropy(spa_logits)
             # Eq. 2's logits (masked rows, visible columns) are the transpose of Eq. 3's visible-by-masked block.
             het = _softmax_entropy(spa_logits[:, :, num_visible:].transpose(1, 2))
         else:
             spa = ()
-            het = _softmax_entropy(torch.bmm(masked, visible.transpose(1, 2)))  # Eq. 2, [B, M, V]
-        ctx.num_prefix_tokens, ctx.num_visible = num_prefix_tokens, num_visible
+            het = _softmax_entropy(torch.bmm(masked, visible.transpose(1, 2)).mul_(logit_scale))  # Eq. 2, [B, M, V]
+        ctx.logit_scale, ctx.num_prefix_tokens, ctx.num_visible = logit_scale, num_prefix_tokens, num_visible
         ctx.save_for_backward(features, *het, *spa)
         return (het[0].mean(dim=1), spa[0].mean(dim=1)) if with_sparsity else (het[0].mean(dim=1),)
 
@@ -376,10 +382,11 @@ class _VisibleFirstEntropies(torch.autograd.Function):
         visible, masked = patches[:, :num_visible], patches[:, num_visible:]
         # The backward may run where autocast is on; the gradient, like the forward, stays in float32.
         with torch.autocast(device_type=features.device.type, enabled=False):
-            grad_het_logits = _mean_entropy_grad_logits(grad_het, *saved[:3])  # [B, M, V]
+            # the logits' gradient times the scale is that of the unscaled product (both fresh tensors: in place)
+            grad_het_logits = _mean_entropy_grad_logits(grad_het, *saved[:3]).mul_(ctx.logit_scale)  # [B, M, V]
             if len(saved) > 3:
                 # Both terms' logits are blocks of visible @ patchesᵀ: one gradient for it, two bmm.
-                grad_logits = _mean_entropy_grad_logits(grad_spa, *saved[3:])  # [B, V, N]
+                grad_logits = _mean_entropy_grad_logits(grad_spa, *saved[3:]).mul_(ctx.logit_scale)  # [B, V, N]
                 grad_logits[:, :, num_visible:] += grad_het_logits.transpose(1, 2)
                 grad_patches = torch.bmm(grad_logits.transpose(1, 2), visible)  # [B, N, D]
                 grad_patches[:, :num_visible] += torch.bmm(grad_logits, patches)
@@ -388,7 +395,7 @@ class _VisibleFirstEntropies(torch.autograd.Function):
                 parts = [torch.bmm(grad_het_logits.transpose(1, 2), masked), torch.bmm(grad_het_logits, visible)]
             if num_prefix_tokens:
                 parts.insert(0, features.new_zeros(features.shape[0], num_prefix_tokens, features.shape[2]))
-            return torch.cat(parts, dim=1), None, None, None
+            return torch.cat(parts, dim=1), None, None, None, None
 
 
 def mto_terms_visible_first(
@@ -425,8 +432,10 @@ def mto_terms_visible_first(
         for layer, hidden in enumerate(hidden_states):
             if hidden.dim() != 3 or hidden.shape[1] != num_tokens:
                 raise ValueError(f"every state must be [B, {num_tokens}, D], got shape {list(hidden.shape)}")
-            features = _affinity_features(hidden, affinity, temperature)
-            entropies = _VisibleFirstEntropies.apply(features, num_prefix_tokens, num_visible, layer in spa_layers)
+            features, scale = _affinity_features(hidden, affinity, temperature)
+            entropies = _VisibleFirstEntropies.apply(
+                features, scale, num_prefix_tokens, num_visible, layer in spa_layers
+            )
             per_layer.append(entropies[0])  # Eq. 2, [B]
             spa.extend(entropy.mean() for entropy in entropies[1:])  # Eq. 3 (mean), []
     return _collect_terms(torch.stack(per_layer), spa, eps, ranking)

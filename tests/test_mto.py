@@ -222,18 +222,21 @@ def test_visible_first_path_matches_general_path_values_and_gradients(affinity, 
         assert torch.allclose(general_grad, fast_grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("logit_scale", [1.0, 0.35])
 @pytest.mark.parametrize("num_prefix_tokens", [0, 1])
 @pytest.mark.parametrize("with_sparsity", [False, True])
-def test_visible_first_entropies_hand_written_backward_passes_gradcheck(num_prefix_tokens, with_sparsity):
+def test_visible_first_entropies_hand_written_backward_passes_gradcheck(logit_scale, num_prefix_tokens, with_sparsity):
     torch.manual_seed(5)
     features = torch.randn(2, num_prefix_tokens + 7, 4, dtype=torch.float64, requires_grad=True)
-    args = (num_prefix_tokens, 3, with_sparsity)  # 3 visible patches, 4 masked
+    args = (logit_scale, num_prefix_tokens, 3, with_sparsity)  # 3 visible patches, 4 masked
     assert torch.autograd.gradcheck(lambda x: mto._VisibleFirstEntropies.apply(x, *args), (features,))
     outputs = mto._VisibleFirstEntropies.apply(features, *args)
     patches = features[:, num_prefix_tokens:].tolist()
 
     def mean_entropy(image, rows, cols):
-        logits = [[sum(u * v for u, v in zip(image[r], image[c], strict=True)) for c in cols] for r in rows]
+        logits = [
+            [logit_scale * sum(u * v for u, v in zip(image[r], image[c], strict=True)) for c in cols] for r in rows
+        ]
         return sum(entropy(row) for row in logits) / len(rows)
 
     expected = [[mean_entropy(image, range(3, 7), range(3)) for image in patches]]
