@@ -64,7 +64,7 @@ from .export import export_encoder
 from .methods import method_for, model_types
 from .metrics import ACCURACY_PATH
 from .models.vit_gap import ViTGAPConfig, ViTGAPForImageClassification
-from .trainer import ScaledLRTrainingArguments
+from .training_args import ScaledLRTrainingArguments
 
 logger = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.resources
+import logging
 import math
 import os
 import re
@@ -37,6 +38,8 @@ from .log_keys import HETEROGENEITY_PREFIX
 from .log_keys import MTO_TERMS as TRAINER_MTO_TERMS
 from .masking import square_side
 from .methods import method_for
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATE = "pretraining.md.jinja"
 TEMPLATE_FOLDER = "model_cards"
@@ -560,7 +563,88 @@ def write_model_card(directory: str | os.PathLike, config, args=None, state=None
     return path
 
 
+class ModelCardMixin:
+    """For `Trainer` subclasses: every save (`checkpoint-*` folders, `save_model`, `push_to_hub`) writes the model
+    card rendered from hf_mto's template beside the weights, and `create_model_card` (which `push_to_hub` calls)
+    writes it in place of the Trainer's generic card."""
+
+    # Facts about the run that the Trainer cannot see, as keyword arguments of `hf_mto.model_card.model_card_context`
+    # (`data_args`, `license`, ...); the recipes set them.
+    model_card_kwargs: dict | None = None
+
+    def _render_model_card(self, folder: str, **kwargs) -> str:
+        model = self.accelerator.unwrap_model(self.model)
+        defaults = {
+            "repo_id": self.hub_model_id or self.args.hub_model_id or folder,
+            "model_class": type(model).__name__,
+        }
+        for name, dataset in (("train_size", self.train_dataset), ("eval_size", self.eval_dataset)):
+            if dataset is not None and not isinstance(dataset, dict) and hasattr(dataset, "__len__"):
+                defaults[name] = len(dataset)
+        source = getattr(model, "name_or_path", "") or ""
+        if source and not os.path.isdir(source):  # started from a Hub checkpoint
+            defaults["base_model"] = source
+        recorded = dict(self.model_card_kwargs or {})
+        given = {key: value for key, value in kwargs.items() if value is not None}
+        if "tags" in given and "tags" in recorded:  # tags add up; everything else given wins
+            given["tags"] = [
+                tag
+                for tags in (recorded["tags"], given["tags"])
+                for tag in ([tags] if isinstance(tags, str) else tags)
+            ]
+        return render_model_card(model.config, self.args, self.state, **{**defaults, **recorded, **given})
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # Every save (`checkpoint-*` folders, `save_model`, `push_to_hub`) writes the card beside the weights.
+        super()._save(output_dir, state_dict=state_dict)
+        if not self.args.should_save:
+            return
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        try:
+            card = self._render_model_card(
+                folder, checkpoint=os.path.basename(os.path.normpath(folder)).startswith("checkpoint-")
+            )
+        except Exception as err:  # a card must never cost a run its checkpoints
+            logger.warning("could not write the model card into %s: %s", folder, err)
+            return
+        with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
+            f.write(card)
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+        **kwargs,
+    ) -> None:
+        """Write `output_dir/README.md` from hf_mto's template (`model_cards/`, see `hf_mto.model_card`) in place of
+        the Trainer's generic card. `push_to_hub(**kwargs)` calls it with its keyword arguments, then uploads the
+        folder. `language`, `tasks` and `dataset_tags` are accepted for the Trainer's signature and not used; further
+        keyword arguments go to `model_card_context`."""
+        if not self.is_world_process_zero():
+            return
+        card = self._render_model_card(
+            self.args.output_dir,
+            license=license,
+            tags=tags,
+            model_name=model_name,
+            base_model=finetuned_from,
+            dataset=dataset,
+            dataset_args=dataset_args,
+            **kwargs,
+        )
+        with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as f:
+            f.write(card)
+
+
 __all__ = [
+    "ModelCardMixin",
     "DEFAULT_TEMPLATE",
     "model_card_context",
     "render_model_card",

@@ -14,7 +14,7 @@ One GPU, many GPUs or CPU, through accelerate and the HF Trainer:
 
 Every flag of `ModelArguments` (hf_mto/cli.py), `DataArguments` (hf_mto/data.py), `EncoderEvalArguments`
 (hf_mto/evaluation.py: `--encoder_eval` adds k-NN and linear-probe accuracy to every evaluation) and
-`MTOTrainingArguments` (hf_mto/trainer.py, which extends transformers' `TrainingArguments`) can be set in the
+`MTOTrainingArguments` (hf_mto/training_args.py, which extends transformers' `TrainingArguments`) can be set in the
 YAML/JSON file or on the command line; the command line wins.
 """
 
@@ -35,7 +35,8 @@ from hf_mto.data import (
 )
 from hf_mto.evaluation import EncoderEvalArguments, EncoderEvalCallback, labelled_eval_splits
 from hf_mto.run import evaluate, finish, setup_run, train
-from hf_mto.trainer import MTOTrainer, MTOTrainingArguments
+from hf_mto.trainer import MTOTrainer
+from hf_mto.training_args import MTOTrainingArguments
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,8 @@ from hf_mto.analysis import (
 )
 from hf_mto.data import IMAGENET_MEAN, IMAGENET_STD, build_image_processor
 from hf_mto.mto import heterogeneity
-from hf_mto.trainer import MTOTrainer, MTOTrainingArguments
+from hf_mto.trainer import MTOTrainer
+from hf_mto.training_args import MTOTrainingArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)

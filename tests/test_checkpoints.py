@@ -30,7 +30,8 @@ from hf_mto.analysis import load_checkpoint
 from hf_mto.checkpoints import IncompleteCheckpointError, load_pretrained, load_weights_into
 from hf_mto.cli import ModelArguments, build_config, build_model
 from hf_mto.export import export_encoder
-from hf_mto.trainer import MTOTrainer, MTOTrainingArguments
+from hf_mto.trainer import MTOTrainer
+from hf_mto.training_args import MTOTrainingArguments
 
 # transformers 4.x module names (the Hub's `facebook/vit-mae-*` and every 4.x `save_pretrained`), written out by hand
 # rather than taken from transformers' own mapping, so the test does not check the mapping against itself.

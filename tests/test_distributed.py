@@ -30,7 +30,8 @@ def test_logged_metrics_are_averaged_over_steps_and_processes(tmp_path):
             import json, torch
             from conftest import TINY_MAE
             from hf_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining
-            from hf_mto.trainer import MTOTrainer, MTOTrainingArguments
+            from hf_mto.trainer import MTOTrainer
+            from hf_mto.training_args import MTOTrainingArguments
 
             args = MTOTrainingArguments(output_dir={str(tmp_path)!r}, report_to="none")
             trainer = MTOTrainer(model=ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**TINY_MAE)), args=args)
@@ -97,7 +98,8 @@ def test_processes_end_with_identical_weights_and_share_the_gathered_mto_logs(tm
             from conftest import TINY_MAE, TINY_SIMMIM
             from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling
             from hf_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining
-            from hf_mto.trainer import MTOTrainer, MTOTrainingArguments
+            from hf_mto.trainer import MTOTrainer
+            from hf_mto.training_args import MTOTrainingArguments
 
             torch.manual_seed(0)
             if {model_type!r} == "mae":

@@ -26,7 +26,8 @@ from hf_mto.evaluation import (
     resolve_encoder,
 )
 from hf_mto.export import export_encoder
-from hf_mto.trainer import MTOTrainer, MTOTrainingArguments
+from hf_mto.trainer import MTOTrainer
+from hf_mto.training_args import MTOTrainingArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")

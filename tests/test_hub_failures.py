@@ -7,7 +7,8 @@ from conftest import TINY_MAE
 
 from hf_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining
 from hf_mto.checkpoints import load_pretrained
-from hf_mto.trainer import MTOTrainer, MTOTrainingArguments
+from hf_mto.trainer import MTOTrainer
+from hf_mto.training_args import MTOTrainingArguments
 
 
 def test_offline_push_to_hub_keeps_every_checkpoint_and_finishes(tmp_path, caplog, monkeypatch):
@@ -27,7 +28,7 @@ def test_offline_push_to_hub_keeps_every_checkpoint_and_finishes(tmp_path, caplo
         hub_model_id="someone/tiny-mae-mto",
         hub_strategy="every_save",
     )
-    with caplog.at_level(logging.WARNING, logger="hf_mto.trainer"):
+    with caplog.at_level(logging.WARNING, logger="hf_mto.hub"):
         trainer = MTOTrainer(model=model, args=args, train_dataset=images)  # creating the repo fails: a warning
         trainer.train()
         assert trainer.push_to_hub() is None  # the final upload fails: a warning, not an exception

@@ -9,7 +9,8 @@ from conftest import TINY_MAE, TINY_VIT
 
 from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling, ViTMAEMTOConfig, ViTMAEMTOForPreTraining
 from hf_mto.log_keys import MTO_TERMS
-from hf_mto.trainer import MTOTrainer, MTOTrainingArguments
+from hf_mto.trainer import MTOTrainer
+from hf_mto.training_args import MTOTrainingArguments
 
 
 def build(model_type):

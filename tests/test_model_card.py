@@ -23,7 +23,8 @@ from hf_mto.model_card import (
     summarise_log_history,
     write_model_card,
 )
-from hf_mto.trainer import MTOTrainer, MTOTrainingArguments
+from hf_mto.trainer import MTOTrainer
+from hf_mto.training_args import MTOTrainingArguments
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CITATIONS = (

@@ -17,7 +17,8 @@ from hf_mto.cli import ModelArguments, build_config, build_model, parse_args
 from hf_mto.data import DataArguments
 from hf_mto.evaluation import EncoderEvalArguments
 from hf_mto.mto import mean_heterogeneity
-from hf_mto.trainer import MTOTrainer, MTOTrainingArguments
+from hf_mto.trainer import MTOTrainer
+from hf_mto.training_args import MTOTrainingArguments
 
 pytestmark = pytest.mark.slow  # a ViT-B built, run and differentiated three times per affinity: ~20 s a preset
 

@@ -14,7 +14,7 @@ from transformers import AutoImageProcessor, AutoModelForMaskedImageModeling, Au
 import hf_mto  # noqa: F401  (registers the Auto classes)
 from hf_mto.cli import ModelArguments, parse_args
 from hf_mto.data import DataArguments
-from hf_mto.trainer import MTOTrainingArguments
+from hf_mto.training_args import MTOTrainingArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "recipes" / "configs" / "tiny_cpu_mae_mto.yaml"

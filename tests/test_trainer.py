@@ -13,7 +13,8 @@ from hf_mto import (
     ViTMAEMTOForPreTraining,
     ViTMAEMTOMethod,
 )
-from hf_mto.trainer import MTOTrainer, MTOTrainingArguments
+from hf_mto.trainer import MTOTrainer
+from hf_mto.training_args import MTOTrainingArguments
 
 
 def make_args(tmp_path, **overrides):
@@ -179,7 +180,8 @@ def test_evaluation_components_take_the_evaluation_prefix(tmp_path):
     from conftest import TINY_MAE
 
     from hf_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining
-    from hf_mto.trainer import MTOTrainer, MTOTrainingArguments
+    from hf_mto.trainer import MTOTrainer
+    from hf_mto.training_args import MTOTrainingArguments
 
     model = ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**TINY_MAE))
     images = [{"pixel_values": torch.randn(3, 32, 32)} for _ in range(8)]
