@@ -39,14 +39,14 @@ def main(argv=None):
     config, batch_size, mask_patch_size = PRESETS[args.preset][args.model]
     batch_size = args.batch_size or batch_size
     model, optimizer = build(args.model, "mto_on", config, device)
-    num_layers = max(1, model.config.num_hidden_layers // 2)
+    attention_layers = max(1, model.config.num_hidden_layers // 2)
     inputs = inputs_for(args.model, config, batch_size, mask_patch_size, device)
     pixels = inputs["pixel_values"]
     ratio = model.config.mask_ratio
 
     def similarity():
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            return encoder_similarity(model, pixels, num_layers)
+            return encoder_similarity(model, pixels, attention_layers)
 
     def tree_and_mask(s):
         tree = build_merge_tree(s)
@@ -78,7 +78,9 @@ def main(argv=None):
     total = sum(medians.values())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     patches = mask.shape[1]
-    print(f"{args.model}, preset {args.preset}: batch {batch_size}, {patches} patches, {num_layers} attention layers")
+    print(
+        f"{args.model}, preset {args.preset}: batch {batch_size}, {patches} patches, {attention_layers} attention layers"
+    )
     print(f"{name}, torch {torch.__version__}")
     print(f"{'part':<15} {'ms':>9} {'share':>8}")
     for part, value in medians.items():

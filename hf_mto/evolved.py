@@ -3,7 +3,7 @@
 Per training step, on the training device and from the current weights (DESIGN.md, "Evolved hierarchical masking"):
 
 1. `encoder_similarity`: one no-grad pass of the encoder over the *unmasked* images through its first
-   `num_layers` blocks; post-softmax attention averaged over heads and layers, CLS dropped, symmetrised.
+   `attention_layers` blocks; post-softmax attention averaged over heads and layers, CLS dropped, symmetrised.
 2. `masking.build_merge_tree`: average-linkage tree over the patches, batched over images.
 3. `masking.evolved_depth`: depth d = floor(h * (f0 + (f1 - f0) * t)) per image, t the training progress in [0, 1].
 4. `masking.evolved_mask`: whole subtrees at depth d masked in random order, exactly round(ratio * N) patches.
@@ -24,7 +24,7 @@ from .methods import method_for
 
 
 @torch.no_grad()
-def encoder_similarity(model, pixel_values: torch.Tensor, num_layers: int) -> torch.Tensor:
+def encoder_similarity(model, pixel_values: torch.Tensor, attention_layers: int) -> torch.Tensor:
     """Patch-to-patch similarity from the model's own attention over the unmasked image.
 
     Args:
@@ -32,19 +32,19 @@ def encoder_similarity(model, pixel_values: torch.Tensor, num_layers: int) -> to
             `encoder_blocks` are ViT blocks: `layernorm_before`, `attention.q_proj/k_proj/v_proj/o_proj`, `mlp`,
             `layernorm_after`.
         pixel_values: ``[B, C, H, W]``.
-        num_layers: how many of the first blocks to average over (the EHM paper uses 6 of 12).
+        attention_layers: how many of the first blocks to average over (the EHM paper uses 6 of 12).
 
     Returns:
         ``[B, N, N]`` float32, symmetric, CLS excluded.
     """
     method = method_for(model)
     layers = method.encoder_blocks(model)
-    if not 1 <= num_layers <= len(layers):
-        raise ValueError(f"evolved_attention_layers must be in [1, {len(layers)}], got {num_layers}")
+    if not 1 <= attention_layers <= len(layers):
+        raise ValueError(f"evolved_attention_layers must be in [1, {len(layers)}], got {attention_layers}")
     hidden = method.unmasked_embeddings(model, pixel_values)  # [B, 1 + N, D]
     batch_size, num_tokens, _ = hidden.shape
     maps = []
-    for index, layer in enumerate(layers[:num_layers]):
+    for index, layer in enumerate(layers[:attention_layers]):
         attention = layer.attention
         normed = layer.layernorm_before(hidden)
         shape = (batch_size, num_tokens, -1, attention.head_dim)
@@ -52,7 +52,7 @@ def encoder_similarity(model, pixel_values: torch.Tensor, num_layers: int) -> to
         key = attention.k_proj(normed).view(shape).transpose(1, 2)
         probs = torch.softmax(torch.matmul(query.float(), key.float().transpose(-1, -2)) * attention.scaling, dim=-1)
         maps.append(probs.mean(dim=1, keepdim=True))  # [B, 1, T, T], mean over heads
-        if index == num_layers - 1:
+        if index == attention_layers - 1:
             break  # the last block's output is never used: its attention map is all we need from it
         # The rest of the block (ViT pre-norm: x + attn(ln(x)), then x + mlp(ln(x)); dropout off, as in eval) from
         # the probabilities already at hand: calling the block would project the queries and keys a second time.
@@ -68,14 +68,16 @@ class EvolvedMasking:
     """Evolved hierarchical masks for a batch, from the model's current weights.
 
     Args:
-        mask_ratio: fraction of patches masked; every row masks exactly ``round(mask_ratio * N)``.
-        num_layers: encoder blocks whose attention defines the similarity.
+        mask_ratio: fraction of patches masked; every row masks exactly ``num_masked = round(mask_ratio * N)``.
+        num_patches: N, the model's patch count.
+        attention_layers: encoder blocks whose attention defines the similarity.
         f0, f1: the depth schedule d = floor(h * (f0 + (f1 - f0) * t)), t the training progress in [0, 1]; EHM
             Eq. 14 is (0, 1).
     """
 
     mask_ratio: float
-    num_layers: int
+    num_patches: int
+    attention_layers: int
     f0: float = 0.0
     f1: float = 1.0
 
@@ -85,8 +87,10 @@ class EvolvedMasking:
         if not 0.0 <= self.f0 <= self.f1 <= 1.0:
             raise ValueError(f"the depth schedule needs 0 <= f0 <= f1 <= 1, got f0={self.f0}, f1={self.f1}")
 
-    def num_masked(self, num_patches: int) -> int:
-        return round(self.mask_ratio * num_patches)
+    @property
+    def num_masked(self) -> int:
+        """Patches masked per image (as `MaskGenerator.num_masked`)."""
+        return round(self.mask_ratio * self.num_patches)
 
     def __call__(
         self, model, pixel_values: torch.Tensor, progress: float
@@ -95,7 +99,11 @@ class EvolvedMasking:
 
         Returns ``mask [B, N]`` bool (True = masked), ``depth [B]`` and tree ``height [B]``.
         """
-        similarity = encoder_similarity(model, pixel_values, self.num_layers)
+        similarity = encoder_similarity(model, pixel_values, self.attention_layers)
+        if similarity.shape[1] != self.num_patches:
+            raise ValueError(
+                f"the model has {similarity.shape[1]} patches, the masking was built for {self.num_patches}"
+            )
         tree = build_merge_tree(similarity)
         depth = evolved_depth(tree.heights, progress, self.f0, self.f1)
         return evolved_mask(tree, depth, self.mask_ratio), depth, tree.heights

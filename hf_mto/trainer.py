@@ -98,8 +98,9 @@ class MTOTrainer(ConvertedCheckpointsMixin, ModelCardMixin, ResilientHubMixin, T
             layers = self.args.evolved_attention_layers or max(1, depth // 2)
             if layers > depth:
                 raise ValueError(f"evolved_attention_layers must be in [1, {depth}] for this model, got {layers}")
-            generator = EvolvedMasking(config.mask_ratio, layers, self.args.evolved_f0, self.args.evolved_f1)
-            num_masked = generator.num_masked(num_patches)
+            generator = EvolvedMasking(
+                config.mask_ratio, num_patches, layers, self.args.evolved_f0, self.args.evolved_f1
+            )
         else:
             generator = MaskGenerator(
                 strategy,
@@ -108,11 +109,10 @@ class MTOTrainer(ConvertedCheckpointsMixin, ModelCardMixin, ResilientHubMixin, T
                 config.mask_ratio,
                 self.args.mask_patch_size,
             )
-            num_masked = generator.num_masked
         if strategy == self.method.own_masking:
             return None  # the model's own draw: upstream's path, same distribution
         try:  # a model with a count of its own (MAE) checks that the generator's agrees
-            self.method.num_masked(config, num_patches, num_masked)
+            self.method.num_masked(config, num_patches, generator.num_masked)
         except ValueError as error:
             raise ValueError(f"{strategy} masking: {error}") from None
         return generator

@@ -17,13 +17,13 @@ from hf_mto.trainer import MTOTrainer, training_progress
 MIN_TINY_HEIGHT = 6
 
 
-def eager_reference(model, pixels, num_layers):
+def eager_reference(model, pixels, attention_layers):
     """Similarity from an eager ViTModel with the same encoder weights and output_attentions (the slow way)."""
     config = ViTConfig(**TINY_SIMMIM, attn_implementation="eager")
     reference = ViTModel(config, add_pooling_layer=False).eval()
     missing, unexpected = reference.load_state_dict(model.vit.state_dict(), strict=False)
     assert set(unexpected) | set(missing) <= {"embeddings.mask_token"}  # only the mask token differs
-    attentions = reference(pixels, output_attentions=True).attentions[:num_layers]
+    attentions = reference(pixels, output_attentions=True).attentions[:attention_layers]
     mean = torch.stack([a[:, :, 1:, 1:].mean(dim=1) for a in attentions]).mean(dim=0)
     return (mean + mean.transpose(1, 2)) / 2
 
@@ -36,11 +36,11 @@ def test_similarity_equals_eager_attention_of_the_unmasked_image(model_type):
     else:
         model = SimMIMMTOForMaskedImageModeling(SimMIMMTOConfig(**TINY_SIMMIM))
     pixels = torch.randn(2, 3, 32, 32)
-    for num_layers in (1, 2):
-        similarity = encoder_similarity(model, pixels, num_layers)
+    for attention_layers in (1, 2):
+        similarity = encoder_similarity(model, pixels, attention_layers)
         assert similarity.shape == (2, 64, 64)
         assert torch.allclose(similarity, similarity.transpose(1, 2))
-        assert torch.allclose(similarity, eager_reference(model, pixels, num_layers), atol=1e-6)
+        assert torch.allclose(similarity, eager_reference(model, pixels, attention_layers), atol=1e-6)
     assert model.config._attn_implementation == "sdpa"  # the training forward was not switched to eager
     with pytest.raises(ValueError, match="evolved_attention_layers.*3"):
         encoder_similarity(model, pixels, 3)
@@ -55,7 +55,7 @@ def test_training_with_evolved_masks_logs_depth_and_height(tmp_path, model_type)
         model = SimMIMMTOForMaskedImageModeling(SimMIMMTOConfig(**TINY_SIMMIM))
     args = make_args(tmp_path, masking="evolved", max_steps=-1, num_train_epochs=2, logging_steps=1)
     trainer = MTOTrainer(model=model, args=args, train_dataset=RandomImages(32))
-    assert trainer.mask_generator.num_layers == 1  # half of the 2 encoder blocks
+    assert trainer.mask_generator.attention_layers == 1  # half of the 2 encoder blocks
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "evolved/depth" in entry]
     assert logged
@@ -76,7 +76,7 @@ def test_masks_reach_the_model_with_the_exact_count_and_the_scheduled_depth(tmp_
     pixels = torch.randn(4, 3, 32, 32)
     _, out = trainer.compute_loss(model, {"pixel_values": pixels}, return_outputs=True)
     assert (out.mask.sum(dim=1) == round(0.6 * 64)).all()
-    masking = EvolvedMasking(0.6, 2)
+    masking = EvolvedMasking(0.6, 64, 2)
     torch.manual_seed(1)
     _, depth, height = masking(model, pixels, progress=0.85)
     assert torch.equal(depth, torch.div(height * 17, 20, rounding_mode="floor"))
@@ -162,7 +162,7 @@ def test_bad_evolved_settings_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="0.8, 0.2"):
         make_args(tmp_path, masking="evolved", evolved_f0=0.8, evolved_f1=0.2)
     with pytest.raises(ValueError, match="mask_ratio"):
-        EvolvedMasking(1.2, 1)
+        EvolvedMasking(1.2, 64, 1)
     # MAE masks N - int(N * 0.4) = 39 patches, evolved masking round(0.6 * 64) = 38: refused before training
     mae = ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**{**TINY_MAE, "mask_ratio": 0.6}))
     with pytest.raises(ValueError, match="evolved masking: 38 of 64.*masks 39"):
