@@ -228,16 +228,17 @@ def _encode_grayscale_pngs(images: np.ndarray) -> list[bytes]:
     return [header + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 0)) + end for rows in scanlines]
 
 
-def load_fashion_mnist(split: str = "train", data_dir: str | Path = DEFAULT_FASHION_MNIST_DIR) -> datasets.Dataset:
-    """Load a Fashion-MNIST split from its IDX files into an in-memory `datasets.Dataset`.
+def read_fashion_mnist(
+    split: str = "train", data_dir: str | Path = DEFAULT_FASHION_MNIST_DIR
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read a Fashion-MNIST split from its IDX files as arrays, without building a dataset.
 
     Args:
         split: "train" (60,000 images) or "test" (10,000 images).
         data_dir: Folder holding the four `*-ubyte.gz` files (Debian's `dataset-fashion-mnist` package).
 
     Returns:
-        A Dataset with columns "image" (`datasets.Image`, decoding to 28×28 PIL images of mode "L") and "label"
-        (`ClassLabel` over `FASHION_MNIST_CLASSES`).
+        ``(images [N, 28, 28] uint8, labels [N] uint8)``, labels indexing `FASHION_MNIST_CLASSES`.
 
     Raises:
         ValueError: Unknown split, or a corrupt file.
@@ -257,7 +258,25 @@ def load_fashion_mnist(split: str = "train", data_dir: str | Path = DEFAULT_FASH
         )
     if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
         raise ValueError(f"Corrupt Fashion-MNIST {split} labels in {data_dir}: found label {labels.max()} > 9.")
+    return images, labels
 
+
+def load_fashion_mnist(split: str = "train", data_dir: str | Path = DEFAULT_FASHION_MNIST_DIR) -> datasets.Dataset:
+    """Load a Fashion-MNIST split from its IDX files into an in-memory `datasets.Dataset`.
+
+    Args:
+        split: "train" (60,000 images) or "test" (10,000 images).
+        data_dir: Folder holding the four `*-ubyte.gz` files (Debian's `dataset-fashion-mnist` package).
+
+    Returns:
+        A Dataset with columns "image" (`datasets.Image`, decoding to 28×28 PIL images of mode "L") and "label"
+        (`ClassLabel` over `FASHION_MNIST_CLASSES`).
+
+    Raises:
+        ValueError: Unknown split, or a corrupt file.
+        FileNotFoundError: The folder or a file is missing; the message says how to install them.
+    """
+    images, labels = read_fashion_mnist(split, data_dir)
     features = datasets.Features(
         {"image": datasets.Image(), "label": datasets.ClassLabel(names=FASHION_MNIST_CLASSES)}
     )
