@@ -11,9 +11,15 @@ interleaved round by round, in rotating order, so drifts in machine load hit the
     python benchmarks/step_time.py --preset tiny            # CPU: the tiny pre-training presets, batch 128
     python benchmarks/step_time.py --preset vit-b16         # GPU: ViT-B/16 at 224 px, batch 128, bf16 autocast
     python benchmarks/step_time.py --models simmim          # one model only
+    python benchmarks/step_time.py --preset vit-b16 --compile   # every variant under torch.compile (inductor)
 
-Memory: on CUDA the peak `torch.cuda.max_memory_allocated` of a step; on CPU (no per-variant allocator peak) the
-bytes autograd saves for the backward pass during a step.
+Memory: on CUDA the variant's own peak in a step: its parameters, buffers and optimizer state plus the most the step
+allocates on top of what was allocated before it (`torch.cuda.max_memory_allocated`), so that the other variants'
+models, alive at the same time, do not count; on CPU (no per-variant allocator peak) the bytes autograd saves for the
+backward pass during a step.
+
+With `--compile` every variant, upstream included, runs as `model.compile()` (the default inductor backend, or the
+one named); the warm-up steps, which must cover the first call's compilation, are not timed.
 """
 
 from __future__ import annotations
@@ -62,7 +68,10 @@ VARIANTS = ("upstream", "mto_off", "mto_on")
 MTO_WEIGHT = 0.1
 
 
-def build(model_name: str, variant: str, config_kwargs: dict, device: torch.device):
+def build(
+    model_name: str, variant: str, config_kwargs: dict, device: torch.device, compile_backend: str | None = None
+):
+    """The variant's model, in train mode on `device` (compiled with `compile_backend` unless None), and its AdamW."""
     torch.manual_seed(0)
     (upstream_config, upstream_model), (our_config, our_model) = MODELS[model_name]
     if variant == "upstream":
@@ -70,6 +79,8 @@ def build(model_name: str, variant: str, config_kwargs: dict, device: torch.devi
     else:
         model = our_model(our_config(**config_kwargs, use_mto=variant == "mto_on"))
     model.to(device).train()
+    if compile_backend is not None:
+        model.compile(backend=compile_backend)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     return model, optimizer
 
@@ -107,25 +118,33 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_all(model_name, config, inputs, device, autocast_dtype, warmup: int, rounds: int, steps_per_round: int):
-    """Per variant: median step seconds, the per-round ratios to upstream, and the CUDA peak memory.
+def time_all(
+    model_name,
+    config,
+    inputs,
+    device,
+    autocast_dtype,
+    warmup: int,
+    rounds: int,
+    steps_per_round: int,
+    compile_backend: str | None = None,
+):
+    """Per variant: median step seconds, the per-round ratios to upstream, and the peak memory (CUDA: of its own
+    model, optimizer and step; CPU: the bytes saved for backward, see `saved_activation_bytes`).
 
     Each round times every variant back to back, in an order that rotates from round to round, so a ratio taken
     within a round compares steps run seconds apart: the median of those paired ratios is what is reported, as a
     shared machine's drifts between rounds cancel in it where they would not in a ratio of medians.
     """
-    steps, peaks = {}, {}
+    # Every model is built before any runs: building a model class that transformers has not seen yet changes a
+    # registry that compiled graphs guard on, which would recompile an already warm variant inside the timings.
+    built = {variant: build(model_name, variant, config, device, compile_backend) for variant in VARIANTS}
+    steps = {variant: make_step(variant, *built[variant], inputs, autocast_dtype) for variant in VARIANTS}
+    peaks = {}
     for variant in VARIANTS:
-        model, optimizer = build(model_name, variant, config, device)
-        steps[variant] = make_step(variant, model, optimizer, inputs, autocast_dtype)
         for _ in range(warmup):
             steps[variant]()
-        if device.type == "cuda":
-            sync(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            steps[variant]()
-            sync(device)
-            peaks[variant] = torch.cuda.max_memory_allocated(device)
+        peaks[variant] = step_memory(steps[variant], *built[variant], device)
     times = {variant: [] for variant in VARIANTS}
     for round_index in range(rounds):
         shift = round_index % len(VARIANTS)
@@ -143,9 +162,25 @@ def time_all(model_name, config, inputs, device, autocast_dtype, warmup: int, ro
             "step_s": statistics.median(times[variant]),
             "ratio": statistics.median(ratios),
             "ratio_quartiles": statistics.quantiles(ratios, n=4)[::2] if len(ratios) > 1 else [ratios[0]] * 2,
-            "peak_bytes": peaks.get(variant),
+            "peak_bytes": peaks[variant],
         }
     return results
+
+
+def step_memory(step_fn, model, optimizer, device) -> int:
+    """CUDA: the bytes of `model`'s parameters, buffers and `optimizer`'s state plus the peak a step allocates on top
+    of what was allocated before it; CPU: `saved_activation_bytes`."""
+    if device.type != "cuda":
+        return saved_activation_bytes(step_fn)
+    state = [t for values in optimizer.state.values() for t in values.values() if isinstance(t, torch.Tensor)]
+    tensors = [*model.parameters(), *model.buffers(), *state]
+    own = sum(t.numel() * t.element_size() for t in tensors if t.device.type == "cuda")
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    step_fn()
+    sync(device)
+    return own + torch.cuda.max_memory_allocated(device) - before
 
 
 def saved_activation_bytes(step_fn) -> int:
@@ -172,6 +207,14 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps_per_round", type=int, default=4)
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        metavar="BACKEND",
+        help="Time every variant under torch.compile (default backend inductor); use enough --warmup steps.",
+    )
     parser.add_argument("--json", default=None, help="Also write the results to this JSON file.")
     args = parser.parse_args(argv)
 
@@ -179,21 +222,24 @@ def main(argv=None):
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     memory = "peak MiB" if device.type == "cuda" else "saved MiB"
-    report = {"preset": args.preset, "device": name, "torch": torch.__version__}
+    report = {"preset": args.preset, "device": name, "torch": torch.__version__, "compile": args.compile}
     for model_name in args.models:
         config, batch_size, mask_patch_size = PRESETS[args.preset][model_name]
         batch_size = args.batch_size or batch_size
         inputs = inputs_for(model_name, config, batch_size, mask_patch_size, device)
         results = time_all(
-            model_name, config, inputs, device, autocast_dtype, args.warmup, args.rounds, args.steps_per_round
+            model_name,
+            config,
+            inputs,
+            device,
+            autocast_dtype,
+            args.warmup,
+            args.rounds,
+            args.steps_per_round,
+            args.compile,
         )
-        if device.type == "cpu":
-            for variant in VARIANTS:
-                model, optimizer = build(model_name, variant, config, device)
-                results[variant]["peak_bytes"] = saved_activation_bytes(
-                    make_step(variant, model, optimizer, inputs, autocast_dtype)
-                )
-        print(f"\n{model_name}: preset {args.preset}, batch {batch_size}, {name}, torch {torch.__version__}")
+        compiled = f", compiled ({args.compile})" if args.compile else ""
+        print(f"\n{model_name}: preset {args.preset}, batch {batch_size}, {name}, torch {torch.__version__}{compiled}")
         print(f"{'variant':<10} {'step ms':>9} {'x upstream':>11} {'(quartiles)':>14} {memory:>10} {'x upstream':>11}")
         base = results["upstream"]
         for variant in VARIANTS:
