@@ -22,6 +22,50 @@ from step_time import PRESETS, build, inputs_for, make_step, sync
 from hf_mto.evolved import encoder_similarity
 from hf_mto.masking import build_merge_tree, evolved_depth, evolved_mask, mask_to_noise
 
+PARTS = ("attention pass", "tree + mask", "training step")
+
+
+def measure(model_name, config, batch_size, mask_patch_size, device, autocast_dtype, rounds: int, warmup: int):
+    """Median seconds of the attention pass, the tree + mask and the training step (MTO on), timed round by round on
+    the same inputs, with the number of patches and of attention layers."""
+    model, optimizer = build(model_name, "mto_on", config, device)
+    attention_layers = max(1, model.config.num_hidden_layers // 2)
+    pixels = inputs_for(model_name, config, batch_size, mask_patch_size, device)["pixel_values"]
+    ratio = model.config.mask_ratio
+
+    def similarity():
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            return encoder_similarity(model, pixels, attention_layers)
+
+    def tree_and_mask(s):
+        tree = build_merge_tree(s)
+        depth = evolved_depth(tree.heights, progress=0.5)  # mid-schedule
+        return evolved_mask(tree, depth, ratio)
+
+    s = similarity()
+    mask = tree_and_mask(s)
+    step_inputs = {"pixel_values": pixels}
+    step_inputs.update({"noise": mask_to_noise(mask)} if model_name == "mae" else {"bool_masked_pos": mask})
+    step = make_step("mto_on", model, optimizer, step_inputs, autocast_dtype)
+    parts = {"attention pass": similarity, "tree + mask": lambda: tree_and_mask(s), "training step": step}
+
+    def timed(fn):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        for fn in parts.values():
+            fn()
+    times = {name: [] for name in parts}
+    for _ in range(rounds):
+        for name, fn in parts.items():
+            times[name].append(timed(fn))
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {"patches": mask.shape[1], "attention_layers": attention_layers, **medians}
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,48 +82,13 @@ def main(argv=None):
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     config, batch_size, mask_patch_size = PRESETS[args.preset][args.model]
     batch_size = args.batch_size or batch_size
-    model, optimizer = build(args.model, "mto_on", config, device)
-    attention_layers = max(1, model.config.num_hidden_layers // 2)
-    inputs = inputs_for(args.model, config, batch_size, mask_patch_size, device)
-    pixels = inputs["pixel_values"]
-    ratio = model.config.mask_ratio
-
-    def similarity():
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            return encoder_similarity(model, pixels, attention_layers)
-
-    def tree_and_mask(s):
-        tree = build_merge_tree(s)
-        depth = evolved_depth(tree.heights, progress=0.5)  # mid-schedule
-        return evolved_mask(tree, depth, ratio)
-
-    s = similarity()
-    mask = tree_and_mask(s)
-    step_inputs = {"pixel_values": pixels}
-    step_inputs.update({"noise": mask_to_noise(mask)} if args.model == "mae" else {"bool_masked_pos": mask})
-    step = make_step("mto_on", model, optimizer, step_inputs, autocast_dtype)
-    parts = {"attention pass": similarity, "tree + mask": lambda: tree_and_mask(s), "training step": step}
-
-    def timed(fn):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        return time.perf_counter() - start
-
-    for _ in range(args.warmup):
-        for fn in parts.values():
-            fn()
-    times = {name: [] for name in parts}
-    for _ in range(args.rounds):
-        for name, fn in parts.items():
-            times[name].append(timed(fn))
-    medians = {name: statistics.median(values) for name, values in times.items()}
+    result = measure(args.model, config, batch_size, mask_patch_size, device, autocast_dtype, args.rounds, args.warmup)
+    medians = {part: result[part] for part in PARTS}
     total = sum(medians.values())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    patches = mask.shape[1]
     print(
-        f"{args.model}, preset {args.preset}: batch {batch_size}, {patches} patches, {attention_layers} attention layers"
+        f"{args.model}, preset {args.preset}: batch {batch_size}, {result['patches']} patches, "
+        f"{result['attention_layers']} attention layers"
     )
     print(f"{name}, torch {torch.__version__}")
     print(f"{'part':<15} {'ms':>9} {'share':>8}")
