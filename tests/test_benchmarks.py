@@ -26,3 +26,31 @@ def test_convergence_smoke_runs_the_recipe_and_reports_rauc(tmp_path):
         assert run["epoch_seconds"] and all(t > 0 for t in run["epoch_seconds"])
     assert (tmp_path / "convergence.png").stat().st_size > 0
     assert "| mae | 0 | 1 |" in result.stdout and "| simmim_mto | 0.1 | 1 |" in result.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_writes_every_section(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--output_dir", str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert set(report["step_time"]) == {"compile_off", "compile_on"}
+    for by_model in report["step_time"].values():
+        assert set(by_model) == {"mae", "simmim"}
+        for results in by_model.values():
+            assert set(results) == {"upstream", "mto_off", "mto_on"}
+            assert results["upstream"]["ratio"] == 1.0
+            assert all(r["step_s"] > 0 and r["ratio"] > 0 and r["peak_bytes"] > 0 for r in results.values())
+    for shares in (report["evolved"][model]["shares"] for model in ("mae", "simmim")):
+        assert set(shares) == {"attention pass", "tree + mask", "training step"}
+        assert sum(shares.values()) == pytest.approx(1.0)
+    convergence = report["convergence"]
+    assert convergence["pretrain_steps"] >= 1 and convergence["finetune_steps"] >= 1
+    assert set(convergence["arms"]) == {"mae", "mae_mto"}
+    for arm in convergence["arms"].values():
+        assert 0 <= arm["knn_accuracy"] <= 1 and 0 <= arm["finetune_accuracy"] <= 1
+    text = (tmp_path / "gpu_check.md").read_text()
+    for heading in ("## Step time", "## Evolved masking", "## Convergence"):
+        assert heading in text
+    assert "| mae | compile_on | mto_on |" in text and "| simmim | compile_off | mto_off |" in text
+    assert "| mae_mto |" in text

@@ -1,0 +1,506 @@
+"""One GPU run, one report: step time and memory against upstream, evolved masking's cost, and a short convergence check.
+
+Sized to fit in 8 minutes on one recent GPU (an H100 or H200); writes `gpu_check.json` and `gpu_check.md` to
+`--output_dir` after every part, so a run cut short still leaves what it measured:
+
+1. Step time and peak memory of ours (MTO off, MTO on) as ratios to upstream, `benchmarks/step_time.py` at ViT-B/16,
+   224 px, batch 128, bf16 autocast, for MAE and SimMIM, eager and under `torch.compile` (inductor; the upstream
+   model compiled too, and the compilation inside the untimed warm-up steps).
+2. The shares of a step with evolved masking (attention pass, tree + mask, training step), `benchmarks/
+   evolved_overhead.py` at the same size, for both models.
+3. MAE against MAE + MTO at ViT-Ti size (hidden 192, 12 blocks, 3 heads, patch 4, 32 px images), same seed,
+   steps and hyper-parameters: pre-training, then the k-NN accuracy of the frozen encoder (`hf_mto.evaluation`) and the
+   accuracy after a short fine-tuning (`hf_mto.finetuning`'s classifier, layer-wise lr decay). Fashion-MNIST when
+   Debian's files are there, else scikit-learn's digits (upsampled to 32 px); the steps are sized to the time the
+   first two parts left of `--time_budget_s`, and recorded. One seed and a few minutes: a check that the pieces run
+   and a first look, not evidence of faster convergence (DESIGN.md, "Evidence for convergence claims").
+
+    python benchmarks/gpu_check.py                                  # GPU: the whole check, about 8 minutes
+    python benchmarks/gpu_check.py --time_budget_s 600 --output_dir outputs/gpu_check_h100
+    python benchmarks/gpu_check.py --smoke --output_dir /tmp/gpu_check   # CPU: every part at tiny sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import evolved_overhead
+import torch
+import torch.nn.functional as F
+import transformers
+from step_time import MTO_WEIGHT, PRESETS, VARIANTS, inputs_for, sync, time_all
+
+from hf_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining
+from hf_mto.data import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, read_fashion_mnist
+from hf_mto.evaluation import evaluate_encoder
+from hf_mto.finetuning import FinetuneArguments, build_classification_model, layer_decay_param_groups
+from hf_mto.models.vit_gap import ViTGAPConfig, ViTGAPForImageClassification
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ("mae", "simmim")
+SMOKE_ENCODER = dict(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+SMOKE_ENCODER["intermediate_size"] = 64
+SMOKE_DECODER = dict(
+    decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=64
+)
+VIT_TI = dict(image_size=32, patch_size=4, hidden_size=192, num_hidden_layers=12, num_attention_heads=3)
+VIT_TI["intermediate_size"] = 768
+VIT_TI_DECODER = dict(
+    decoder_hidden_size=192, decoder_num_hidden_layers=4, decoder_num_attention_heads=3, decoder_intermediate_size=768
+)
+# Per mode: the step-time and evolved-masking models ((config, batch, SimMIM mask square) per model, as step_time's
+# PRESETS), their warm-up and rounds, the compile backend, and the convergence check's model and sizes.
+SIZES = {
+    "gpu": dict(
+        timing=PRESETS["vit-b16"],
+        warmup=3,
+        compiled_warmup=5,
+        rounds=10,
+        steps_per_round=2,
+        evolved_rounds=7,
+        compile_backend="inductor",
+        convergence_model=dict(VIT_TI, **VIT_TI_DECODER, norm_pix_loss=True),
+        batch_size=256,
+        knn_bank=10000,
+        max_pretrain_steps=None,
+        max_finetune_steps=None,
+        reserve_s=20.0,
+    ),
+    "smoke": dict(
+        timing={
+            "mae": (dict(SMOKE_ENCODER, **SMOKE_DECODER, norm_pix_loss=True), 8, None),
+            "simmim": (dict(SMOKE_ENCODER, encoder_stride=4), 8, 8),
+        },
+        warmup=1,
+        compiled_warmup=2,
+        rounds=2,
+        steps_per_round=1,
+        evolved_rounds=2,
+        # Inductor compiles C++ on a CPU for minutes; aot_eager runs dynamo and AOT autograd, which is the plumbing.
+        compile_backend="aot_eager",
+        convergence_model=dict(SMOKE_ENCODER, **SMOKE_DECODER, norm_pix_loss=True),
+        batch_size=8,
+        knn_bank=64,
+        max_pretrain_steps=3,
+        max_finetune_steps=2,
+        reserve_s=0.0,
+    ),
+}
+SMOKE_IMAGES = {"train": 64, "test": 32}
+# Convergence hyper-parameters, both arms alike: pre-training as recipes/configs/tiny_cpu_mae_mto.yaml (base lr
+# 1.5e-4 per 256 images, AdamW betas 0.9/0.95, weight decay 0.05, 10% warm-up then cosine, MTO weights 0.1),
+# fine-tuning as recipes/configs/tiny_cpu_finetune.yaml (base lr 4e-3 per 256 images, layer decay 0.75, weight decay
+# 0.05, drop path 0.1, label smoothing 0.1, global pooling, no augmentation), k-NN as hf_mto.evaluation (k 20,
+# T 0.07) on the mean of the patch tokens (benchmarks/convergence.py's default at this scale).
+PRETRAIN = dict(base_lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, warmup=0.1)
+FINETUNE = dict(base_lr=4e-3, layer_decay=0.75, weight_decay=0.05, drop_path_rate=0.1, label_smoothing=0.1)
+POOLING = "mean"
+# Of the time left for the convergence check, the share each arm's pre-training and fine-tuning get (the rest is for
+# evaluation, the checkpoint exported between them, and the calibration steps).
+PRETRAIN_SHARE, FINETUNE_SHARE = 0.36, 0.09
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parts 1 and 2: step time and evolved masking
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def step_times(sizes: dict, device, autocast_dtype, compile_backend: str | None) -> dict:
+    """time_all's results per model, every variant eager or every variant compiled with `compile_backend`."""
+    results = {}
+    warmup = sizes["compiled_warmup"] if compile_backend else sizes["warmup"]
+    for model_name in MODELS:
+        config, batch_size, mask_patch_size = sizes["timing"][model_name]
+        inputs = inputs_for(model_name, config, batch_size, mask_patch_size, device)
+        results[model_name] = time_all(
+            model_name,
+            config,
+            inputs,
+            device,
+            autocast_dtype,
+            warmup,
+            sizes["rounds"],
+            sizes["steps_per_round"],
+            compile_backend,
+        )
+        if compile_backend:
+            torch._dynamo.reset()
+    return results
+
+
+def evolved_shares(sizes: dict, device, autocast_dtype) -> dict:
+    """evolved_overhead.measure per model, with each part's share of their sum."""
+    results = {}
+    for model_name in MODELS:
+        config, batch_size, mask_patch_size = sizes["timing"][model_name]
+        result = evolved_overhead.measure(
+            model_name,
+            config,
+            batch_size,
+            mask_patch_size,
+            device,
+            autocast_dtype,
+            sizes["evolved_rounds"],
+            sizes["warmup"],
+        )
+        total = sum(result[part] for part in evolved_overhead.PARTS)
+        result["shares"] = {part: result[part] / total for part in evolved_overhead.PARTS}
+        results[model_name] = result
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Part 3: convergence, MAE against MAE + MTO
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Examples(torch.utils.data.Dataset):
+    """`{"pixel_values", "label"}` examples over image and label tensors, as hf_mto.evaluation reads them."""
+
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor):
+        self.pixels, self.labels = pixels, labels.tolist()
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return {"pixel_values": self.pixels[index], "label": self.labels[index]}
+
+
+def to_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
+    """[N, h, w] grey images in [0, 1] -> [N, 3, size, size], bilinear, normalised to [-1, 1]."""
+    images = F.interpolate(images[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)
+    return ((images - 0.5) / 0.5).clamp(-1, 1).expand(-1, 3, -1, -1).contiguous()
+
+
+def load_images(smoke: bool, size: int, device) -> dict:
+    """Fashion-MNIST (train / test) when Debian's files are there, else scikit-learn's digits (the last 297 of a
+    seeded shuffle as the test set), as pixel tensors on `device`; a few images of each in smoke mode."""
+    if Path(DEFAULT_FASHION_MNIST_DIR).is_dir():
+        name, classes = "fashion-mnist", list(FASHION_MNIST_CLASSES)
+        splits = {split: read_fashion_mnist(split) for split in ("train", "test")}
+        splits = {split: (torch.from_numpy(x) / 255.0, torch.from_numpy(y).long()) for split, (x, y) in splits.items()}
+    else:
+        from sklearn.datasets import load_digits
+
+        name, classes = "sklearn-digits", [str(digit) for digit in range(10)]
+        digits = load_digits()
+        order = torch.randperm(len(digits.target), generator=torch.Generator().manual_seed(0))
+        images, labels = torch.from_numpy(digits.images)[order] / 16.0, torch.from_numpy(digits.target)[order].long()
+        splits = {"train": (images[:-297], labels[:-297]), "test": (images[-297:], labels[-297:])}
+    if smoke:
+        splits = {split: (x[: SMOKE_IMAGES[split]], y[: SMOKE_IMAGES[split]]) for split, (x, y) in splits.items()}
+    data = {split: (to_pixels(x, size).to(device), y.to(device)) for split, (x, y) in splits.items()}
+    return {"name": name, "classes": classes, **data}
+
+
+def batches(num_examples: int, batch_size: int, steps: int, seed: int):
+    """`steps` index batches from successive seeded permutations (the last partial batch of each dropped)."""
+    generator = torch.Generator().manual_seed(seed)
+    per_epoch = max(1, num_examples // batch_size)
+    for step in range(steps):
+        if step % per_epoch == 0:
+            order = torch.randperm(num_examples, generator=generator)
+        start = (step % per_epoch) * batch_size
+        yield order[start : start + batch_size]
+
+
+def autocast_context(device, dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def pretrain_model(config: dict, use_mto: bool, seed: int, device):
+    torch.manual_seed(seed)
+    return ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**config, use_mto=use_mto)).to(device).train()
+
+
+def pretrain_step(model, optimizer, scheduler, pixels, use_mto: bool, autocast_dtype):
+    with autocast_context(pixels.device, autocast_dtype):
+        out = model(pixel_values=pixels)
+        loss = out.loss
+        if use_mto:
+            loss = loss + MTO_WEIGHT * (out.sparsity_loss + out.singularity_loss + out.ranking_loss)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def pretrain(config, use_mto, data, steps, batch_size, seed, device, autocast_dtype):
+    """The pre-trained model and its final loss after `steps` steps of AdamW with warm-up and cosine decay."""
+    model = pretrain_model(config, use_mto, seed, device)
+    lr = PRETRAIN["base_lr"] * batch_size / 256
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=PRETRAIN["betas"], weight_decay=PRETRAIN["weight_decay"])
+    scheduler = transformers.get_cosine_schedule_with_warmup(optimizer, math.ceil(PRETRAIN["warmup"] * steps), steps)
+    pixels = data["train"][0]
+    for index in batches(len(pixels), batch_size, steps, seed):
+        loss = pretrain_step(model, optimizer, scheduler, pixels[index.to(pixels.device)], use_mto, autocast_dtype)
+    return model, loss.item()
+
+
+def knn_accuracy(model, data, bank_size: int, device, autocast_dtype) -> float:
+    """k-NN accuracy on the test images with the first `bank_size` training images as the bank."""
+    (train_x, train_y), (test_x, test_y) = data["train"], data["test"]
+    bank = Examples(train_x[:bank_size], train_y[:bank_size].cpu())
+    queries = Examples(test_x, test_y.cpu())
+    results = evaluate_encoder(
+        model,
+        bank,
+        queries,
+        pooling=POOLING,
+        linear_probe=False,
+        batch_size=512,
+        autocast=lambda: autocast_context(device, autocast_dtype),
+    )
+    return results["knn_accuracy"]
+
+
+def classifier_optimizer(classifier, steps: int, batch_size: int):
+    lr = FINETUNE["base_lr"] * batch_size / 256
+    groups = layer_decay_param_groups(classifier, FINETUNE["weight_decay"], FINETUNE["layer_decay"])
+    for group in groups:
+        group["lr"] = lr * group.pop("lr_scale")
+    optimizer = torch.optim.AdamW(groups, lr=lr)
+    scheduler = transformers.get_cosine_schedule_with_warmup(optimizer, math.ceil(0.1 * steps), steps)
+    return optimizer, scheduler
+
+
+def classifier_step(classifier, optimizer, scheduler, pixels, labels, autocast_dtype):
+    with autocast_context(pixels.device, autocast_dtype):
+        logits = classifier(pixel_values=pixels).logits
+    loss = F.cross_entropy(logits.float(), labels, label_smoothing=FINETUNE["label_smoothing"])
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def finetune(model, data, steps, batch_size, seed, device, autocast_dtype) -> float:
+    """Test accuracy of the classifier built on `model`'s encoder (saved, then loaded as recipes/finetune.py does)
+    after `steps` steps."""
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as checkpoint:
+        model.save_pretrained(checkpoint)
+        args = FinetuneArguments(
+            model_name_or_path=checkpoint, global_pool=True, drop_path_rate=FINETUNE["drop_path_rate"]
+        )
+        torch.manual_seed(seed)
+        classifier = build_classification_model(args, data["classes"]).to(device).train()
+    optimizer, scheduler = classifier_optimizer(classifier, steps, batch_size)
+    (train_x, train_y), (test_x, test_y) = data["train"], data["test"]
+    for index in batches(len(train_x), batch_size, steps, seed):
+        index = index.to(device)
+        classifier_step(classifier, optimizer, scheduler, train_x[index], train_y[index], autocast_dtype)
+    classifier.eval()
+    correct = 0
+    with torch.no_grad(), autocast_context(device, autocast_dtype):
+        for start in range(0, len(test_x), 512):
+            logits = classifier(pixel_values=test_x[start : start + 512]).logits
+            correct += (logits.argmax(dim=1) == test_y[start : start + 512]).sum().item()
+    return correct / len(test_x)
+
+
+def seconds_per_step(step_fn, warmup: int, timed: int, device) -> float:
+    for _ in range(warmup):
+        step_fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(timed):
+        step_fn()
+    sync(device)
+    return (time.perf_counter() - start) / timed
+
+
+def calibrate(config: dict, num_classes: int, batch_size: int, device, autocast_dtype) -> dict:
+    """Seconds per step of MAE + MTO pre-training (the slower arm) and of the classifier, on random images."""
+    pixels = torch.randn(batch_size, 3, config["image_size"], config["image_size"], device=device)
+    labels = torch.randint(num_classes, (batch_size,), device=device)
+    model = pretrain_model(config, True, 0, device)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    pretrain_s = seconds_per_step(
+        lambda: pretrain_step(model, optimizer, scheduler, pixels, True, autocast_dtype), 3, 5, device
+    )
+    encoder = {key: config[key] for key in VIT_TI}
+    classifier = ViTGAPForImageClassification(ViTGAPConfig(**encoder, num_labels=num_classes)).to(device).train()
+    optimizer, scheduler = classifier_optimizer(classifier, 100, batch_size)
+    finetune_s = seconds_per_step(
+        lambda: classifier_step(classifier, optimizer, scheduler, pixels, labels, autocast_dtype), 3, 5, device
+    )
+    return {"pretrain_step_s": pretrain_s, "finetune_step_s": finetune_s}
+
+
+def plan_steps(sizes: dict, seconds_left: float, calibration: dict) -> dict:
+    """Pre-training and fine-tuning steps per arm that fit `seconds_left` for both arms (at least one each)."""
+    pretrain_steps = int(PRETRAIN_SHARE * seconds_left / calibration["pretrain_step_s"])
+    finetune_steps = int(FINETUNE_SHARE * seconds_left / calibration["finetune_step_s"])
+    if sizes["max_pretrain_steps"] is not None:
+        pretrain_steps = min(pretrain_steps, sizes["max_pretrain_steps"])
+        finetune_steps = min(finetune_steps, sizes["max_finetune_steps"])
+    return {"pretrain_steps": max(1, pretrain_steps), "finetune_steps": max(1, finetune_steps)}
+
+
+def convergence(sizes: dict, smoke: bool, seconds_left: float, seed: int, device, autocast_dtype) -> dict:
+    config, batch_size = sizes["convergence_model"], sizes["batch_size"]
+    start = time.perf_counter()
+    data = load_images(smoke, config["image_size"], device)
+    calibration = calibrate(config, len(data["classes"]), batch_size, device, autocast_dtype)
+    plan = plan_steps(sizes, seconds_left - (time.perf_counter() - start), calibration)
+    num_train = len(data["train"][1])
+    report = {
+        "dataset": data["name"],
+        "num_train": num_train,
+        "num_test": len(data["test"][1]),
+        "knn_bank": min(sizes["knn_bank"], num_train),
+        "model": config,
+        "batch_size": batch_size,
+        "seed": seed,
+        "seconds_left_at_start": seconds_left,
+        "calibration": calibration,
+        **plan,
+        "pretrain_epochs": plan["pretrain_steps"] * batch_size / num_train,
+        "finetune_epochs": plan["finetune_steps"] * batch_size / num_train,
+        "hyper_parameters": {"pretrain": PRETRAIN, "mto_weight": MTO_WEIGHT, "finetune": FINETUNE, "pooling": POOLING},
+        "arms": {},
+    }
+    for arm, use_mto in (("mae", False), ("mae_mto", True)):
+        timer = time.perf_counter()
+        model, loss = pretrain(config, use_mto, data, plan["pretrain_steps"], batch_size, seed, device, autocast_dtype)
+        sync(device)
+        pretrain_s = time.perf_counter() - timer
+        knn = knn_accuracy(model, data, sizes["knn_bank"], device, autocast_dtype)
+        timer = time.perf_counter()
+        accuracy = finetune(model, data, plan["finetune_steps"], batch_size, seed, device, autocast_dtype)
+        report["arms"][arm] = {
+            "final_pretrain_loss": loss,
+            "knn_accuracy": knn,
+            "finetune_accuracy": accuracy,
+            "pretrain_s": pretrain_s,
+            "finetune_s": time.perf_counter() - timer,
+        }
+    report["seconds"] = time.perf_counter() - start
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "# GPU check",
+        "",
+        f"{report['device']}, torch {report['torch']}, transformers {report['transformers']}"
+        f"{', smoke mode (tiny sizes: plumbing only, no figures)' if report['smoke'] else ''}; "
+        f"{report['elapsed_s']:.0f} s of a {report['time_budget_s']:.0f} s budget.",
+    ]
+    if "step_time" in report:
+        memory = "peak MiB" if report["memory"] == "cuda_peak" else "saved-for-backward MiB"
+        lines += ["", f"## Step time and memory against upstream ({report['timing_setting']})", ""]
+        lines += [f"| model | torch.compile | variant | step ms | x upstream (quartiles) | {memory} | x upstream |"]
+        lines += ["|---|---|---|---|---|---|---|"]
+        for compiled, by_model in report["step_time"].items():
+            for model_name, results in by_model.items():
+                base = results["upstream"]["peak_bytes"]
+                for variant in VARIANTS:
+                    r = results[variant]
+                    low, high = r["ratio_quartiles"]
+                    lines.append(
+                        f"| {model_name} | {compiled} | {variant} | {r['step_s'] * 1e3:.2f} | {r['ratio']:.3f} "
+                        f"({low:.3f}-{high:.3f}) | {r['peak_bytes'] / 2**20:.1f} | {r['peak_bytes'] / base:.3f} |"
+                    )
+    if "evolved" in report:
+        lines += ["", "## Evolved masking: shares of a step", ""]
+        lines += ["| model | patches | attention layers | " + " | ".join(evolved_overhead.PARTS) + " |"]
+        lines += ["|---|---|---|---|---|---|"]
+        for model_name, r in report["evolved"].items():
+            cells = [f"{r[part] * 1e3:.2f} ms ({r['shares'][part]:.1%})" for part in evolved_overhead.PARTS]
+            lines.append(f"| {model_name} | {r['patches']} | {r['attention_layers']} | " + " | ".join(cells) + " |")
+    if "convergence" in report:
+        c = report["convergence"]
+        lines += ["", "## Convergence: MAE against MAE + MTO (one seed; a first look, not evidence)", ""]
+        lines += [
+            f"{c['dataset']} ({c['num_train']} train, {c['num_test']} test images), batch {c['batch_size']}, seed "
+            f"{c['seed']}: {c['pretrain_steps']} pre-training steps ({c['pretrain_epochs']:.2f} epochs) and "
+            f"{c['finetune_steps']} fine-tuning steps ({c['finetune_epochs']:.2f} epochs) per arm; k-NN bank "
+            f"{c['knn_bank']} training images.",
+            "",
+            "| arm | k-NN accuracy | fine-tuning accuracy | final pre-training loss | pre-training s | fine-tuning s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for arm, r in c["arms"].items():
+            lines.append(
+                f"| {arm} | {r['knn_accuracy']:.4f} | {r['finetune_accuracy']:.4f} | {r['final_pretrain_loss']:.4f} "
+                f"| {r['pretrain_s']:.1f} | {r['finetune_s']:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write(report: dict, output_dir: Path, start: float) -> None:
+    report["elapsed_s"] = time.perf_counter() - start
+    (output_dir / "gpu_check.json").write_text(json.dumps(report, indent=2))
+    (output_dir / "gpu_check.md").write_text(markdown(report))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", type=Path, default=ROOT / "outputs" / "gpu_check")
+    parser.add_argument("--time_budget_s", type=float, default=480.0, help="The whole run's budget, in seconds.")
+    parser.add_argument("--smoke", action="store_true", help="Every part at tiny sizes, on the CPU.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of both convergence arms.")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    sizes = SIZES["smoke" if args.smoke else "gpu"]
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("no GPU here: run with --smoke for the CPU check")
+    device = torch.device("cpu" if args.smoke else "cuda")
+    autocast_dtype = None if args.smoke else torch.bfloat16
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "smoke": args.smoke,
+        "time_budget_s": args.time_budget_s,
+        "timing_setting": "smoke sizes, batch 8, CPU" if args.smoke else "ViT-B/16, 224 px, batch 128, bf16 autocast",
+        "memory": "cuda_peak" if device.type == "cuda" else "cpu_saved_for_backward",
+        "compile_backend": sizes["compile_backend"],
+        "part_seconds": {},
+    }
+
+    def part(name, fn):
+        timer = time.perf_counter()
+        result = fn()
+        report["part_seconds"][name] = time.perf_counter() - timer
+        return result
+
+    report["step_time"] = {
+        "compile_off": part("step_time_eager", lambda: step_times(sizes, device, autocast_dtype, None))
+    }
+    write(report, args.output_dir, start)
+    report["evolved"] = part("evolved", lambda: evolved_shares(sizes, device, autocast_dtype))
+    write(report, args.output_dir, start)
+    backend = sizes["compile_backend"]
+    report["step_time"]["compile_on"] = part(
+        "step_time_compiled", lambda: step_times(sizes, device, autocast_dtype, backend)
+    )
+    write(report, args.output_dir, start)
+    seconds_left = args.time_budget_s - (time.perf_counter() - start) - sizes["reserve_s"]
+    report["convergence"] = part(
+        "convergence", lambda: convergence(sizes, args.smoke, seconds_left, args.seed, device, autocast_dtype)
+    )
+    write(report, args.output_dir, start)
+    print(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
