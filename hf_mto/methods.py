@@ -161,9 +161,12 @@ def method_for(target) -> type[PreTrainingMethod]:
     """The method of a model (or its encoder), a config, a config dict or a `model_type` string, ours or an
     upstream one a method extends.
 
-    An upstream model type can be shared with other architectures (a `vit` checkpoint may be a SimMIM model or an
-    image classifier): a model must then be an instance of a class the method declares (its encoder classes
-    included), and a config whose `architectures` are given must name its pre-training class or one it extends.
+    A method's own model type is always its own, whatever the config's `architectures` (an encoder saved alone is
+    still that method's). An upstream model type a method extends can be shared with other architectures (a `vit`
+    checkpoint may be a SimMIM model or an image classifier): a model must then be an instance of a class the
+    method declares (its encoder classes included), a config dict (a saved `config.json`) must name the method's
+    pre-training class or one it extends in its `architectures`, and a config object must not name another (built
+    in memory from a config, an upstream model's names none).
 
     Raises:
         ValueError: naming the class or model type when no method declares it.
@@ -181,10 +184,15 @@ def method_for(target) -> type[PreTrainingMethod]:
     method = _METHODS.get(model_type)
     if method is not None:
         classes = (method.model_class, *method.extends)
+        names = {cls.__name__ for cls in classes}
         if isinstance(target, torch.nn.Module):
             known = isinstance(target, (*classes, *method.encoder_classes))
-        else:
-            known = not architectures or any(name in {c.__name__ for c in classes} for name in architectures)
+        elif isinstance(target, str) or model_type == method.model_type():
+            known = True
+        elif architectures:
+            known = any(name in names for name in architectures)
+        else:  # save_pretrained always writes `architectures`: a saved config without them is not known to be ours
+            known = not isinstance(target, dict)
         method = method if known else None
     if method is None:
         raise ValueError(

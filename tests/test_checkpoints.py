@@ -18,6 +18,7 @@ from transformers import (
     ViTForMaskedImageModeling,
     ViTMAEConfig,
     ViTMAEForPreTraining,
+    ViTModel,
 )
 
 from hf_mto import (
@@ -30,6 +31,8 @@ from hf_mto.analysis import load_checkpoint
 from hf_mto.checkpoints import IncompleteCheckpointError, load_pretrained, load_weights_into
 from hf_mto.cli import ModelArguments, build_config, build_model
 from hf_mto.export import export_encoder
+from hf_mto.finetuning import FinetuneArguments, build_classification_model
+from hf_mto.methods import method_for
 from hf_mto.trainer import MTOTrainer
 from hf_mto.training_args import MTOTrainingArguments
 
@@ -74,7 +77,9 @@ def save_v5(model, path):
 def save_v4(model, path):
     """A checkpoint with transformers 4.x key names, as on the Hub (`facebook/vit-mae-base`)."""
     path.mkdir(parents=True)
-    model.config.to_json_file(path / "config.json")
+    config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]  # as every saved config (the Hub's official ones too) has
+    (path / "config.json").write_text(json.dumps(config))
     state = {v4_key(key): value.contiguous() for key, value in model.state_dict().items()}
     save_file(state, path / "model.safetensors", metadata={"format": "pt"})
     return path
@@ -260,3 +265,36 @@ def test_trainer_resume_restores_every_weight_from_legacy_names(tmp_path):
     resumed._load_from_checkpoint(str(tmp_path / "run" / "checkpoint-2"))
     for key, value in expected.items():
         assert torch.equal(resumed.model.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("method", sorted(CASES))
+def test_an_encoder_saved_alone_exports_and_fine_tunes(method, tmp_path):
+    """Our encoder classes save `architectures: [ViTMAEMTOModel]` (or SimMIM's) under our model type: still ours."""
+    config_class, model_class = CASES[method][1], CASES[method][2]
+    torch.manual_seed(0)
+    encoder = model_class(config_class(**(TINY_MAE if method == "mae" else TINY_SIMMIM))).vit
+    encoder.save_pretrained(tmp_path / "encoder")
+    assert json.loads((tmp_path / "encoder" / "config.json").read_text())["architectures"] == [type(encoder).__name__]
+    for source, out in ((tmp_path / "encoder", "from-path"), (encoder, "from-model")):
+        export_encoder(source, tmp_path / out)
+        exported = ViTModel.from_pretrained(tmp_path / out, add_pooling_layer=False)
+        torch.testing.assert_close(exported.layers[1].mlp.fc1.weight, encoder.layers[1].mlp.fc1.weight)
+    classifier = build_classification_model(FinetuneArguments(model_name_or_path=str(tmp_path / "encoder")), "ab")
+    torch.testing.assert_close(
+        classifier.vit.layers[0].attention.q_proj.weight, encoder.layers[0].attention.q_proj.weight
+    )
+
+
+def test_a_saved_vit_config_without_architectures_is_not_taken_for_simmim(tmp_path):
+    """`save_pretrained` always names the architecture; a `vit` config without one (hand-written, old) is a plain ViT."""
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(**TINY_SIMMIM), add_pooling_layer=False).save_pretrained(tmp_path / "vit")
+    config = json.loads((tmp_path / "vit" / "config.json").read_text())
+    del config["architectures"]
+    (tmp_path / "vit" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="model_type 'vit'"):
+        method_for(config)
+    classifier = build_classification_model(FinetuneArguments(model_name_or_path=str(tmp_path / "vit")), ["a", "b"])
+    assert type(classifier).__name__ == "ViTForImageClassification"
+    # an upstream model built in memory names no architecture either, and is still its method's
+    assert method_for(upstream_simmim().config) is method_for("simmim_mto")
