@@ -76,7 +76,14 @@ class MTOTrainer(ConvertedCheckpointsMixin, ModelCardMixin, ResilientHubMixin, T
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.method = method_for(self.accelerator.unwrap_model(self.model))
+        model = self.accelerator.unwrap_model(self.model)
+        self.method = method_for(model)
+        if self.args.use_mto and not isinstance(model, self.method.model_class):
+            # an upstream class a method extends computes no MTO term: say so before training, not at the first step
+            raise ValueError(
+                f"{type(model).__name__} computes no MTO terms: train {self.method.model_class.__name__} (it loads "
+                "the same weights) or set mto_spa_weight, mto_e_weight and mto_r_weight to 0"
+            )
         self.mask_generator = self._build_mask_generator()
         self.add_callback(_MethodStepEnd(self.method))
         if isinstance(self.mask_generator, EvolvedMasking) and self.is_fsdp_enabled:

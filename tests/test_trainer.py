@@ -226,6 +226,10 @@ def test_upstream_models_train_as_the_method_that_extends_them(tmp_path, upstrea
         model, method = ViTForMaskedImageModeling(ViTConfig(**TINY_SIMMIM, mask_ratio=0.625)), SimMIMMTOMethod
     model.eval()
     no_mto = dict(mto_spa_weight=0.0, mto_e_weight=0.0, mto_r_weight=0.0)
+    with pytest.raises(
+        ValueError, match=f"{type(model).__name__} computes no MTO terms.*{method.model_class.__name__}"
+    ):
+        MTOTrainer(model=model, args=make_args(tmp_path))  # the default MTO weights
     trainer = MTOTrainer(model=model, args=make_args(tmp_path, **no_mto))
     assert trainer.method is method
     # the method's default masking: MAE draws its own (no generator), SimMIM gets block masks
