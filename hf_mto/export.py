@@ -150,7 +150,7 @@ def _model_card(
     source_name: str, method: type[PreTrainingMethod], model_type: str, source_class: str, config: ViTConfig, path: str
 ) -> str:
     origin = f"{method.name} pre-training"
-    if model_type == method.model_type():  # ours, not the upstream class it extends
+    if method.extended_class(model_type) is None:  # ours, not an upstream class it extends
         origin += f" with Masked Token Optimization in the {' and '.join(method.mto_stacks)}"
     position_note = method.card_notes
     return f"""---

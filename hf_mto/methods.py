@@ -31,8 +31,8 @@ class PreTrainingMethod:
         name: the method as papers and model cards name it ("MAE", "SimMIM").
         config_class / model_class: ours; `model_class.config_class.model_type` keys the registry.
         auto_class_name: the transformers Auto class that loads the model ("AutoModelForPreTraining").
-        extends: the upstream classes (and their `model_type`s) the model extends; checkpoints and models of those
-            are handled as this method, on their own weights.
+        extends: the upstream classes the model extends; checkpoints and models of those (their configs' model
+            types) are handled as this method, on their own weights.
         encoder_classes: the classes of the encoder (`encoder(model)`), ours and upstream's: an encoder alone is
             recognised as this method's too (for export and evaluation).
         mask_input_name: the forward argument a mask reaches the model through ("noise", "bool_masked_pos").
@@ -49,7 +49,6 @@ class PreTrainingMethod:
     model_class: ClassVar[type[PreTrainedModel]]
     auto_class_name: ClassVar[str]
     extends: ClassVar[tuple[type[PreTrainedModel], ...]] = ()
-    extends_model_types: ClassVar[tuple[str, ...]] = ()
     encoder_classes: ClassVar[tuple[type[PreTrainedModel], ...]] = ()
     mask_input_name: ClassVar[str]
     default_masking: ClassVar[str]
@@ -61,6 +60,16 @@ class PreTrainingMethod:
     @classmethod
     def model_type(cls) -> str:
         return cls.config_class.model_type
+
+    @classmethod
+    def extended_class(cls, model_type: str) -> type[PreTrainedModel] | None:
+        """The upstream class of `extends` whose model type ``model_type`` is; None for the method's own."""
+        return next((upstream for upstream in cls.extends if upstream.config_class.model_type == model_type), None)
+
+    @classmethod
+    def num_patches(cls, model: PreTrainedModel) -> int:
+        """N, the patches of the model's input image."""
+        return cls.encoder(model).embeddings.patch_embeddings.num_patches
 
     # ---------------------------------------------------------------------------------------------------------------
     # Masks
@@ -81,11 +90,10 @@ class PreTrainingMethod:
         raise NotImplementedError(f"{cls.__name__} declares no own_masking")
 
     @classmethod
-    def num_masked(cls, config, num_patches: int, drawn: int) -> int:
-        """How many patches a generator that masks ``drawn`` per image will have masked in the model; the default
-        is the generator's own count. A method whose model keeps a count of its own (MAE) checks it here and
-        raises a `ValueError` naming the ratio that would agree."""
-        return drawn
+    def check_num_masked(cls, config, num_patches: int, drawn: int) -> None:
+        """Raise a `ValueError` naming the ratio that would agree when the model would not mask exactly the
+        ``drawn`` patches per image a generator gives it (MAE keeps a count of its own); every count is fine by
+        default."""
 
     # ---------------------------------------------------------------------------------------------------------------
     # The encoder over whole images (evolved masking, analysis, evaluation, export)
@@ -141,8 +149,8 @@ class PreTrainingMethod:
 
 
 def register_method(method: type[PreTrainingMethod]) -> type[PreTrainingMethod]:
-    """Make ``method`` known to generic code (its model type and the upstream model types it extends)."""
-    for model_type in (method.model_type(), *method.extends_model_types):
+    """Make ``method`` known to generic code (its model type and those of the upstream classes it extends)."""
+    for model_type in (method.model_type(), *(upstream.config_class.model_type for upstream in method.extends)):
         _METHODS[model_type] = method
     return method
 
@@ -187,7 +195,7 @@ def method_for(target) -> type[PreTrainingMethod]:
         names = {cls.__name__ for cls in classes}
         if isinstance(target, torch.nn.Module):
             known = isinstance(target, (*classes, *method.encoder_classes))
-        elif isinstance(target, str) or model_type == method.model_type():
+        elif isinstance(target, str) or method.extended_class(model_type) is None:
             known = True
         elif architectures:
             known = any(name in names for name in architectures)

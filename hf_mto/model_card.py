@@ -238,8 +238,8 @@ def _method_info(config) -> dict:
             default_masking="random",
             own_masking=None,
         )
-    ours = model_type == method.model_type()
-    extended = None if ours else next(cls for cls in method.extends if cls.config_class.model_type == model_type)
+    extended = method.extended_class(model_type)
+    ours = extended is None
     return dict(
         method=method.name,
         model_class=method.model_class.__name__ if ours else extended.__name__,

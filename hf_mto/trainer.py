@@ -97,9 +97,10 @@ class MTOTrainer(ConvertedCheckpointsMixin, ModelCardMixin, ResilientHubMixin, T
 
     def _build_mask_generator(self) -> MaskGenerator | EvolvedMasking | None:
         """The generator of the chosen masking (default the method's), None when the model draws it itself."""
-        config = self.accelerator.unwrap_model(self.model).config
+        model = self.accelerator.unwrap_model(self.model)
+        config = model.config
         strategy = self.args.masking or self.method.default_masking
-        num_patches = (square_side(config.image_size) // square_side(config.patch_size)) ** 2
+        num_patches = self.method.num_patches(model)
         if strategy == "evolved":
             depth = config.num_hidden_layers
             layers = self.args.evolved_attention_layers or max(1, depth // 2)
@@ -119,7 +120,7 @@ class MTOTrainer(ConvertedCheckpointsMixin, ModelCardMixin, ResilientHubMixin, T
         if strategy == self.method.own_masking:
             return None  # the model's own draw: upstream's path, same distribution
         try:  # a model with a count of its own (MAE) checks that the generator's agrees
-            self.method.num_masked(config, num_patches, generator.num_masked)
+            self.method.check_num_masked(config, num_patches, generator.num_masked)
         except ValueError as error:
             raise ValueError(f"{strategy} masking: {error}") from None
         return generator

@@ -75,7 +75,6 @@ def dummy_method(monkeypatch):
         config_class = DummyConfig
         model_class = DummyModel
         extends = ()
-        extends_model_types = ()
         default_masking = "beit_block"
         steps = []
         masks = []

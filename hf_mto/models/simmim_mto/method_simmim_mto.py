@@ -18,7 +18,6 @@ class SimMIMMTOMethod(PreTrainingMethod):
     model_class = SimMIMMTOForMaskedImageModeling
     auto_class_name = "AutoModelForMaskedImageModeling"
     extends = (ViTForMaskedImageModeling,)
-    extends_model_types = ("vit",)
     encoder_classes = (ViTModel,)  # ours, SimMIMMTOModel, is one
     mask_input_name = "bool_masked_pos"
     default_masking = "simmim_block"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers import ViTMAEForPreTraining, ViTMAEModel
 
-from ...masking import mask_to_noise, square_side
+from ...masking import mask_to_noise
 from ...methods import PreTrainingMethod, register_method
 from .configuration_vit_mae_mto import ViTMAEMTOConfig
 from .modeling_vit_mae_mto import ViTMAEMTOForPreTraining, ViTMAEMTOModel
@@ -19,7 +19,6 @@ class ViTMAEMTOMethod(PreTrainingMethod):
     model_class = ViTMAEMTOForPreTraining
     auto_class_name = "AutoModelForPreTraining"
     extends = (ViTMAEForPreTraining,)
-    extends_model_types = ("vit_mae",)
     encoder_classes = (ViTMAEMTOModel, ViTMAEModel)
     mask_input_name = "noise"
     default_masking = "random"
@@ -38,14 +37,13 @@ class ViTMAEMTOMethod(PreTrainingMethod):
         return num_patches - int(num_patches * (1 - config.mask_ratio))
 
     @classmethod
-    def num_masked(cls, config, num_patches: int, drawn: int) -> int:
+    def check_num_masked(cls, config, num_patches: int, drawn: int) -> None:
         expected = cls.model_num_masked(config, num_patches)
         if drawn != expected:
             raise ValueError(
                 f"{drawn} of {num_patches} patches masked per image, but MAE with mask_ratio {config.mask_ratio} "
                 f"masks {expected}: choose a mask_ratio for which they agree (e.g. {drawn / num_patches})"
             )
-        return drawn
 
     @classmethod
     def mask_inputs(cls, model, mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -57,9 +55,7 @@ class ViTMAEMTOMethod(PreTrainingMethod):
         cls, model, batch_size: int, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
         """``{"noise": [B, N]}`` uniform noise, as MAE draws it: it keeps the patches of the lowest noise."""
-        config = model.config
-        num_patches = (square_side(config.image_size) // square_side(config.patch_size)) ** 2
-        return {"noise": torch.rand(batch_size, num_patches, generator=generator)}
+        return {"noise": torch.rand(batch_size, cls.num_patches(model), generator=generator)}
 
     @classmethod
     def prediction_to_pixels(cls, model, pixel_values: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
