@@ -13,12 +13,14 @@ import os
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers.utils import SAFE_WEIGHTS_NAME
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from .methods import method_for
 
 # How many weight names an error lists before it summarises the rest.
 _NAMES_SHOWN = 8
+# The weight files `save_pretrained` writes: one file or the index of shards, safetensors or torch.
+_SAVE_PRETRAINED_WEIGHTS = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
 
 
 class IncompleteCheckpointError(ValueError):
@@ -133,23 +135,24 @@ class ConvertedCheckpointsMixin:
     `load_weights_into` instead of the stock non-strict ``load_state_dict`` of the raw file, which misses every weight
     `save_pretrained` wrote under a legacy name and only logs a warning about it.
 
-    FSDP, DeepSpeed and sharded checkpoints keep the Trainer's own loading (their files hold the in-memory names).
+    Every checkpoint `save_pretrained` wrote (one file or sharded, safetensors or not) goes that way; FSDP and
+    DeepSpeed checkpoints and PEFT adapters keep the Trainer's own loading (they are not written by `save_pretrained`).
     """
 
-    def _single_file_checkpoint(self, checkpoint: str | None) -> bool:
+    def _saved_by_save_pretrained(self, checkpoint: str | None) -> bool:
         return (
             checkpoint is not None
             and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
-            and os.path.isfile(os.path.join(checkpoint, SAFE_WEIGHTS_NAME))
+            and any(os.path.isfile(os.path.join(checkpoint, name)) for name in _SAVE_PRETRAINED_WEIGHTS)
         )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        if not self._single_file_checkpoint(resume_from_checkpoint):
+        if not self._saved_by_save_pretrained(resume_from_checkpoint):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_weights_into(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
-        if not self._single_file_checkpoint(self.state.best_model_checkpoint):
+        if not self._saved_by_save_pretrained(self.state.best_model_checkpoint):
             return super()._load_best_model()
         load_weights_into(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
 

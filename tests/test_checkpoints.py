@@ -265,6 +265,15 @@ def test_trainer_resume_restores_every_weight_from_legacy_names(tmp_path):
     resumed._load_from_checkpoint(str(tmp_path / "run" / "checkpoint-2"))
     for key, value in expected.items():
         assert torch.equal(resumed.model.state_dict()[key], value), key
+    # a sharded checkpoint (large models) holds the legacy names too, and takes the same path
+    first.model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert any(".attention.attention.query." in key for key in index["weight_map"])
+    resumed = trainer(2)
+    resumed._load_from_checkpoint(str(tmp_path / "sharded"))
+    for key, value in expected.items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
 
 
 @pytest.mark.parametrize("method", sorted(CASES))
