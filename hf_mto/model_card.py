@@ -12,10 +12,9 @@ writes it as `directory/README.md`. [`~hf_mto.trainer.MTOTrainer`] calls them fo
 ```
 
 Where the templates are found: the project keeps them in the top-level `model_cards/` folder (the layout of
-DESIGN.md), and `hf_mto/model_cards` is a symbolic link to it (as `hf_mto/models/*/mto.py` link to `hf_mto/mto.py`).
-Through the link, `importlib.resources` finds them in a checkout and in an editable install, and setuptools copies the
-linked files into wheels and sdists as package data (`model_cards/*.jinja` in pyproject.toml), so an installed
-package finds them too. A checkout without the link (git with `core.symlinks=false`) falls back to the repository's
+DESIGN.md), and `hf_mto/model_cards` is a symbolic link to it. Through the link, `importlib.resources` finds them
+in a checkout and in an editable install, and setuptools copies the linked files into wheels and sdists as package
+data (`model_cards/*.jinja` in pyproject.toml), so an installed package finds them too. A checkout without the link (git with `core.symlinks=false`) falls back to the repository's
 `model_cards/` beside the package. `template=` also takes the path of a template of your own.
 """
 

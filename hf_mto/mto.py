@@ -26,26 +26,69 @@ AFFINITY_MODES = ("dot", "scaled", "cosine")
 RANKING_MODES = ("intended", "literal")
 
 
-def check_mto_settings(
-    spa_layers: list[int] | tuple[int, ...],
-    affinity: str,
-    temperature: float,
-    eps: float,
-    ranking: str,
-    num_states: int,
-) -> None:
-    """Validate MTO settings (the model configs call this); ``num_states`` = number of blocks + 1 (H^0..H^L)."""
-    if affinity not in AFFINITY_MODES:
-        raise ValueError(f"mto_affinity must be one of {AFFINITY_MODES}, got {affinity!r}")
-    if ranking not in RANKING_MODES:
-        raise ValueError(f"mto_ranking must be one of {RANKING_MODES}, got {ranking!r}")
-    if not eps > 0:
-        raise ValueError(f"mto_eps must be > 0, got {eps}")
-    if not temperature > 0:
-        raise ValueError(f"mto_temperature must be > 0, got {temperature}")
-    bad = [layer for layer in spa_layers if not 0 <= layer < num_states]
-    if bad:
-        raise ValueError(f"mto_spa_layers {list(spa_layers)} has {bad} outside [0, {num_states - 1}]")
+MTO_CONFIG_ARGS = """\
+        use_mto (`bool`, *optional*, defaults to `True`):
+            Whether `forward` computes the MTO terms on the MTO stack's states H^0..H^L (heterogeneity, L_spa,
+            L_e, L_r). When `False` none of that work is done and the model costs what the upstream model costs.
+            Can be overridden per call with `forward(use_mto=...)`.
+        mto_spa_layers (`list[int]`, *optional*, defaults to `[0]`):
+            States of the MTO stack where the sparsity loss L_spa applies: 0 is the stack's initial embedding (with
+            the mask token in place and the position embedding added), l the output of block l. The paper uses
+            `[0]`, "the initial embedding stage".
+        mto_affinity (`str`, *optional*, defaults to `"scaled"`):
+            Affinity logits between tokens: `"scaled"` (dot product divided by the square root of the stack's
+            width, attention's convention), `"dot"` (the raw dot product, as the paper writes it; at ViT-B widths it
+            saturates the softmax, so L_spa vanishes with zero gradient) or `"cosine"` (cosine similarity divided by
+            `mto_temperature`).
+        mto_temperature (`float`, *optional*, defaults to 0.1):
+            Temperature of the `"cosine"` affinity; unused otherwise.
+        mto_ranking (`str`, *optional*, defaults to `"intended"`):
+            Direction of the ranking loss L_r: `"intended"` pushes each layer's heterogeneity below the previous
+            one's (the paper's text); `"literal"` is Eq. 7 as printed (for ablations).
+        mto_eps (`float`, *optional*, defaults to 1e-6):
+            The epsilon of L_e = 1 / (H^0 + eps).
+"""
+
+
+@dataclass(repr=False, eq=False)
+class MTOConfigMixin:
+    """The MTO fields of a model configuration, declared once for every method (documented in `MTO_CONFIG_ARGS`).
+
+    A method's config lists it after its upstream config class, puts `MTO_CONFIG_ARGS` in its docstring with
+    `document_mto_fields`, and calls `check_mto_fields` from its `__post_init__`. The MTO loss *weights* are training
+    arguments, not model configuration: a model returns each raw term and the trainer weights them.
+    """
+
+    use_mto: bool = True
+    mto_spa_layers: list[int] | tuple[int, ...] = (0,)
+    mto_affinity: str = "scaled"
+    mto_temperature: float | int = 0.1
+    mto_ranking: str = "intended"
+    mto_eps: float = 1e-6
+
+    def check_mto_fields(self, num_states: int) -> None:
+        """Raise a `ValueError` naming the first bad MTO field; ``num_states`` = blocks of the MTO stack + 1."""
+        self.mto_spa_layers = list(self.mto_spa_layers)  # JSON gives lists; a tuple default would not round-trip
+        if self.mto_affinity not in AFFINITY_MODES:
+            raise ValueError(f"mto_affinity must be one of {AFFINITY_MODES}, got {self.mto_affinity!r}")
+        if self.mto_ranking not in RANKING_MODES:
+            raise ValueError(f"mto_ranking must be one of {RANKING_MODES}, got {self.mto_ranking!r}")
+        if not self.mto_eps > 0:
+            raise ValueError(f"mto_eps must be > 0, got {self.mto_eps}")
+        if not self.mto_temperature > 0:
+            raise ValueError(f"mto_temperature must be > 0, got {self.mto_temperature}")
+        bad = [layer for layer in self.mto_spa_layers if not 0 <= layer < num_states]
+        if bad:
+            raise ValueError(f"mto_spa_layers {self.mto_spa_layers} has {bad} outside [0, {num_states - 1}]")
+
+
+def document_mto_fields(config_class: type) -> type:
+    """Class decorator: put `MTO_CONFIG_ARGS` where the config's docstring has a line ``<MTO fields>``."""
+    marker = "        <MTO fields>\n"
+    if marker not in (config_class.__doc__ or ""):
+        raise ValueError(f"{config_class.__name__}'s docstring has no {marker.strip()!r} line in its Args")
+    config_class.__doc__ = config_class.__doc__.replace(marker, MTO_CONFIG_ARGS)
+    return config_class
 
 
 def _check_spa_layers(spa_layers, num_states: int) -> None:
