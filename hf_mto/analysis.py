@@ -73,10 +73,19 @@ def load_checkpoint(checkpoint: str | os.PathLike, **kwargs):
     return load_pretraining_checkpoint(checkpoint, **kwargs).eval()
 
 
-def mto_stack(model) -> str:
-    """Which stack MTO (and so the analysis) looks at: the method's first `mto_stacks` (each method has one: MAE's
-    ``"decoder"``, SimMIM's ``"encoder"``)."""
-    return check_model(model).mto_stacks[0]
+def mto_stack(model, stack: str | None = None) -> str:
+    """The MTO stack the analysis looks at: ``stack`` when given (one of the method's `mto_stacks`), else the first
+    (MAE: ``"decoder"``, SimMIM: ``"encoder"``).
+
+    Raises:
+        ValueError: naming ``stack`` and the method's stacks.
+    """
+    stacks = check_model(model).mto_stacks
+    if stack is None:
+        return stacks[0]
+    if stack not in stacks:
+        raise ValueError(f"stack {stack!r} is not an MTO stack of {type(model).__name__}; its stacks: {list(stacks)}")
+    return stack
 
 
 def default_mask_patch_size(image_size: int, patch_size: int) -> int:
@@ -126,20 +135,20 @@ class ModelPass:
     """What the analysis needs from one forward.
 
     Attributes:
-        states: L+1 tensors ``[B, N, D]`` float32, H^0..H^L of the MTO stack, patch tokens in patch (raster) order.
+        states: per MTO stack, L+1 tensors ``[B, N, D]`` float32, H^0..H^L, patch tokens in patch (raster) order.
         mask: ``[B, N]`` bool, True = masked.
         prediction: ``[B, C, H, W]`` float32 reconstruction in the image processor's normalised space (MAE's
             per-patch normalisation, with `norm_pix_loss`, already undone from the original image's patches).
     """
 
-    states: list[torch.Tensor]
+    states: dict[str, list[torch.Tensor]]
     mask: torch.Tensor
     prediction: torch.Tensor
 
 
 @torch.no_grad()
 def run_model(model, pixel_values: torch.Tensor, mask_inputs: dict[str, torch.Tensor]) -> ModelPass:
-    """One no-grad forward (the method's `analysis_pass`) returning the states of the MTO stack, the mask and the
+    """One no-grad forward (the method's `analysis_pass`) returning the states of each MTO stack, the mask and the
     reconstruction; ``pixel_values`` ``[B, C, H, W]``, ``mask_inputs`` as `draw_mask_inputs` gives them."""
     method = check_model(model)
     parameter = next(model.parameters())
@@ -158,7 +167,7 @@ def layer_entropies(
     states: Sequence[torch.Tensor], mask: torch.Tensor, affinity: str = "scaled", temperature: float = 0.1
 ) -> dict[str, torch.Tensor]:
     """Per layer and image: ``"heterogeneity"`` (Eq. 2, masked rows over visible columns, = `mto.heterogeneity`)
-    and ``"visible_entropy"`` (the entropy L_spa averages, Eq. 3: visible rows over all columns), each
+    and ``"sparsity_loss"`` (the entropy L_spa averages, Eq. 3: visible rows over all columns), each
     ``[L+1, B]``; each layer's affinity logits are computed once."""
     every = torch.ones_like(mask)
     heterogeneity, visible = [], []
@@ -166,7 +175,7 @@ def layer_entropies(
         logits = affinity_logits(state, affinity, temperature)
         heterogeneity.append(mean_row_entropy(logits, rows=mask, cols=~mask))
         visible.append(mean_row_entropy(logits, rows=~mask, cols=every))
-    return {"heterogeneity": torch.stack(heterogeneity), "visible_entropy": torch.stack(visible)}
+    return {"heterogeneity": torch.stack(heterogeneity), "sparsity_loss": torch.stack(visible)}
 
 
 @dataclass
@@ -184,7 +193,7 @@ class HeterogeneityResult:
     num_masked: float
     heterogeneity: list[float]
     heterogeneity_std: list[float]
-    visible_entropy: list[float]
+    sparsity_loss: list[float]
     uniform_entropy: float
     masking: str
     mask_patch_size: int | None
@@ -207,7 +216,7 @@ class HeterogeneityResult:
 
     def table(self) -> str:
         """The paper's Table 1 for this model, one row per layer."""
-        header = f"{'layer depth':>11} | {'heterogeneity H':>15} | {'std':>6} | {'visible entropy':>15}"
+        header = f"{'layer depth':>11} | {'heterogeneity H':>15} | {'std':>6} | {'L_spa entropy':>15}"
         lines = [
             f"{self.model_type} ({self.stack}), {self.num_images} images, {self.num_masked:g} of {self.num_tokens} "
             f"tokens masked ({self.masking}), affinity {self.affinity}",
@@ -215,7 +224,7 @@ class HeterogeneityResult:
             "-" * len(header),
         ]
         for layer, (h, s, v) in enumerate(
-            zip(self.heterogeneity, self.heterogeneity_std, self.visible_entropy, strict=True)
+            zip(self.heterogeneity, self.heterogeneity_std, self.sparsity_loss, strict=True)
         ):
             lines.append(f"{layer:>11} | {h:>15.4f} | {s:>6.3f} | {v:>15.4f}")
         lines.append(f"uniform over the visible tokens: H = log(V) = {self.uniform_entropy:.4f}")
@@ -243,8 +252,9 @@ def analyze_heterogeneity(
     seed: int = 0,
     masking: str | None = None,
     mask_patch_size: int | None = None,
+    stack: str | None = None,
 ) -> HeterogeneityResult:
-    """Heterogeneity H^0..H^L of `model`'s MTO stack, averaged over `images` with seeded masks.
+    """Heterogeneity H^0..H^L of one of `model`'s MTO stacks, averaged over `images` with seeded masks.
 
     Args:
         model: one of hf_mto's pre-training models (MTO on or off in its config).
@@ -252,21 +262,24 @@ def analyze_heterogeneity(
             `hf_mto.data.apply_transform` gives).
         seed: seed of the masks (drawn on the CPU, so the result does not depend on the device).
         masking, mask_patch_size: see `draw_mask_inputs`.
+        stack: one of the method's `mto_stacks`; default the first (see `mto_stack`).
 
     Images without a masked or a visible token (none with hf_mto's generators) are left out of the means.
     """
     method = check_model(model)
+    stack = mto_stack(model, stack)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     config = model.config
     generator = torch.Generator().manual_seed(seed)
-    per_image = {"heterogeneity": [], "visible_entropy": []}
+    per_image = {"heterogeneity": [], "sparsity_loss": []}
     log_visible, masked_counts, num_tokens = [], [], 0
     for pixels in _batches(images, batch_size):
         mask_inputs = draw_mask_inputs(model, pixels.shape[0], generator, masking, mask_patch_size)
         model_pass = run_model(model, pixels, mask_inputs)
         valid = has_masked_and_visible(model_pass.mask).cpu()
-        entropies = layer_entropies(model_pass.states, model_pass.mask, config.mto_affinity, config.mto_temperature)
+        states = model_pass.states[stack]
+        entropies = layer_entropies(states, model_pass.mask, config.mto_affinity, config.mto_temperature)
         for name, values in entropies.items():
             per_image[name].append(values.cpu()[:, valid])
         mask = model_pass.mask.cpu()[valid]
@@ -276,18 +289,18 @@ def analyze_heterogeneity(
     if not masked_counts or sum(len(c) for c in masked_counts) == 0:
         raise ValueError("no image to analyse: the dataset is empty or no image had both masked and visible tokens")
     heterogeneity = torch.cat(per_image["heterogeneity"], dim=1)  # [L+1, M]
-    visible = torch.cat(per_image["visible_entropy"], dim=1)
+    visible = torch.cat(per_image["sparsity_loss"], dim=1)
     strategy = masking or method.default_masking
     image_size, patch_size = square_side(config.image_size), square_side(config.patch_size)
     return HeterogeneityResult(
         model_type=config.model_type,
-        stack=mto_stack(model),
+        stack=stack,
         num_images=heterogeneity.shape[1],
         num_tokens=num_tokens,
         num_masked=float(torch.cat(masked_counts).mean()),
         heterogeneity=heterogeneity.mean(dim=1).tolist(),
         heterogeneity_std=heterogeneity.std(dim=1, correction=0).tolist(),
-        visible_entropy=visible.mean(dim=1).tolist(),
+        sparsity_loss=visible.mean(dim=1).tolist(),
         uniform_entropy=float(torch.cat(log_visible).mean()),
         masking=strategy,
         mask_patch_size=(mask_patch_size or default_mask_patch_size(image_size, patch_size))
@@ -307,7 +320,7 @@ def plot_heterogeneity(result: HeterogeneityResult, path: str | os.PathLike) -> 
     h, s = np.array(result.heterogeneity), np.array(result.heterogeneity_std)
     ax.plot(layers, h, marker="o", label="heterogeneity H (masked -> visible)")
     ax.fill_between(layers, h - s, h + s, alpha=0.2, label="+/- 1 std over images")
-    ax.plot(layers, result.visible_entropy, marker="s", linestyle="--", label="visible -> all entropy (L_spa)")
+    ax.plot(layers, result.sparsity_loss, marker="s", linestyle="--", label="visible -> all entropy (L_spa)")
     ax.axhline(result.uniform_entropy, color="grey", linestyle=":", label="log V (uniform over visible)")
     ax.set_xlabel(f"layer depth ({result.stack}; 0 = initial embedding)")
     ax.set_ylabel("entropy (nats)")
@@ -452,10 +465,12 @@ def analyze_affinity(
     mask_patch_size: int | None = None,
     image_mean: Sequence[float] | None = None,
     image_std: Sequence[float] | None = None,
+    stack: str | None = None,
 ) -> dict:
     """Fig. 2 for one image (``pixel_values [C, H, W]`` or ``[1, C, H, W]``): the affinity maps of `layers`
-    (default all), masked tokens first, written to `path`. Returns the order, the mask and each layer's H."""
-    check_model(model)
+    (default all) of an MTO stack (default the first, see `mto_stack`), masked tokens first, written to `path`.
+    Returns the order, the mask and each layer's H."""
+    stack = mto_stack(model, stack)
     if pixel_values.dim() == 3:
         pixel_values = pixel_values.unsqueeze(0)
     if pixel_values.dim() != 4 or pixel_values.shape[0] != 1:
@@ -463,11 +478,12 @@ def analyze_affinity(
     config = model.config
     generator = torch.Generator().manual_seed(seed)
     model_pass = run_model(model, pixel_values, draw_mask_inputs(model, 1, generator, masking, mask_patch_size))
-    layers = _check_layers(layers, len(model_pass.states))
+    states = model_pass.states[stack]
+    layers = _check_layers(layers, len(states))
     maps, order, num_masked = affinity_maps(
-        model_pass.states, model_pass.mask, 0, layers, config.mto_affinity, config.mto_temperature
+        states, model_pass.mask, 0, layers, config.mto_affinity, config.mto_temperature
     )
-    entropies = layer_entropies(model_pass.states, model_pass.mask, config.mto_affinity, config.mto_temperature)
+    entropies = layer_entropies(states, model_pass.mask, config.mto_affinity, config.mto_temperature)
     heterogeneity = [float(entropies["heterogeneity"][layer, 0]) for layer in layers]
     image = None
     if image_mean is not None and image_std is not None:
@@ -482,7 +498,7 @@ def analyze_affinity(
         layers=layers,
         image=image,
         heterogeneity=heterogeneity,
-        title=f"{config.model_type} {mto_stack(model)}: affinity, masked tokens first ({num_masked} of {len(order)})",
+        title=f"{config.model_type} {stack}: affinity, masked tokens first ({num_masked} of {len(order)})",
     )
     return {
         "layers": layers,

@@ -613,7 +613,8 @@ def build_eval_transform(
 
 @dataclass
 class _PixelValuesTransform:
-    """Batch transform for `set_transform`: {"image": [encoded], "label"?: [int]} → {"pixel_values": [...], ...}.
+    """Batch transform for `set_transform`: {"image": [encoded], "label"?: [int]} → {"pixel_values": [...], ...}, or
+    one column per entry when the transform gives a dict of views (a method's `pretraining_transform`).
 
     Images arrive encoded (`datasets.Image(decode=False)`) and are decoded here by `decode_image`, so an unreadable
     one gives `pixel_values=None` (and a warning) instead of an exception that would abort the whole batch.
@@ -622,21 +623,28 @@ class _PixelValuesTransform:
     "spawn" start method, the default on macOS and Windows, pickle it).
     """
 
-    transform: Callable[[Image.Image], torch.Tensor]
+    transform: Callable[[Image.Image], torch.Tensor | dict[str, torch.Tensor]]
     keep_label: bool
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        images = [decode_image(value) for value in batch["image"]]
-        out = {"pixel_values": [None if image is None else self.transform(image) for image in images]}
+        views = [None if image is None else self.transform(image) for image in map(decode_image, batch["image"])]
+        names = next((list(view) for view in views if isinstance(view, dict)), ["pixel_values"])
+        # an unreadable image is None in every column (`pixel_values` included, which the collator looks at)
+        out = {
+            name: [view if view is None or not isinstance(view, dict) else view[name] for view in views]
+            for name in names
+        }
         if self.keep_label:
             out["label"] = batch["label"]
         return out
 
 
 def apply_transform(
-    dataset: datasets.Dataset | datasets.DatasetDict, transform: Callable[[Image.Image], torch.Tensor]
+    dataset: datasets.Dataset | datasets.DatasetDict,
+    transform: Callable[[Image.Image], torch.Tensor | dict[str, torch.Tensor]],
 ) -> datasets.Dataset | datasets.DatasetDict:
-    """Set an on-the-fly transform: each example reads as {"pixel_values": [3, H, W] float tensor, "label"?: int}.
+    """Set an on-the-fly transform: each example reads as {"pixel_values": [3, H, W] float tensor, "label"?: int}
+    (or, for a transform that gives a dict of views, one entry per view, `pixel_values` among them).
 
     Uses `set_transform`, so the images are decoded and augmented when read (fresh augmentation every epoch) and
     nothing is written to the cache. An unreadable image reads as `pixel_values=None` with a logged warning naming
@@ -670,7 +678,8 @@ def apply_transform(
 
 @dataclass
 class PixelCollator:
-    """Stack examples into a batch: {"pixel_values": [B, 3, H, W]} and, with `include_labels`, "labels" [B] long.
+    """Stack examples into a batch: {"pixel_values": [B, 3, H, W]} (and every other view an example holds as a
+    tensor, stacked under its name) and, with `include_labels`, "labels" [B] long.
 
     Examples whose `pixel_values` is None (unreadable images, see `apply_transform`; already reported by a warning)
     are dropped, so the batch can be smaller than requested; a batch with no readable image raises ValueError.
@@ -687,7 +696,8 @@ class PixelCollator:
                 f"All {len(examples)} images of this batch are unreadable (their files are named in the warnings "
                 "above): remove or repair them, or pass --verify_images to drop them at load time."
             )
-        batch = {"pixel_values": torch.stack([example["pixel_values"] for example in kept])}
+        views = [name for name, value in kept[0].items() if isinstance(value, torch.Tensor)]
+        batch = {name: torch.stack([example[name] for example in kept]) for name in views}
         if self.include_labels:
             if any("label" not in example for example in kept):
                 raise ValueError("PixelCollator(include_labels=True) got examples without a 'label'.")

@@ -16,10 +16,13 @@ the export then treat an upstream `ViTMAEForPreTraining` as MAE, on its own weig
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
+
+from .data import build_pretraining_transform
 
 _METHODS: dict[str, type[PreTrainingMethod]] = {}
 
@@ -39,7 +42,8 @@ class PreTrainingMethod:
         default_masking: the `hf_mto.masking` strategy used when the user chooses none.
         own_masking: a strategy the model draws by itself when given no mask (MAE's random masking, upstream's
             path): the trainer then passes none. None when the model needs a mask from outside.
-        mto_stacks: names of the stacks of states MTO acts on, in the order the model returns them.
+        mto_stacks: names of the stacks of states MTO acts on (MAE: its decoder; BootMAE: two decoders), in the
+            order the model returns them; `mto_outputs` finds each stack's terms in a forward's outputs.
         export_dropped_keys: encoder weights that have no place in a plain `ViTModel` (SimMIM's mask token).
         card_notes: sentences the exported encoder's model card adds about this method's encoder.
     """
@@ -70,6 +74,25 @@ class PreTrainingMethod:
     def num_patches(cls, model: PreTrainedModel) -> int:
         """N, the patches of the model's input image."""
         return cls.encoder(model).embeddings.patch_embeddings.num_patches
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Data
+    # ---------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def pretraining_transform(cls, image_size: int, image_mean, image_std) -> Callable:
+        """PIL image -> what one training example gives the model: a ``[3, H, W]`` tensor (`pixel_values`), or a dict
+        with one ``[...]`` tensor per forward argument for a method that needs more than one view of an image (a
+        second augmented view, a tokenizer's input); `hf_mto.data.PixelCollator` stacks every entry. Default: MAE's
+        augmentation (random resized crop + flip)."""
+        return build_pretraining_transform(image_size, image_mean, image_std)
+
+    @classmethod
+    def prepare_inputs(cls, model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The forward arguments of a training or evaluation step, on the device, after the masks are drawn and
+        before the forward: targets that a frozen network outside the model computes (a tokenizer's codes) are
+        added here, without gradient. Unchanged by default."""
+        return inputs
 
     # ---------------------------------------------------------------------------------------------------------------
     # Masks
@@ -123,7 +146,7 @@ class PreTrainingMethod:
     @classmethod
     def analysis_pass(
         cls, model: PreTrainedModel, pixel_values: torch.Tensor, mask_inputs: dict[str, torch.Tensor]
-    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    ) -> tuple[dict[str, list[torch.Tensor]], torch.Tensor, torch.Tensor]:
         """One forward for `hf_mto.analysis` (the caller holds `no_grad` and has moved the inputs to the model).
 
         Args:
@@ -131,8 +154,8 @@ class PreTrainingMethod:
             mask_inputs: the masking argument(s) of the forward (`mask_inputs` or `own_mask_inputs`).
 
         Returns:
-            ``(states, mask, prediction)``: ``states`` the L+1 states H^0..H^L of the MTO stack (the first of
-            `mto_stacks`), each ``[B, N, D]`` float32, patch tokens only, in patch (raster) order; ``mask`` ``[B, N]``
+            ``(states, mask, prediction)``: ``states`` per MTO stack (every one of `mto_stacks`), its L+1 states
+            H^0..H^L, each ``[B, N, D]`` float32, patch tokens only, in patch (raster) order; ``mask`` ``[B, N]``
             bool, True = masked; ``prediction`` ``[B, C, H, W]`` float32, the reconstruction in the normalised space
             of ``pixel_values``.
         """
@@ -141,6 +164,16 @@ class PreTrainingMethod:
     # ---------------------------------------------------------------------------------------------------------------
     # Training
     # ---------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def mto_outputs(cls, outputs) -> dict[str, object]:
+        """Per MTO stack (`mto_stacks`, in order), the object of a forward's outputs that holds that stack's raw terms
+        (`sparsity_loss`, `singularity_loss`, `ranking_loss` and `heterogeneity` ``[B, L+1]``, as `hf_mto.mto.MTOTerms`
+        names them). With one stack the outputs hold them as fields; with several, each stack's are in the output
+        field ``<stack>_mto``."""
+        if len(cls.mto_stacks) == 1:
+            return {cls.mto_stacks[0]: outputs}
+        return {stack: getattr(outputs, f"{stack}_mto") for stack in cls.mto_stacks}
 
     @classmethod
     def on_step_end(cls, model: PreTrainedModel, progress: float) -> None:

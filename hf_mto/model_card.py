@@ -33,7 +33,7 @@ from typing import Any
 import jinja2
 from huggingface_hub import ModelCard, ModelCardData
 
-from .log_keys import HETEROGENEITY_PREFIX
+from .log_keys import HETEROGENEITY_KEY, mto_log_prefix
 from .log_keys import MTO_TERMS as TRAINER_MTO_TERMS
 from .masking import square_side
 from .methods import method_for
@@ -122,10 +122,10 @@ def _is_eval(entry: Mapping) -> bool:
     return any(key.startswith("eval_") for key in entry)
 
 
-def _heterogeneity(entry: Mapping | None, prefix: str = "") -> dict[int, float]:
+def _heterogeneity(entry: Mapping | None, prefix: str) -> dict[int, float]:
     if not entry:
         return {}
-    start = prefix + HETEROGENEITY_PREFIX
+    start = prefix + HETEROGENEITY_KEY
     return {int(key[len(start) :]): value for key, value in entry.items() if key.startswith(start)}
 
 
@@ -150,13 +150,15 @@ def _curve(train_logs: list[Mapping], eval_logs: list[Mapping]) -> list[dict]:
     ]
 
 
-def summarise_log_history(log_history: Sequence[Mapping]) -> dict:
-    """The card's results from a Trainer's `state.log_history`.
+def summarise_log_history(log_history: Sequence[Mapping], mto_stacks: Sequence[str] = ()) -> dict:
+    """The card's results from a Trainer's `state.log_history`, for a model whose method has ``mto_stacks`` (their
+    metrics are logged under `hf_mto.log_keys.mto_log_prefix`: ``mto/`` for one stack, ``mto/<stack>/`` for each of
+    several).
 
     Returns a dict with `final` (the last training log: step, epoch, values), `evaluation` (the last evaluation: step,
     epoch and every `eval_*` metric except timings, or None), `losses` (rows: label, train and eval values of the
-    total loss, the reconstruction loss and each MTO term), `heterogeneity` (rows: layer, train and eval value of
-    `mto/heterogeneity/layer_<l>`), `evolved` (last `evolved/depth` and `evolved/tree_height`, or None) and `curve`
+    total loss, the reconstruction loss and each MTO term of each stack), `heterogeneity` (rows: layer (with its
+    stack when there are several), train and eval value of `mto/heterogeneity/layer_<l>`), `evolved` (last `evolved/depth` and `evolved/tree_height`, or None) and `curve`
     (at most `MAX_CURVE_ROWS` rows of step, epoch, loss, reconstruction loss and the eval loss at that step).
     """
     train_logs = [e for e in log_history if not _is_eval(e) and ("reconstruction_loss" in e or "loss" in e)]
@@ -170,21 +172,33 @@ def summarise_log_history(log_history: Sequence[Mapping]) -> dict:
     final = train_logs[-1] if train_logs else None
     last_eval = eval_logs[-1] if eval_logs else None
 
+    # log key prefix per MTO stack; rows name their stack only when there are several
+    stacks = list(mto_stacks) or [""]
+    prefixes = {(stack if len(stacks) > 1 else None): mto_log_prefix(stack, stacks) for stack in stacks}
     losses = []
     if final is not None or last_eval is not None:
         rows = [("total (weighted sum)", "loss"), ("reconstruction", "reconstruction_loss")]
-        rows += [(f"{symbol} (unweighted)", f"mto/{key}") for key, symbol, _ in MTO_TERMS]
+        for stack, prefix in prefixes.items():
+            named = f", {stack}" if stack else ""
+            rows += [(f"{symbol} (unweighted){named}", f"{prefix}{key}") for key, symbol, _ in MTO_TERMS]
         for label, key in rows:
             train = final.get(key) if final else None
             evaluation = last_eval.get(f"eval_{key}") if last_eval else None
             if train is not None or evaluation is not None:
                 losses.append({"label": label, "key": key, "train": train, "eval": evaluation})
 
-    train_h, eval_h = _heterogeneity(final), _heterogeneity(last_eval, "eval_")
-    heterogeneity = [
-        {"layer": layer, "train": train_h.get(layer), "eval": eval_h.get(layer)}
-        for layer in sorted(set(train_h) | set(eval_h))
-    ]
+    heterogeneity = []
+    for stack, prefix in prefixes.items():
+        train_h, eval_h = _heterogeneity(final, prefix), _heterogeneity(last_eval, f"eval_{prefix}")
+        heterogeneity += [
+            {
+                "layer": layer,
+                "train": train_h.get(layer),
+                "eval": eval_h.get(layer),
+                **({"stack": stack} if stack else {}),
+            }
+            for layer in sorted(set(train_h) | set(eval_h))
+        ]
 
     evaluation = None
     if last_eval is not None:
@@ -483,7 +497,7 @@ def model_card_context(
     mto = _mto_info(config, args, model)
     masking = _masking_info(config, args, model)
     data = _data_info(data_args, dataset, dataset_args, train_size, eval_size)
-    results = summarise_log_history(state.log_history if state is not None else [])
+    results = summarise_log_history(state.log_history if state is not None else [], model["mto_stacks"])
 
     if isinstance(tags, str):
         tags = [tags]
@@ -567,9 +581,11 @@ class ModelCardMixin:
     card rendered from hf_mto's template beside the weights, and `create_model_card` (which `push_to_hub` calls)
     writes it in place of the Trainer's generic card."""
 
-    # Facts about the run that the Trainer cannot see, as keyword arguments of `hf_mto.model_card.model_card_context`
-    # (`data_args`, `license`, ...); the recipes set them.
-    model_card_kwargs: dict | None = None
+    def __init__(self, *args, model_card_kwargs: dict | None = None, **kwargs):
+        """``model_card_kwargs``: facts about the run that the Trainer cannot see, as keyword arguments of
+        `hf_mto.model_card.model_card_context` (`data_args`, `license`, ...)."""
+        super().__init__(*args, **kwargs)
+        self.model_card_kwargs = dict(model_card_kwargs or {})
 
     def _render_model_card(self, folder: str, **kwargs) -> str:
         model = self.accelerator.unwrap_model(self.model)
@@ -583,7 +599,7 @@ class ModelCardMixin:
         source = getattr(model, "name_or_path", "") or ""
         if source and not os.path.isdir(source):  # started from a Hub checkpoint
             defaults["base_model"] = source
-        recorded = dict(self.model_card_kwargs or {})
+        recorded = dict(self.model_card_kwargs)
         given = {key: value for key, value in kwargs.items() if value is not None}
         if "tags" in given and "tags" in recorded:  # tags add up; everything else given wins
             given["tags"] = [

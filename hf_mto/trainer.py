@@ -23,7 +23,7 @@ from transformers import Trainer, TrainerCallback, TrainerState
 from .checkpoints import ConvertedCheckpointsMixin
 from .evolved import EvolvedMasking
 from .hub import ResilientHubMixin
-from .log_keys import HETEROGENEITY_PREFIX
+from .log_keys import HETEROGENEITY_KEY, mto_log_prefix
 from .masking import MaskGenerator, square_side
 from .methods import PreTrainingMethod, method_for
 from .model_card import ModelCardMixin
@@ -69,7 +69,8 @@ class MTOTrainer(ConvertedCheckpointsMixin, ModelCardMixin, ResilientHubMixin, T
     restores on resume), and reach the model through the method's `mask_inputs` (MAE: `noise`, SimMIM:
     `bool_masked_pos`). A batch that already carries the method's `mask_input_name` is left alone. A masking the
     model draws by itself (its `own_masking`: MAE's `random`) is left to it, exactly as upstream. After every
-    optimizer step the method's `on_step_end` runs.
+    optimizer step the method's `on_step_end` runs. With several MTO stacks (`mto_outputs`), each stack's terms
+    are weighted alike, summed into the loss and logged under ``mto/<stack>/``.
     """
 
     args: MTOTrainingArguments
@@ -142,18 +143,22 @@ class MTOTrainer(ConvertedCheckpointsMixin, ModelCardMixin, ResilientHubMixin, T
         return {**inputs, **self.method.mask_inputs(self.accelerator.unwrap_model(model), mask)}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**self._with_masks(model, inputs), use_mto=self.args.use_mto)
+        inputs = self.method.prepare_inputs(self.accelerator.unwrap_model(model), self._with_masks(model, inputs))
+        outputs = model(**inputs, use_mto=self.args.use_mto)
         loss = outputs.loss
         components = {"reconstruction_loss": outputs.loss}
         if self.args.use_mto:
-            for name, weight in self.args.mto_weights().items():
-                term = getattr(outputs, name)
-                components[f"mto/{name}"] = term
-                if weight > 0:
-                    loss = loss + weight * term
-            # Per image in the outputs; logged as the batch mean over the images where it is defined.
-            for layer, value in enumerate(mean_heterogeneity(outputs.heterogeneity, outputs.mask)):
-                components[f"{HETEROGENEITY_PREFIX}{layer}"] = value
+            stacks = self.method.mto_outputs(outputs)  # each MTO stack's terms, weighted alike and summed
+            for stack, terms in stacks.items():
+                prefix = mto_log_prefix(stack, list(stacks))
+                for name, weight in self.args.mto_weights().items():
+                    term = getattr(terms, name)
+                    components[f"{prefix}{name}"] = term
+                    if weight > 0:
+                        loss = loss + weight * term
+                # Per image in the outputs; logged as the batch mean over the images where it is defined.
+                for layer, value in enumerate(mean_heterogeneity(terms.heterogeneity, outputs.mask)):
+                    components[f"{prefix}{HETEROGENEITY_KEY}{layer}"] = value
         self._record(components)
         return (loss, outputs) if return_outputs else loss
 
@@ -178,7 +183,7 @@ class MTOTrainer(ConvertedCheckpointsMixin, ModelCardMixin, ResilientHubMixin, T
             return
         # The loss components first: a term that is non-finite on its own is the culprit; heterogeneity diagnostics
         # follow whatever the states did.
-        bad.sort(key=lambda k: (k.startswith("mto/heterogeneity/"), k))
+        bad.sort(key=lambda k: (HETEROGENEITY_KEY in k, k))
         logger.warning(
             "%s step %d: non-finite %s since the last log (%s). Checkpoints saved so far are intact. With fp16 a "
             "transient overflow skips the step; if it persists, lower the weight of that term (mto_*_weight), use "

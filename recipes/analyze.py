@@ -3,7 +3,8 @@
 Writes to --output_dir:
   - heterogeneity.json / heterogeneity.png: H^0..H^L of the MTO stack (MAE: decoder, SimMIM: encoder), averaged over
     the validation images with seeded masks (the paper's Table 1 and Fig. 1 a); the table is printed too;
-  - affinity.png: for one image, each layer's token-token affinity with masked tokens first (Fig. 2);
+  - affinity.json / affinity.png: for one image, each layer's token-token affinity with masked tokens first (Fig. 2);
+  - a method with several MTO stacks gets both per stack, named `heterogeneity_<stack>.json` and so on;
   - reconstructions.png: original / masked / reconstruction / reconstruction + visible for a few images.
 
     python recipes/analyze.py --checkpoint outputs/vit-mae-mto-tiny --output_dir outputs/analysis \
@@ -28,6 +29,7 @@ from transformers import AutoImageProcessor
 from hf_mto.analysis import (
     analyze_affinity,
     analyze_heterogeneity,
+    check_model,
     draw_mask_inputs,
     load_checkpoint,
     plot_heterogeneity,
@@ -86,26 +88,31 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     masks = dict(masking=args.masking, mask_patch_size=args.mask_patch_size)
 
-    result = analyze_heterogeneity(model, dataset, batch_size=args.batch_size, seed=args.seed, **masks)
-    result.extra["checkpoint"] = args.checkpoint
-    result.save_json(out / "heterogeneity.json")
-    plot_heterogeneity(result, out / "heterogeneity.png")
-    print(result.table())
-
     image = dataset[args.affinity_image]["pixel_values"]
     if image is None:
         raise ValueError(f"--affinity_image {args.affinity_image} is unreadable (see the warning above); pick another")
-    affinity = analyze_affinity(
-        model,
-        image,
-        out / "affinity.png",
-        seed=args.seed,
-        layers=args.affinity_layers,
-        image_mean=mean,
-        image_std=std,
-        **masks,
-    )
-    (out / "affinity.json").write_text(json.dumps({"image": args.affinity_image, **affinity}) + "\n")
+    stacks = check_model(model).mto_stacks
+    for stack in stacks:
+        suffix = "" if len(stacks) == 1 else f"_{stack}"
+        result = analyze_heterogeneity(
+            model, dataset, batch_size=args.batch_size, seed=args.seed, stack=stack, **masks
+        )
+        result.extra["checkpoint"] = args.checkpoint
+        result.save_json(out / f"heterogeneity{suffix}.json")
+        plot_heterogeneity(result, out / f"heterogeneity{suffix}.png")
+        print(result.table())
+        affinity = analyze_affinity(
+            model,
+            image,
+            out / f"affinity{suffix}.png",
+            seed=args.seed,
+            layers=args.affinity_layers,
+            image_mean=mean,
+            image_std=std,
+            stack=stack,
+            **masks,
+        )
+        (out / f"affinity{suffix}.json").write_text(json.dumps({"image": args.affinity_image, **affinity}) + "\n")
 
     if args.num_reconstructions:
         count = min(args.num_reconstructions, len(dataset))

@@ -29,11 +29,11 @@ from hf_mto.data import (
     apply_transform,
     build_eval_transform,
     build_image_processor,
-    build_pretraining_transform,
     load_datasets,
     skipped_images,
 )
 from hf_mto.evaluation import EncoderEvalArguments, EncoderEvalCallback, labelled_eval_splits
+from hf_mto.methods import method_for
 from hf_mto.run import evaluate, finish, setup_run, train
 from hf_mto.trainer import MTOTrainer
 from hf_mto.training_args import MTOTrainingArguments
@@ -71,9 +71,11 @@ def main(argv=None):
     ) as error:  # wrong name, column or folder, or offline: the message says what to do
         raise SystemExit(f"pretrain.py: {error}") from None
     size = image_processor.size["height"]
-    train_dataset = apply_transform(
-        datasets["train"], build_pretraining_transform(size, image_processor.image_mean, image_processor.image_std)
+    # the method's augmentation: one view per forward argument it needs (MAE and SimMIM: pixel_values)
+    train_transform = method_for(config).pretraining_transform(
+        size, image_processor.image_mean, image_processor.image_std
     )
+    train_dataset = apply_transform(datasets["train"], train_transform)
     eval_transform = build_eval_transform(size, image_processor.image_mean, image_processor.image_std)
     eval_dataset = apply_transform(datasets["validation"], eval_transform)
 
@@ -84,9 +86,8 @@ def main(argv=None):
         eval_dataset=eval_dataset if training_args.do_eval else None,
         processing_class=image_processor,
         data_collator=PixelCollator(),
+        model_card_kwargs={"data_args": data_args},  # the card in every checkpoint (and on the Hub) names the data
     )
-    # The model card written into every checkpoint (and pushed with --push_to_hub) names the data.
-    trainer.model_card_kwargs = {"data_args": data_args}
     if trainer.is_fsdp_enabled and (training_args.reconstruction_images > 0 or eval_args.encoder_eval):
         # Both run the model's submodules outside FSDP's forward, where the parameters are sharded.
         logger.warning("FSDP: reconstruction pictures and --encoder_eval are off (they need unsharded weights)")

@@ -90,3 +90,76 @@ def dummy_method(monkeypatch):
 
     monkeypatch.setattr(methods, "_METHODS", dict(methods._METHODS))  # the registry as it was, after the test
     return methods.register_method(DummyMethod)
+
+
+@pytest.fixture
+def two_view_method(monkeypatch):
+    """A method registered for one test only, with what the coming methods need and MAE and SimMIM do not: two MTO
+    stacks (as BootMAE's two decoders), a second augmented view of every image (as ConMIM's) and a target computed in
+    the step outside the model (as BEiT's tokenizer codes, by `prepare_inputs`).
+
+    Its model runs SimMIM on each view with the same mask and returns the first view's MTO terms as the stack
+    ``"first"`` and the second view's as ``"second"``; its loss is the mean of the two reconstruction losses plus the
+    ``target`` that `prepare_inputs` adds (``pixel_values.mean()``). The second view is the image flipped upside
+    down. `inputs` records the forward arguments of every two-view call."""
+    from dataclasses import dataclass
+
+    import torchvision.transforms.v2.functional as F
+
+    from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling, SimMIMMTOMethod, methods
+    from hf_mto.data import build_eval_transform
+    from hf_mto.models.simmim_mto.modeling_simmim_mto import SimMIMMTOOutput
+
+    class TwoViewConfig(SimMIMMTOConfig):
+        model_type = "two_view_mim"
+
+    @dataclass
+    class TwoViewOutput(SimMIMMTOOutput):
+        first_mto: SimMIMMTOOutput | None = None
+        second_mto: SimMIMMTOOutput | None = None
+
+    class TwoViewModel(SimMIMMTOForMaskedImageModeling):
+        config_class = TwoViewConfig
+
+        def forward(self, pixel_values, second_pixel_values=None, target=None, bool_masked_pos=None, **kwargs):
+            if second_pixel_values is None:  # one view: SimMIM's forward (the analysis pass calls it)
+                return super().forward(pixel_values, bool_masked_pos=bool_masked_pos, **kwargs)
+            use_mto = kwargs.get("use_mto")
+            TwoViewMethod.inputs.append(
+                {"pixel_values": pixel_values, "second_pixel_values": second_pixel_values, "target": target}
+            )
+            first = super().forward(pixel_values, bool_masked_pos=bool_masked_pos, use_mto=use_mto)
+            second = super().forward(second_pixel_values, bool_masked_pos=bool_masked_pos, use_mto=use_mto)
+            return TwoViewOutput(
+                loss=(first.loss + second.loss) / 2 + target,
+                reconstruction=first.reconstruction,
+                mask=first.mask,
+                first_mto=first,
+                second_mto=second,
+            )
+
+    class TwoViewMethod(SimMIMMTOMethod):
+        name = "TwoView"
+        config_class = TwoViewConfig
+        model_class = TwoViewModel
+        extends = ()
+        mto_stacks = ("first", "second")
+        inputs = []
+
+        @classmethod
+        def pretraining_transform(cls, image_size, image_mean, image_std):
+            view = build_eval_transform(image_size, image_mean, image_std, crop_pct=1.0)
+            return lambda image: {"pixel_values": view(image), "second_pixel_values": F.vertical_flip(view(image))}
+
+        @classmethod
+        def prepare_inputs(cls, model, inputs):
+            return {**inputs, "target": inputs["pixel_values"].mean()}
+
+        @classmethod
+        def analysis_pass(cls, model, pixel_values, mask_inputs):
+            states, mask, prediction = super().analysis_pass(model, pixel_values, mask_inputs)
+            flipped, _, _ = super().analysis_pass(model, pixel_values.flip(-2), mask_inputs)
+            return {"first": states["encoder"], "second": flipped["encoder"]}, mask, prediction
+
+    monkeypatch.setattr(methods, "_METHODS", dict(methods._METHODS))  # the registry as it was, after the test
+    return methods.register_method(TwoViewMethod)

@@ -79,7 +79,7 @@ def test_layer_entropies_hand_computed():
         return -sum(math.exp(v) / z * (v - math.log(z)) for v in logits)
 
     expected_visible = (entropy([0, a, 1, -1]) + entropy([0, -a, -1, 1])) / 2
-    assert entropies["visible_entropy"][0, 0].item() == pytest.approx(expected_visible, abs=1e-6)
+    assert entropies["sparsity_loss"][0, 0].item() == pytest.approx(expected_visible, abs=1e-6)
     # layer "1" (the states doubled) is checked against the library's own Eq. 2
     assert entropies["heterogeneity"][1].tolist() == pytest.approx(heterogeneity(2 * hidden, mask, "dot").tolist())
     assert entropies["heterogeneity"].shape == (2, 1)
@@ -92,12 +92,12 @@ def test_mae_heterogeneity_equals_the_models_own_terms():
     _, pixels = images_01()
     noise = torch.rand(4, 64, generator=torch.Generator().manual_seed(3))
     model_pass = run_model(model, pixels, {"noise": noise})
-    assert len(model_pass.states) == 3 and model_pass.states[0].shape == (4, 64, 32)
-    entropies = layer_entropies(model_pass.states, model_pass.mask)
+    assert len(model_pass.states["decoder"]) == 3 and model_pass.states["decoder"][0].shape == (4, 64, 32)
+    entropies = layer_entropies(model_pass.states["decoder"], model_pass.mask)
     expected = model(pixels, noise=noise, use_mto=True).heterogeneity  # [B, L+1]
     torch.testing.assert_close(entropies["heterogeneity"].T, expected, rtol=1e-5, atol=1e-6)
     expected = expected.mean(dim=0)
-    for layer, state in enumerate(model_pass.states):
+    for layer, state in enumerate(model_pass.states["decoder"]):
         per_image = heterogeneity(state, model_pass.mask)
         assert entropies["heterogeneity"][layer].tolist() == pytest.approx(per_image.tolist(), rel=1e-6)
     assert torch.equal(model_pass.mask, model(pixels, noise=noise).mask.bool())
@@ -122,9 +122,9 @@ def test_mae_states_come_in_patch_order():
     expected = model.decoder.mask_token[0, 0] + model.decoder.decoder_pos_embed[0, 1:]  # [64, D]
     for b in range(2):
         masked = model_pass.mask[b].nonzero().squeeze(1)
-        assert torch.allclose(model_pass.states[0][b, masked], expected[masked], atol=1e-6)
+        assert torch.allclose(model_pass.states["decoder"][0][b, masked], expected[masked], atol=1e-6)
         visible = (~model_pass.mask[b]).nonzero().squeeze(1)
-        assert not torch.allclose(model_pass.states[0][b, visible], expected[visible], atol=1e-3)
+        assert not torch.allclose(model_pass.states["decoder"][0][b, visible], expected[visible], atol=1e-3)
 
 
 def test_analysis_works_with_mto_off_in_the_config():
@@ -144,7 +144,7 @@ def test_simmim_heterogeneity_equals_the_models_own_terms():
     mask = mask_inputs["bool_masked_pos"]
     assert mask.shape == (3, 64) and (mask.sum(dim=1) == 4 * round(0.6 * 16)).all()  # 8 px squares of 2x2 patches
     model_pass = run_model(model, pixels, mask_inputs)
-    entropies = layer_entropies(model_pass.states, model_pass.mask)
+    entropies = layer_entropies(model_pass.states["encoder"], model_pass.mask)
     expected = model(pixels, bool_masked_pos=mask, use_mto=True).heterogeneity  # [B, L+1]
     torch.testing.assert_close(entropies["heterogeneity"].T, expected, rtol=1e-5, atol=1e-6)
     expected = expected.mean(dim=0)
@@ -160,7 +160,7 @@ def test_json_table_and_plot(tmp_path):
     result = analyze_heterogeneity(model, dataset, batch_size=2)
     assert result.heterogeneity == pytest.approx(analyze_heterogeneity(model, pixels, batch_size=2).heterogeneity)
     saved = json.loads(result.save_json(tmp_path / "h.json").read_text())
-    assert len(saved["heterogeneity"]) == len(saved["visible_entropy"]) == TINY_MAE["decoder_num_hidden_layers"] + 1
+    assert len(saved["heterogeneity"]) == len(saved["sparsity_loss"]) == TINY_MAE["decoder_num_hidden_layers"] + 1
     assert saved["num_images"] == 5 and saved["model_type"] == "vit_mae_mto"
     table = result.table()
     assert table.count("\n") >= 6 and f"{result.heterogeneity[2]:.4f}" in table
@@ -231,7 +231,7 @@ def test_analyze_affinity_writes_a_panel_per_layer(tmp_path):
 def test_bad_layer_and_image_indices_are_clear_errors(tmp_path):
     model = tiny_mae()
     _, pixels = images_01(2)
-    states = run_model(model, pixels, {"noise": torch.rand(2, 64)}).states
+    states = run_model(model, pixels, {"noise": torch.rand(2, 64)}).states["decoder"]
     mask = torch.zeros(2, 64, dtype=torch.bool)
     with pytest.raises(ValueError, match=r"layers \[3\].*\[0, 2\]"):
         affinity_maps(states, mask, layers=[3])

@@ -58,11 +58,15 @@ def make_args(tmp_path, **overrides):
     return MTOTrainingArguments(**{**kwargs, **overrides})
 
 
-def make_trainer(tmp_path, **overrides):
+def make_trainer(tmp_path, model_card_kwargs=None, **overrides):
     torch.manual_seed(0)
     model = ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**TINY_MAE))
     return MTOTrainer(
-        model=model, args=make_args(tmp_path, **overrides), train_dataset=RandomImages(), eval_dataset=RandomImages(16)
+        model=model,
+        args=make_args(tmp_path, **overrides),
+        train_dataset=RandomImages(),
+        eval_dataset=RandomImages(16),
+        model_card_kwargs=model_card_kwargs,
     )
 
 
@@ -87,8 +91,7 @@ def check_card_matches_log(card: str, log_history: list[dict]):
 def trained(tmp_path_factory):
     """4 steps of MAE + MTO, logging, evaluating and saving every 2 steps, then `save_model`."""
     tmp_path = tmp_path_factory.mktemp("card")
-    trainer = make_trainer(tmp_path)
-    trainer.model_card_kwargs = {"data_args": DataArguments(max_train_samples=32)}
+    trainer = make_trainer(tmp_path, model_card_kwargs={"data_args": DataArguments(max_train_samples=32)})
     trainer.train()
     trainer.save_model()
     return trainer

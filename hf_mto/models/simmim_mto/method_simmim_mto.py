@@ -33,4 +33,4 @@ class SimMIMMTOMethod(PreTrainingMethod):
         `PreTrainingMethod.analysis_pass`."""
         outputs = model(pixel_values, use_mto=False, output_hidden_states=True, **mask_inputs)
         states = [state[:, 1:].float() for state in outputs.hidden_states]
-        return states, outputs.mask.bool(), outputs.reconstruction.float()
+        return {"encoder": states}, outputs.mask.bool(), outputs.reconstruction.float()

@@ -83,4 +83,4 @@ class ViTMAEMTOMethod(PreTrainingMethod):
         decoded = model.decoder(encoded.last_hidden_state, encoded.ids_restore, output_hidden_states=True)
         index = encoded.ids_restore.unsqueeze(-1).expand(-1, -1, decoded.hidden_states[0].shape[-1])
         states = [torch.gather(state[:, 1:].float(), 1, index) for state in decoded.hidden_states]
-        return states, encoded.mask.bool(), cls.prediction_to_pixels(model, pixel_values, decoded.logits)
+        return {"decoder": states}, encoded.mask.bool(), cls.prediction_to_pixels(model, pixel_values, decoded.logits)
