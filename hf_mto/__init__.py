@@ -1,19 +1,12 @@
 """hf_mto: Masked Token Optimization and Evolved Hierarchical Masking for ViT pre-training on the HF stack.
 
-Importing the package registers its configs and models with transformers' Auto classes, so
+Importing the package registers each pre-training method (`hf_mto.methods.register_method`, from the method's
+declaration in its model folder) and so its configs and models with transformers' Auto classes:
 `AutoModelForPreTraining.from_pretrained(path)` works on our checkpoints without `trust_remote_code`, and `AutoModel`
-gives the encoder of either pre-training model.
+gives the encoder of each pre-training model.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoImageProcessor,
-    AutoModel,
-    AutoModelForImageClassification,
-    AutoModelForMaskedImageModeling,
-    AutoModelForPreTraining,
-    ViTImageProcessor,
-)
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, ViTImageProcessor
 
 from .models.simmim_mto import (
     SimMIMMTOConfig,
@@ -37,29 +30,13 @@ __version__ = "0.1.0"
 
 
 def _register() -> None:
-    AutoConfig.register(ViTMAEMTOConfig.model_type, ViTMAEMTOConfig, exist_ok=True)
-    AutoModelForPreTraining.register(ViTMAEMTOConfig, ViTMAEMTOForPreTraining, exist_ok=True)
-    # `save_pretrained` then writes `auto_map` and copies the model files beside the weights, so the checkpoint
-    # also loads with `trust_remote_code=True` where hf_mto is not installed.
-    ViTMAEMTOConfig.register_for_auto_class("AutoConfig")
-    ViTMAEMTOForPreTraining.register_for_auto_class("AutoModelForPreTraining")
-    AutoModel.register(ViTMAEMTOConfig, ViTMAEMTOModel, exist_ok=True)
-    ViTMAEMTOModel.register_for_auto_class("AutoModel")
-    AutoConfig.register(SimMIMMTOConfig.model_type, SimMIMMTOConfig, exist_ok=True)
-    AutoModelForMaskedImageModeling.register(SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling, exist_ok=True)
-    SimMIMMTOConfig.register_for_auto_class("AutoConfig")
-    SimMIMMTOForMaskedImageModeling.register_for_auto_class("AutoModelForMaskedImageModeling")
-    AutoModel.register(SimMIMMTOConfig, SimMIMMTOModel, exist_ok=True)
-    SimMIMMTOModel.register_for_auto_class("AutoModel")
-    # Both are plain ViTs to their inputs: scripts that look up an image processor by model type (run_mim.py,
-    # run_image_classification.py) get the stock ViT one.
-    # The fine-tuning classifier with global average pooling (recipes/finetune.py --global_pool).
+    # The pre-training methods register their Auto classes with their declarations (imported above); the fine-tuning
+    # classifier with global average pooling (recipes/finetune.py --global_pool) is registered here.
     AutoConfig.register(ViTGAPConfig.model_type, ViTGAPConfig, exist_ok=True)
     AutoModelForImageClassification.register(ViTGAPConfig, ViTGAPForImageClassification, exist_ok=True)
     ViTGAPConfig.register_for_auto_class("AutoConfig")
     ViTGAPForImageClassification.register_for_auto_class("AutoModelForImageClassification")
-    for config_class in (ViTMAEMTOConfig, SimMIMMTOConfig, ViTGAPConfig):
-        AutoImageProcessor.register(config_class, slow_image_processor_class=ViTImageProcessor, exist_ok=True)
+    AutoImageProcessor.register(ViTGAPConfig, slow_image_processor_class=ViTImageProcessor, exist_ok=True)
 
 
 _register()

@@ -20,7 +20,8 @@ from collections.abc import Callable
 from typing import ClassVar
 
 import torch
-from transformers import PretrainedConfig, PreTrainedModel
+import transformers
+from transformers import AutoConfig, AutoImageProcessor, PretrainedConfig, PreTrainedModel, ViTImageProcessor
 
 from .data import build_pretraining_transform
 
@@ -34,6 +35,7 @@ class PreTrainingMethod:
         name: the method as papers and model cards name it ("MAE", "SimMIM").
         config_class / model_class: ours; `model_class.config_class.model_type` keys the registry.
         auto_class_name: the transformers Auto class that loads the model ("AutoModelForPreTraining").
+        base_model_class: ours, the encoder `AutoModel` gives for the method's checkpoints.
         extends: the upstream classes the model extends; checkpoints and models of those (their configs' model
             types) are handled as this method, on their own weights.
         encoder_classes: the classes of the encoder (`encoder(model)`), ours and upstream's: an encoder alone is
@@ -52,6 +54,7 @@ class PreTrainingMethod:
     config_class: ClassVar[type[PretrainedConfig]]
     model_class: ClassVar[type[PreTrainedModel]]
     auto_class_name: ClassVar[str]
+    base_model_class: ClassVar[type[PreTrainedModel]]
     extends: ClassVar[tuple[type[PreTrainedModel], ...]] = ()
     encoder_classes: ClassVar[tuple[type[PreTrainedModel], ...]] = ()
     mask_input_name: ClassVar[str]
@@ -182,9 +185,24 @@ class PreTrainingMethod:
 
 
 def register_method(method: type[PreTrainingMethod]) -> type[PreTrainingMethod]:
-    """Make ``method`` known to generic code (its model type and those of the upstream classes it extends)."""
+    """Make ``method`` known to generic code (its model type and those of the upstream classes it extends) and its
+    classes to transformers' Auto classes: `AutoConfig`, its `auto_class_name` (the pre-training model) and
+    `AutoModel` (the encoder) load its checkpoints where hf_mto is imported, and `save_pretrained` writes `auto_map`
+    and copies the model files beside the weights, so they also load with `trust_remote_code=True` where it is
+    not installed. The image processor is the stock ViT one (scripts that look it up by model type, such as
+    transformers' run_mim.py, find it)."""
     for model_type in (method.model_type(), *(upstream.config_class.model_type for upstream in method.extends)):
         _METHODS[model_type] = method
+    config_class = method.config_class
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    config_class.register_for_auto_class("AutoConfig")
+    for auto_class_name, model_class in (
+        (method.auto_class_name, method.model_class),
+        ("AutoModel", method.base_model_class),
+    ):
+        getattr(transformers, auto_class_name).register(config_class, model_class, exist_ok=True)
+        model_class.register_for_auto_class(auto_class_name)
+    AutoImageProcessor.register(config_class, slow_image_processor_class=ViTImageProcessor, exist_ok=True)
     return method
 
 

@@ -62,7 +62,7 @@ def dummy_method(monkeypatch):
     (name, default masking `beit_block`) and hooks that record their calls (`steps`: (model, progress) per
     `on_step_end`, `masks`: each mask given to `mask_inputs`). Generic code that follows the declarations, not the
     model's class, treats its model differently from SimMIM's."""
-    from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling, SimMIMMTOMethod, methods
+    from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling, SimMIMMTOMethod, SimMIMMTOModel, methods
 
     class DummyConfig(SimMIMMTOConfig):
         model_type = "dummy_mim"
@@ -70,10 +70,14 @@ def dummy_method(monkeypatch):
     class DummyModel(SimMIMMTOForMaskedImageModeling):
         config_class = DummyConfig
 
+    class DummyEncoder(SimMIMMTOModel):
+        config_class = DummyConfig
+
     class DummyMethod(SimMIMMTOMethod):
         name = "DummyMIM"
         config_class = DummyConfig
         model_class = DummyModel
+        base_model_class = DummyEncoder
         extends = ()
         default_masking = "beit_block"
         steps = []
@@ -106,7 +110,7 @@ def two_view_method(monkeypatch):
 
     import torchvision.transforms.v2.functional as F
 
-    from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling, SimMIMMTOMethod, methods
+    from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling, SimMIMMTOMethod, SimMIMMTOModel, methods
     from hf_mto.data import build_eval_transform
     from hf_mto.models.simmim_mto.modeling_simmim_mto import SimMIMMTOOutput
 
@@ -138,10 +142,14 @@ def two_view_method(monkeypatch):
                 second_mto=second,
             )
 
+    class TwoViewEncoder(SimMIMMTOModel):
+        config_class = TwoViewConfig
+
     class TwoViewMethod(SimMIMMTOMethod):
         name = "TwoView"
         config_class = TwoViewConfig
         model_class = TwoViewModel
+        base_model_class = TwoViewEncoder
         extends = ()
         mto_stacks = ("first", "second")
         inputs = []

@@ -8,7 +8,7 @@ from transformers import ViTForMaskedImageModeling, ViTModel
 
 from ...methods import PreTrainingMethod, register_method
 from .configuration_simmim_mto import SimMIMMTOConfig
-from .modeling_simmim_mto import SimMIMMTOForMaskedImageModeling
+from .modeling_simmim_mto import SimMIMMTOForMaskedImageModeling, SimMIMMTOModel
 
 
 @register_method
@@ -16,6 +16,7 @@ class SimMIMMTOMethod(PreTrainingMethod):
     name = "SimMIM"
     config_class = SimMIMMTOConfig
     model_class = SimMIMMTOForMaskedImageModeling
+    base_model_class = SimMIMMTOModel
     auto_class_name = "AutoModelForMaskedImageModeling"
     extends = (ViTForMaskedImageModeling,)
     encoder_classes = (ViTModel,)  # ours, SimMIMMTOModel, is one

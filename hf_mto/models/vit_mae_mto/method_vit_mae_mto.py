@@ -17,6 +17,7 @@ class ViTMAEMTOMethod(PreTrainingMethod):
     name = "MAE"
     config_class = ViTMAEMTOConfig
     model_class = ViTMAEMTOForPreTraining
+    base_model_class = ViTMAEMTOModel
     auto_class_name = "AutoModelForPreTraining"
     extends = (ViTMAEForPreTraining,)
     encoder_classes = (ViTMAEMTOModel, ViTMAEModel)
