@@ -6,7 +6,7 @@ declaration in its model folder) and so its configs and models with transformers
 gives the encoder of each pre-training model.
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, ViTImageProcessor
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification, ViTImageProcessor
 
 from .models.simmim_mto import (
     SimMIMMTOConfig,
@@ -17,7 +17,7 @@ from .models.simmim_mto import (
 
 # The methods' declarations for generic code (hf_mto.methods): importing them registers them.
 from .models.simmim_mto.method_simmim_mto import SimMIMMTOMethod  # noqa: E402
-from .models.vit_gap import ViTGAPConfig, ViTGAPForImageClassification
+from .models.vit_gap import ViTGAPConfig, ViTGAPForImageClassification, ViTGAPModel
 from .models.vit_mae_mto import (
     ViTMAEMTOConfig,
     ViTMAEMTOForPreTraining,
@@ -36,6 +36,8 @@ def _register() -> None:
     AutoModelForImageClassification.register(ViTGAPConfig, ViTGAPForImageClassification, exist_ok=True)
     ViTGAPConfig.register_for_auto_class("AutoConfig")
     ViTGAPForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+    AutoModel.register(ViTGAPConfig, ViTGAPModel, exist_ok=True)
+    ViTGAPModel.register_for_auto_class("AutoModel")
     AutoImageProcessor.register(ViTGAPConfig, slow_image_processor_class=ViTImageProcessor, exist_ok=True)
 
 
@@ -49,6 +51,7 @@ __all__ = [
     "SimMIMMTOOutput",
     "ViTGAPConfig",
     "ViTGAPForImageClassification",
+    "ViTGAPModel",
     "ViTMAEMTOConfig",
     "ViTMAEMTOForPreTraining",
     "ViTMAEMTOForPreTrainingOutput",

@@ -11,11 +11,28 @@ checkpoint (an `hf_mto` export, `google/vit-*`) loads into it: the checkpoint's 
 import torch
 from torch import nn
 from transformers import ViTModel
+from transformers.conversion_mapping import (
+    get_checkpoint_conversion_mapping,
+    register_checkpoint_conversion_mapping,
+)
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.models.vit.modeling_vit import ViTPreTrainedModel
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_vit_gap import ViTGAPConfig
+
+
+class ViTGAPModel(ViTModel):
+    """The encoder of [`ViTGAPForImageClassification`] (what `AutoModel` gives for its checkpoints): transformers'
+    `ViTModel` without the final norm (it moves after the pooling, `fc_norm`) and without a pooler."""
+
+    config_class = ViTGAPConfig
+
+    def __init__(self, config: ViTGAPConfig):
+        super().__init__(config, add_pooling_layer=False)
+        self.layernorm = nn.Identity()
 
 
 class ViTGAPForImageClassification(ViTPreTrainedModel):
@@ -31,8 +48,7 @@ class ViTGAPForImageClassification(ViTPreTrainedModel):
     def __init__(self, config: ViTGAPConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.vit = ViTModel(config, add_pooling_layer=False)
-        self.vit.layernorm = nn.Identity()  # the norm moves after the pooling: `fc_norm`
+        self.vit = ViTGAPModel(config)
         self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
@@ -48,7 +64,7 @@ class ViTGAPForImageClassification(ViTPreTrainedModel):
         labels: torch.Tensor | None = None,
         interpolate_pos_encoding: bool | None = None,
         attention_mask: torch.Tensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> ImageClassifierOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
@@ -68,4 +84,10 @@ class ViTGAPForImageClassification(ViTPreTrainedModel):
         )
 
 
-__all__ = ["ViTGAPForImageClassification"]
+# transformers 5 renames legacy checkpoint keys (``encoder.layer.N.attention.attention.query``, as every ViT checkpoint
+# and upstream's `save_pretrained` write them) by class name: our encoder takes upstream `ViTModel`'s renaming.
+register_checkpoint_conversion_mapping(
+    ViTGAPModel.__name__, get_checkpoint_conversion_mapping(ViTModel.__name__), overwrite=True
+)
+
+__all__ = ["ViTGAPForImageClassification", "ViTGAPModel"]

@@ -1,21 +1,78 @@
-"""ViTMAEMTOConfig / ViTMAEMTOForPreTraining: upstream equality, MTO terms, initialisation, loading, validation."""
+"""ViTMAEMTOConfig / ViTMAEMTOForPreTraining / ViTMAEMTOModel (hf_mto/models/vit_mae_mto): transformers' generic model
+tests against upstream ViTMAE, MTO on and off (`ViTMAEMTOModelTester`, see tests/conformance.py), then upstream
+equality, the MTO terms, the initialisation, loading and validation at the suite's tiny config (conftest.TINY_MAE).
+"""
 
 import math
 import textwrap
+import unittest
 
 import pytest
 import torch
-from conftest import run_without_hf_mto
-from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, ViTMAEConfig, ViTMAEForPreTraining
+from conformance import ConformanceTest, ViTModelTester
+from conftest import TINY_MAE, run_without_hf_mto
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForPreTraining,
+    ViTMAEConfig,
+    ViTMAEForPreTraining,
+    ViTMAEModel,
+)
 
 import hf_mto
-from hf_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining, mto
+from hf_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining, ViTMAEMTOModel, mto
 from hf_mto.models.vit_mae_mto import modeling_vit_mae_mto
 
 
-def make_model(seed=0, **overrides):
-    from conftest import TINY_MAE
+class ViTMAEMTOModelTester(ViTModelTester):
+    """Upstream's ViTMAE tester shape (decoder as wide and deep as the encoder), with a fixed mask: MAE keeps the
+    patches of the smallest noise, so a fixed noise is a fixed mask."""
 
+    def __init__(self, parent, config_class, **config_overrides):
+        super().__init__(parent, config_class, **config_overrides)
+        # the encoder sees the CLS token and the kept patches
+        self.seq_length = 1 + int(self.num_patches * (1 - self.mask_ratio))
+
+    def config_kwargs(self) -> dict:
+        return dict(
+            super().config_kwargs(),
+            mask_ratio=self.mask_ratio,
+            decoder_hidden_size=self.hidden_size,
+            decoder_intermediate_size=self.intermediate_size,
+            decoder_num_attention_heads=self.num_attention_heads,
+            decoder_num_hidden_layers=self.num_hidden_layers,
+        )
+
+    def prepare_config_and_inputs_for_common(self):
+        generator = torch.Generator().manual_seed(1)
+        noise = self.fixed_mask().float() + torch.rand(self.batch_size, self.num_patches, generator=generator)
+        return self.get_config(), {"pixel_values": self.pixel_values(), "noise": noise}
+
+
+class UpstreamViTMAETest(ConformanceTest, unittest.TestCase):
+    """The reference: upstream's classes under the same tests."""
+
+    all_model_classes = (ViTMAEModel, ViTMAEForPreTraining)
+    model_tester_class = ViTMAEMTOModelTester
+    config_class = ViTMAEConfig
+
+
+class ViTMAEMTOOnTest(ConformanceTest, unittest.TestCase):
+    all_model_classes = (ViTMAEMTOModel, ViTMAEMTOForPreTraining)
+    model_tester_class = ViTMAEMTOModelTester
+    config_class = ViTMAEMTOConfig
+    config_overrides = {"use_mto": True}
+
+
+class ViTMAEMTOOffTest(ConformanceTest, unittest.TestCase):
+    all_model_classes = (ViTMAEMTOModel, ViTMAEMTOForPreTraining)
+    model_tester_class = ViTMAEMTOModelTester
+    config_class = ViTMAEMTOConfig
+    config_overrides = {"use_mto": False}
+
+
+def make_model(seed=0, **overrides):
     torch.manual_seed(seed)
     return ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**{**TINY_MAE, **overrides}))
 

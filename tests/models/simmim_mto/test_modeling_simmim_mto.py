@@ -1,15 +1,88 @@
-"""SimMIMMTOConfig / SimMIMMTOForMaskedImageModeling: upstream equality, MTO terms on the encoder, init, loading."""
+"""SimMIMMTOConfig / SimMIMMTOForMaskedImageModeling / SimMIMMTOModel (hf_mto/models/simmim_mto): transformers'
+generic model tests against upstream ViTForMaskedImageModeling and ViTModel, MTO on and off (`SimMIMMTOModelTester`,
+see tests/conformance.py), then upstream equality, the MTO terms on the encoder, the initialisation and loading at the
+suite's tiny config (conftest.TINY_SIMMIM).
+"""
 
 import textwrap
+import unittest
 
 import pytest
 import torch
+from conformance import ConformanceTest, ViTModelTester
 from conftest import TINY_SIMMIM, run_without_hf_mto
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedImageModeling, ViTConfig, ViTForMaskedImageModeling
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForMaskedImageModeling,
+    ViTConfig,
+    ViTForMaskedImageModeling,
+    ViTModel,
+)
 
 from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling, SimMIMMTOModel, mto
 from hf_mto.masking import simmim_block_mask
 from hf_mto.models.simmim_mto import modeling_simmim_mto
+
+
+class SimMIMMTOModelTester(ViTModelTester):
+    """Upstream's ViT tester shape with SimMIM's one-patch head (`encoder_stride` = `patch_size`) and a fixed
+    `bool_masked_pos`."""
+
+    seq_length = 1 + (ViTModelTester.image_size // ViTModelTester.patch_size) ** 2
+
+    def config_kwargs(self) -> dict:
+        return dict(super().config_kwargs(), encoder_stride=self.patch_size)
+
+    def prepare_config_and_inputs_for_common(self):
+        return self.get_config(), {"pixel_values": self.pixel_values(), "bool_masked_pos": self.fixed_mask()}
+
+
+class SimMIMMTOEncoderTester(SimMIMMTOModelTester):
+    """SimMIM's encoder alone: built without a mask token (as upstream's `ViTModel(config)`), it takes no mask."""
+
+    def prepare_config_and_inputs_for_common(self):
+        config, inputs = super().prepare_config_and_inputs_for_common()
+        del inputs["bool_masked_pos"]
+        return config, inputs
+
+
+class UpstreamViTSimMIMTest(ConformanceTest, unittest.TestCase):
+    """The reference: upstream's class under the same tests."""
+
+    all_model_classes = (ViTForMaskedImageModeling,)
+    model_tester_class = SimMIMMTOModelTester
+    config_class = ViTConfig
+
+
+class SimMIMMTOOnTest(ConformanceTest, unittest.TestCase):
+    all_model_classes = (SimMIMMTOForMaskedImageModeling,)
+    model_tester_class = SimMIMMTOModelTester
+    config_class = SimMIMMTOConfig
+    config_overrides = {"use_mto": True}
+
+
+class SimMIMMTOOffTest(ConformanceTest, unittest.TestCase):
+    all_model_classes = (SimMIMMTOForMaskedImageModeling,)
+    model_tester_class = SimMIMMTOModelTester
+    config_class = SimMIMMTOConfig
+    config_overrides = {"use_mto": False}
+
+
+class UpstreamViTEncoderTest(ConformanceTest, unittest.TestCase):
+    """The reference for the encoder: upstream's `ViTModel`."""
+
+    all_model_classes = (ViTModel,)
+    model_tester_class = SimMIMMTOEncoderTester
+    config_class = ViTConfig
+
+
+class SimMIMMTOEncoderTest(ConformanceTest, unittest.TestCase):
+    """`SimMIMMTOModel`, the encoder `AutoModel` gives for a SimMIM+MTO checkpoint (it computes no MTO term)."""
+
+    all_model_classes = (SimMIMMTOModel,)
+    model_tester_class = SimMIMMTOEncoderTester
+    config_class = SimMIMMTOConfig
 
 
 def make_model(seed=0, **overrides):
