@@ -444,9 +444,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-# Kept under the old private name for code that used it.
-_to_rgb = to_rgb
-
 # Decoding follows datasets' own `Image.decode_example` (local path, bytes or remote file; `load()`; EXIF rotation).
 _DECODER = datasets.Image()
 
