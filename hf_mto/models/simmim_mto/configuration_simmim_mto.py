@@ -10,7 +10,7 @@ from .mto import MTOConfigMixin, document_mto_fields
 
 @strict
 @document_mto_fields
-class SimMIMMTOConfig(ViTConfig, MTOConfigMixin):
+class SimMIMMTOConfig(MTOConfigMixin, ViTConfig):
     r"""
     Configuration of [`SimMIMMTOForMaskedImageModeling`]: every field of [`~transformers.ViTConfig`] plus the masking
     ratio and the MTO fields. The MTO loss *weights* are training arguments (`MTOTrainingArguments`).

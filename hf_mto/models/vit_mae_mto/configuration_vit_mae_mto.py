@@ -10,7 +10,7 @@ from .mto import MTOConfigMixin, document_mto_fields
 
 @strict
 @document_mto_fields
-class ViTMAEMTOConfig(ViTMAEConfig, MTOConfigMixin):
+class ViTMAEMTOConfig(MTOConfigMixin, ViTMAEConfig):
     r"""
     Configuration of [`ViTMAEMTOForPreTraining`]: every field of [`~transformers.ViTMAEConfig`] plus the MTO fields
     below. The MTO loss *weights* are training arguments (`MTOTrainingArguments`), not model configuration: the

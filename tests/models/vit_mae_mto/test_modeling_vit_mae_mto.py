@@ -11,6 +11,7 @@ import pytest
 import torch
 from conformance import ConformanceTest, ViTModelTester
 from conftest import TINY_MAE, run_without_hf_mto
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -238,6 +239,21 @@ def test_noise_of_wrong_shape_is_rejected():
 def test_bad_config_values_raise_value_error_naming_the_value(tiny_mae_kwargs, overrides, message):
     with pytest.raises(ValueError, match=message):
         ViTMAEMTOConfig(**{**tiny_mae_kwargs, **overrides})
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"use_mto": "yes"}, "use_mto"),
+        ({"mto_eps": "x"}, "mto_eps"),
+        ({"mto_spa_layers": "0"}, "mto_spa_layers"),
+        ({"mto_temperature": None}, "mto_temperature"),
+    ],
+)
+def test_mto_fields_of_the_wrong_type_are_rejected_naming_the_field(overrides, field):
+    # the MTO fields are typed once (MTOConfigMixin) and checked by the configs' strict dataclass validation
+    with pytest.raises(StrictDataclassFieldValidationError, match=f"field '{field}'"):
+        ViTMAEMTOConfig(**{**TINY_MAE, **overrides})
 
 
 def test_import_registers_auto_classes():
