@@ -626,6 +626,8 @@ class _PixelValuesTransform:
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         views = [None if image is None else self.transform(image) for image in map(decode_image, batch["image"])]
         names = next((list(view) for view in views if isinstance(view, dict)), ["pixel_values"])
+        if "pixel_values" not in names:  # the collator tells unreadable images by it
+            raise ValueError(f"a transform's dict of views must hold 'pixel_values'; it holds {names}")
         # an unreadable image is None in every column (`pixel_values` included, which the collator looks at)
         out = {
             name: [view if view is None or not isinstance(view, dict) else view[name] for view in views]
@@ -673,6 +675,9 @@ def apply_transform(
     return dataset
 
 
+_LABELS = ("label", "labels")
+
+
 @dataclass
 class PixelCollator:
     """Stack examples into a batch: {"pixel_values": [B, 3, H, W]} (and every other view an example holds as a
@@ -693,7 +698,8 @@ class PixelCollator:
                 f"All {len(examples)} images of this batch are unreadable (their files are named in the warnings "
                 "above): remove or repair them, or pass --verify_images to drop them at load time."
             )
-        views = [name for name, value in kept[0].items() if isinstance(value, torch.Tensor)]
+        # every view an example holds (a tensor), not its label, which only `include_labels` passes on
+        views = [name for name, value in kept[0].items() if isinstance(value, torch.Tensor) and name not in _LABELS]
         batch = {name: torch.stack([example[name] for example in kept]) for name in views}
         if self.include_labels:
             if any("label" not in example for example in kept):

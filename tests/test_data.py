@@ -334,6 +334,10 @@ def test_collators():
     assert batch["labels"].dtype == torch.long and batch["labels"].tolist() == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="without a 'label'"):
         PixelCollator(include_labels=True)([{"pixel_values": torch.zeros(3, 4, 4)}])
+    # a label stored as a tensor (a dataset in torch format) is a label, not a view for the model
+    tensor_labels = [{"pixel_values": torch.randn(3, 16, 16), "label": torch.tensor(i)} for i in range(5)]
+    assert set(collate_pixel_values(tensor_labels)) == {"pixel_values"}
+    assert set(PixelCollator(include_labels=True)(tensor_labels)) == {"pixel_values", "labels"}
 
 
 def test_collator_with_dataloader(tmp_path):

@@ -88,3 +88,23 @@ def test_the_analysis_measures_each_mto_stack(two_view_method):
     assert second.heterogeneity != pytest.approx(first.heterogeneity)
     with pytest.raises(ValueError, match=r"stack 'third' is not an MTO stack of TwoViewModel.*\['first', 'second'\]"):
         analyze_heterogeneity(model, pixels, stack="third")
+
+
+def test_views_of_an_unreadable_image_are_dropped_with_it_and_labels_pass_on(two_view_method):
+    transform = two_view_method.pretraining_transform(32, IMAGENET_MEAN, IMAGENET_STD)
+    data = images(3).add_column("label", [0, 1, 2]).cast_column("image", datasets.Image(decode=False))
+    data = data.map(lambda example, i: {"image": {"bytes": b"not an image", "path": None}} if i == 1 else example,
+                    with_indices=True)  # fmt: skip
+    examples = [apply_transform(data, transform)[i] for i in range(3)]
+    assert examples[1]["pixel_values"] is None  # how the collator tells it
+    batch = PixelCollator(include_labels=True)(examples)
+    assert set(batch) == {"pixel_values", "second_pixel_values", "labels"}
+    assert batch["labels"].tolist() == [0, 2] and batch["second_pixel_values"].shape == (2, 3, 32, 32)
+
+
+def test_a_dict_of_views_without_pixel_values_is_refused_naming_its_keys():
+    def transform(image):
+        return {"student": torch.zeros(3, 32, 32)}
+
+    with pytest.raises(ValueError, match=r"must hold 'pixel_values'; it holds \['student'\]"):
+        apply_transform(images(1), transform)[0]
