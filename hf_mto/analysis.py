@@ -550,6 +550,9 @@ def reconstruct(
 ) -> Reconstructions:
     """Run `model` on normalised `pixel_values` with the given masking argument and un-normalise everything to
     [0, 1] for display (MAE's `norm_pix_loss` normalisation is undone with the original patches' statistics)."""
+    method = check_model(model)
+    if not method.reconstructs_pixels:
+        raise ValueError(f"{method.name} predicts no pixels: there is no reconstruction to draw")
     model_pass = run_model(model, pixel_values, mask_inputs)
     pixels = pixel_values.float().cpu()
     hidden = patch_mask_to_pixels(model_pass.mask.cpu(), pixels.shape[-1], square_side(model.config.patch_size))

@@ -108,7 +108,8 @@ def encoder_config(config: PreTrainedConfig) -> ViTConfig:
 def _split(model: PreTrainedModel) -> tuple[type[PreTrainingMethod], PreTrainedModel]:
     """(its method, its ViT encoder) for a pre-training model or its encoder alone; ValueError for anything else."""
     method = _method(model, f"the given {type(model).__name__}")
-    return method, model if isinstance(model, method.encoder_classes) else method.encoder(model)
+    encoder_classes = (method.base_model_class, *method.upstream_encoder_classes)
+    return method, model if isinstance(model, encoder_classes) else method.encoder(model)
 
 
 def encoder_state_dict(encoder: PreTrainedModel, dropped: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:

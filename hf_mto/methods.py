@@ -23,7 +23,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoImageProcessor, PretrainedConfig, PreTrainedModel, ViTImageProcessor
 
-from .data import build_pretraining_transform
+from .data import build_eval_transform, build_pretraining_transform
 
 _METHODS: dict[str, type[PreTrainingMethod]] = {}
 
@@ -38,8 +38,9 @@ class PreTrainingMethod:
         base_model_class: ours, the encoder `AutoModel` gives for the method's checkpoints.
         extends: the upstream classes the model extends; checkpoints and models of those (their configs' model
             types) are handled as this method, on their own weights.
-        encoder_classes: the classes of the encoder (`encoder(model)`), ours and upstream's: an encoder alone is
-            recognised as this method's too (for export and evaluation).
+        upstream_encoder_classes: the upstream classes of the encoders of `extends` (`encoder(model)`): an encoder
+            alone, ours (`base_model_class`) or one of these, is recognised as this method's too (for export and
+            evaluation).
         mask_input_name: the forward argument a mask reaches the model through ("noise", "bool_masked_pos").
         default_masking: the `hf_mto.masking` strategy used when the user chooses none.
         own_masking: a strategy the model draws by itself when given no mask (MAE's random masking, upstream's
@@ -48,6 +49,8 @@ class PreTrainingMethod:
             order the model returns them; `mto_outputs` finds each stack's terms in a forward's outputs.
         export_dropped_keys: encoder weights that have no place in a plain `ViTModel` (SimMIM's mask token).
         card_notes: sentences the exported encoder's model card adds about this method's encoder.
+        reconstructs_pixels: whether the model predicts pixels (`analysis_pass` gives a reconstruction to draw); a
+            method whose targets are features or tokens only says False.
     """
 
     name: ClassVar[str]
@@ -56,7 +59,8 @@ class PreTrainingMethod:
     auto_class_name: ClassVar[str]
     base_model_class: ClassVar[type[PreTrainedModel]]
     extends: ClassVar[tuple[type[PreTrainedModel], ...]] = ()
-    encoder_classes: ClassVar[tuple[type[PreTrainedModel], ...]] = ()
+    upstream_encoder_classes: ClassVar[tuple[type[PreTrainedModel], ...]] = ()
+    reconstructs_pixels: ClassVar[bool] = True
     mask_input_name: ClassVar[str]
     default_masking: ClassVar[str]
     own_masking: ClassVar[str | None] = None
@@ -91,11 +95,11 @@ class PreTrainingMethod:
         return build_pretraining_transform(image_size, image_mean, image_std)
 
     @classmethod
-    def prepare_inputs(cls, model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The forward arguments of a training or evaluation step, on the device, after the masks are drawn and
-        before the forward: targets that a frozen network outside the model computes (a tokenizer's codes) are
-        added here, without gradient. Unchanged by default."""
-        return inputs
+    def evaluation_transform(cls, image_size: int, image_mean, image_std) -> Callable:
+        """PIL image -> what one evaluation example gives the model (the pre-training loss on held-out images), as
+        `pretraining_transform` but deterministic. Default: resize and centre crop. The frozen-encoder evaluation
+        (k-NN, linear probe) always takes one view, `hf_mto.data.build_eval_transform`'s."""
+        return build_eval_transform(image_size, image_mean, image_std)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Masks
@@ -169,6 +173,13 @@ class PreTrainingMethod:
     # ---------------------------------------------------------------------------------------------------------------
 
     @classmethod
+    def loss_components(cls, outputs) -> dict[str, torch.Tensor]:
+        """The parts of ``outputs.loss`` the trainer logs beside it, by log key: ``{"reconstruction_loss": loss}`` by
+        default (MAE and SimMIM have one); a method whose loss has several parts (BootMAE's pixel and feature losses)
+        names each."""
+        return {"reconstruction_loss": outputs.loss}
+
+    @classmethod
     def mto_outputs(cls, outputs) -> dict[str, object]:
         """Per MTO stack (`mto_stacks`, in order), the object of a forward's outputs that holds that stack's raw terms
         (`sparsity_loss`, `singularity_loss`, `ranking_loss` and `heterogeneity` ``[B, L+1]``, as `hf_mto.mto.MTOTerms`
@@ -191,6 +202,10 @@ def register_method(method: type[PreTrainingMethod]) -> type[PreTrainingMethod]:
     and copies the model files beside the weights, so they also load with `trust_remote_code=True` where it is
     not installed. The image processor is the stock ViT one (scripts that look it up by model type, such as
     transformers' run_mim.py, find it)."""
+    declared = ("name", "config_class", "model_class", "base_model_class", "auto_class_name", "mask_input_name")
+    missing = [name for name in (*declared, "default_masking", "mto_stacks") if not hasattr(method, name)]
+    if missing:
+        raise TypeError(f"{method.__name__} does not declare {', '.join(missing)} (see PreTrainingMethod)")
     for model_type in (method.model_type(), *(upstream.config_class.model_type for upstream in method.extends)):
         _METHODS[model_type] = method
     config_class = method.config_class
@@ -245,7 +260,7 @@ def method_for(target) -> type[PreTrainingMethod]:
         classes = (method.model_class, *method.extends)
         names = {cls.__name__ for cls in classes}
         if isinstance(target, torch.nn.Module):
-            known = isinstance(target, (*classes, *method.encoder_classes))
+            known = isinstance(target, (*classes, method.base_model_class, *method.upstream_encoder_classes))
         elif isinstance(target, str) or method.extended_class(model_type) is None:
             known = True
         elif architectures:

@@ -3,9 +3,10 @@
 The models return the reconstruction loss and each raw MTO term; the trainer owns the weights (`MTOTrainingArguments`,
 `hf_mto.training_args`):
 
-    total = reconstruction + mto_spa_weight * L_spa + mto_e_weight * L_e + mto_r_weight * L_r
+    total = loss + mto_spa_weight * L_spa + mto_e_weight * L_e + mto_r_weight * L_r
 
-and logs every component (and the per-layer heterogeneity) averaged over the steps since the last log and over all
+where ``loss`` is the model's own (the reconstruction loss; its parts are the method's `loss_components`) and each
+MTO term is summed over the MTO stacks of a method with several. It logs every component (and the per-layer heterogeneity) averaged over the steps since the last log and over all
 processes. With every weight 0 the model is called with `use_mto=False` and costs what the upstream model costs.
 Checkpoint loading (`hf_mto.checkpoints`), the model card (`hf_mto.model_card`) and the Hub's failures
 (`hf_mto.hub`) come from their modules' mixins.
@@ -143,14 +144,13 @@ class MTOTrainer(ConvertedCheckpointsMixin, ModelCardMixin, ResilientHubMixin, T
         return {**inputs, **self.method.mask_inputs(self.accelerator.unwrap_model(model), mask)}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = self.method.prepare_inputs(self.accelerator.unwrap_model(model), self._with_masks(model, inputs))
-        outputs = model(**inputs, use_mto=self.args.use_mto)
+        outputs = model(**self._with_masks(model, inputs), use_mto=self.args.use_mto)
         loss = outputs.loss
-        components = {"reconstruction_loss": outputs.loss}
+        components = dict(self.method.loss_components(outputs))
         if self.args.use_mto:
             stacks = self.method.mto_outputs(outputs)  # each MTO stack's terms, weighted alike and summed
             for stack, terms in stacks.items():
-                prefix = mto_log_prefix(stack, list(stacks))
+                prefix = mto_log_prefix(stack, self.method.mto_stacks)
                 for name, weight in self.args.mto_weights().items():
                     term = getattr(terms, name)
                     components[f"{prefix}{name}"] = term

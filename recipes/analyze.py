@@ -114,7 +114,7 @@ def main(argv=None):
         )
         (out / f"affinity{suffix}.json").write_text(json.dumps({"image": args.affinity_image, **affinity}) + "\n")
 
-    if args.num_reconstructions:
+    if args.num_reconstructions and check_model(model).reconstructs_pixels:
         count = min(args.num_reconstructions, len(dataset))
         pixels = first_readable_pixels(dataset, count)
         mask_inputs = draw_mask_inputs(model, count, torch.Generator().manual_seed(args.seed), **masks)

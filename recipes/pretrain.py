@@ -70,14 +70,11 @@ def main(argv=None):
         ConnectionError,
     ) as error:  # wrong name, column or folder, or offline: the message says what to do
         raise SystemExit(f"pretrain.py: {error}") from None
-    size = image_processor.size["height"]
-    # the method's augmentation: one view per forward argument it needs (MAE and SimMIM: pixel_values)
-    train_transform = method_for(config).pretraining_transform(
-        size, image_processor.image_mean, image_processor.image_std
-    )
-    train_dataset = apply_transform(datasets["train"], train_transform)
-    eval_transform = build_eval_transform(size, image_processor.image_mean, image_processor.image_std)
-    eval_dataset = apply_transform(datasets["validation"], eval_transform)
+    size, mean, std = image_processor.size["height"], image_processor.image_mean, image_processor.image_std
+    # the method's transforms: one view per forward argument its model takes (MAE and SimMIM: pixel_values)
+    method = method_for(model)
+    train_dataset = apply_transform(datasets["train"], method.pretraining_transform(size, mean, std))
+    eval_dataset = apply_transform(datasets["validation"], method.evaluation_transform(size, mean, std))
 
     trainer = MTOTrainer(
         model=model,
@@ -92,12 +89,12 @@ def main(argv=None):
         # Both run the model's submodules outside FSDP's forward, where the parameters are sharded.
         logger.warning("FSDP: reconstruction pictures and --encoder_eval are off (they need unsharded weights)")
         training_args.reconstruction_images, eval_args.encoder_eval = 0, False
-    if training_args.do_eval and training_args.reconstruction_images > 0:
-        mean, std = image_processor.image_mean, image_processor.image_std
+    if training_args.do_eval and training_args.reconstruction_images > 0 and method.reconstructs_pixels:
         ReconstructionCallback(eval_dataset, mean, std, num_images=training_args.reconstruction_images).attach(trainer)
     if eval_args.encoder_eval:
         # k-NN and linear-probe accuracy of the frozen encoder at every evaluation, logged like any metric
-        bank, queries = labelled_eval_splits(datasets, eval_transform, eval_args, seed=training_args.seed)
+        encoder_transform = build_eval_transform(size, mean, std)  # one view: the frozen encoder's features
+        bank, queries = labelled_eval_splits(datasets, encoder_transform, eval_args, seed=training_args.seed)
         EncoderEvalCallback.from_args(bank, queries, eval_args).attach(trainer)
 
     if training_args.do_train:

@@ -56,6 +56,23 @@ def run_without_hf_mto(script: str, tmp_path) -> str:
     return result.stdout
 
 
+def _restore_registrations_after_the_test(monkeypatch) -> None:
+    """The method registry and transformers' Auto registrations (which `register_method` adds to) as they were,
+    once the test is over."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
+
+    from hf_mto import methods
+
+    monkeypatch.setattr(methods, "_METHODS", dict(methods._METHODS))
+    mappings = [CONFIG_MAPPING, IMAGE_PROCESSOR_MAPPING]
+    for name in ("AutoModel", "AutoModelForPreTraining", "AutoModelForMaskedImageModeling"):
+        mappings.append(getattr(transformers, name)._model_mapping)
+    for mapping in mappings:
+        monkeypatch.setattr(mapping, "_extra_content", dict(mapping._extra_content))
+
+
 @pytest.fixture
 def dummy_method(monkeypatch):
     """A method registered for one test only: SimMIM's model under a model type of its own, with other declarations
@@ -92,20 +109,19 @@ def dummy_method(monkeypatch):
             cls.masks.append(mask)
             return super().mask_inputs(model, mask)
 
-    monkeypatch.setattr(methods, "_METHODS", dict(methods._METHODS))  # the registry as it was, after the test
+    _restore_registrations_after_the_test(monkeypatch)
     return methods.register_method(DummyMethod)
 
 
 @pytest.fixture
 def two_view_method(monkeypatch):
     """A method registered for one test only, with what the coming methods need and MAE and SimMIM do not: two MTO
-    stacks (as BootMAE's two decoders), a second augmented view of every image (as ConMIM's) and a target computed in
-    the step outside the model (as BEiT's tokenizer codes, by `prepare_inputs`).
+    stacks (as BootMAE's two decoders) and a second view of every image, in training and evaluation (as ConMIM's).
 
     Its model runs SimMIM on each view with the same mask and returns the first view's MTO terms as the stack
-    ``"first"`` and the second view's as ``"second"``; its loss is the mean of the two reconstruction losses plus the
-    ``target`` that `prepare_inputs` adds (``pixel_values.mean()``). The second view is the image flipped upside
-    down. `inputs` records the forward arguments of every two-view call."""
+    ``"first"`` and the second view's as ``"second"``; its loss is the mean of the two reconstruction losses, each
+    logged (`loss_components`). The second view is the image flipped upside down. `inputs` records the forward
+    arguments of every two-view call."""
     from dataclasses import dataclass
 
     import torchvision.transforms.v2.functional as F
@@ -125,17 +141,15 @@ def two_view_method(monkeypatch):
     class TwoViewModel(SimMIMMTOForMaskedImageModeling):
         config_class = TwoViewConfig
 
-        def forward(self, pixel_values, second_pixel_values=None, target=None, bool_masked_pos=None, **kwargs):
+        def forward(self, pixel_values, second_pixel_values=None, bool_masked_pos=None, **kwargs):
             if second_pixel_values is None:  # one view: SimMIM's forward (the analysis pass calls it)
                 return super().forward(pixel_values, bool_masked_pos=bool_masked_pos, **kwargs)
             use_mto = kwargs.get("use_mto")
-            TwoViewMethod.inputs.append(
-                {"pixel_values": pixel_values, "second_pixel_values": second_pixel_values, "target": target}
-            )
+            TwoViewMethod.inputs.append({"pixel_values": pixel_values, "second_pixel_values": second_pixel_values})
             first = super().forward(pixel_values, bool_masked_pos=bool_masked_pos, use_mto=use_mto)
             second = super().forward(second_pixel_values, bool_masked_pos=bool_masked_pos, use_mto=use_mto)
             return TwoViewOutput(
-                loss=(first.loss + second.loss) / 2 + target,
+                loss=(first.loss + second.loss) / 2,
                 reconstruction=first.reconstruction,
                 mask=first.mask,
                 first_mto=first,
@@ -160,8 +174,12 @@ def two_view_method(monkeypatch):
             return lambda image: {"pixel_values": view(image), "second_pixel_values": F.vertical_flip(view(image))}
 
         @classmethod
-        def prepare_inputs(cls, model, inputs):
-            return {**inputs, "target": inputs["pixel_values"].mean()}
+        def evaluation_transform(cls, image_size, image_mean, image_std):
+            return cls.pretraining_transform(image_size, image_mean, image_std)
+
+        @classmethod
+        def loss_components(cls, outputs):
+            return {"first_loss": outputs.first_mto.loss, "second_loss": outputs.second_mto.loss}
 
         @classmethod
         def analysis_pass(cls, model, pixel_values, mask_inputs):
@@ -169,5 +187,5 @@ def two_view_method(monkeypatch):
             flipped, _, _ = super().analysis_pass(model, pixel_values.flip(-2), mask_inputs)
             return {"first": states["encoder"], "second": flipped["encoder"]}, mask, prediction
 
-    monkeypatch.setattr(methods, "_METHODS", dict(methods._METHODS))  # the registry as it was, after the test
+    _restore_registrations_after_the_test(monkeypatch)
     return methods.register_method(TwoViewMethod)

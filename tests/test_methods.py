@@ -7,9 +7,11 @@ import pytest
 import torch
 from conftest import TINY_SIMMIM
 from PIL import Image
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedImageModeling
 
 from hf_mto.analysis import analyze_heterogeneity
 from hf_mto.data import IMAGENET_MEAN, IMAGENET_STD, PixelCollator, apply_transform
+from hf_mto.methods import PreTrainingMethod, model_types, register_method
 from hf_mto.model_card import render_model_card
 from hf_mto.trainer import MTOTrainer
 from hf_mto.training_args import MTOTrainingArguments
@@ -29,7 +31,7 @@ def test_a_transform_with_several_views_gives_every_view_to_the_batch(two_view_m
     torch.testing.assert_close(batch["second_pixel_values"], batch["pixel_values"].flip(-2))
 
 
-def test_the_trainer_weights_and_logs_every_mto_stack_and_runs_the_batch_hook(tmp_path, two_view_method):
+def test_the_trainer_weights_and_logs_every_mto_stack_and_gives_every_view(tmp_path, two_view_method):
     torch.manual_seed(0)
     model = two_view_method.model_class(two_view_method.config_class(**TINY_SIMMIM))
     transform = two_view_method.pretraining_transform(32, IMAGENET_MEAN, IMAGENET_STD)
@@ -44,19 +46,29 @@ def test_the_trainer_weights_and_logs_every_mto_stack_and_runs_the_batch_hook(tm
         mto_spa_weight=0.5,
         mto_e_weight=0.25,
         mto_r_weight=2.0,
+        mask_patch_size=8,  # SimMIM squares of 2 x 2 patches at 32 px
     )
     data = apply_transform(images(8), transform)
-    trainer = MTOTrainer(model=model, args=args, train_dataset=data, data_collator=PixelCollator())
+    evaluation = apply_transform(images(4), two_view_method.evaluation_transform(32, IMAGENET_MEAN, IMAGENET_STD))
+    trainer = MTOTrainer(
+        model=model, args=args, train_dataset=data, eval_dataset=evaluation, data_collator=PixelCollator()
+    )
     trainer.train()
-    # the second view reached the model, and the hook's target with it
+    # the second view reached the model
     seen = two_view_method.inputs[0]
     torch.testing.assert_close(seen["second_pixel_values"], seen["pixel_values"].flip(-2))
-    assert seen["target"] == pytest.approx(seen["pixel_values"].mean().item())
     logged = trainer.state.log_history[0]
     for stack in ("first", "second"):
         for name in ("sparsity_loss", "singularity_loss", "ranking_loss", "heterogeneity/layer_0"):
             assert f"mto/{stack}/{name}" in logged
     assert not any(key in logged for key in ("mto/sparsity_loss", "mto/heterogeneity/layer_0"))
+    # each stack's own values (the views differ), and the method's loss components instead of a reconstruction loss
+    assert logged["mto/first/sparsity_loss"] != pytest.approx(logged["mto/second/sparsity_loss"])
+    assert {"first_loss", "second_loss"} <= set(logged) and "reconstruction_loss" not in logged
+    # evaluation gives the model both views too, and logs per stack
+    metrics = trainer.evaluate()
+    assert "eval_mto/second/heterogeneity/layer_0" in metrics and "eval_second_loss" in metrics
+    assert len(two_view_method.inputs) == 2 + 1  # 2 training steps, 1 evaluation batch
 
     # the loss: the model's own plus each stack's terms, weighted alike
     model.eval()
@@ -108,3 +120,25 @@ def test_a_dict_of_views_without_pixel_values_is_refused_naming_its_keys():
 
     with pytest.raises(ValueError, match=r"must hold 'pixel_values'; it holds \['student'\]"):
         apply_transform(images(1), transform)[0]
+
+
+def test_registering_a_method_registers_its_auto_classes(two_view_method):
+    config = AutoConfig.for_model("two_view_mim", **TINY_SIMMIM)
+    assert type(config) is two_view_method.config_class
+    assert type(AutoModel.from_config(config)) is two_view_method.base_model_class
+    assert type(AutoModelForMaskedImageModeling.from_config(config)) is two_view_method.model_class
+
+
+def test_the_method_fixtures_leave_no_registration_behind():
+    # runs after the tests above (file order): their methods and Auto classes are gone
+    assert "two_view_mim" not in model_types()
+    with pytest.raises(ValueError):
+        AutoConfig.for_model("two_view_mim")
+
+
+def test_a_method_missing_a_declaration_is_refused_naming_it():
+    class Incomplete(PreTrainingMethod):
+        name = "Incomplete"
+
+    with pytest.raises(TypeError, match="Incomplete does not declare config_class, model_class, base_model_class"):
+        register_method(Incomplete)

@@ -19,7 +19,7 @@ class SimMIMMTOMethod(PreTrainingMethod):
     base_model_class = SimMIMMTOModel
     auto_class_name = "AutoModelForMaskedImageModeling"
     extends = (ViTForMaskedImageModeling,)
-    encoder_classes = (ViTModel,)  # ours, SimMIMMTOModel, is one
+    upstream_encoder_classes = (ViTModel,)
     mask_input_name = "bool_masked_pos"
     default_masking = "simmim_block"
     mto_stacks = ("encoder",)

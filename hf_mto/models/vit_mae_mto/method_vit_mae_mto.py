@@ -20,7 +20,7 @@ class ViTMAEMTOMethod(PreTrainingMethod):
     base_model_class = ViTMAEMTOModel
     auto_class_name = "AutoModelForPreTraining"
     extends = (ViTMAEForPreTraining,)
-    encoder_classes = (ViTMAEMTOModel, ViTMAEModel)
+    upstream_encoder_classes = (ViTMAEModel,)
     mask_input_name = "noise"
     default_masking = "random"
     own_masking = "random"  # MAE draws its own random mask from its noise: upstream's path, same distribution
