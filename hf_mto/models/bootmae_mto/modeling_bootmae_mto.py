@@ -342,6 +342,11 @@ class BootMAEMTOModel(BootMAEMTOPreTrainedModel, ViTMAEModel):
     """Upstream's `ViTMAEModel` (the encoder), initialised as the official BootMAE when built from a config."""
 
 
+class BootMAEMTOMomentumEncoder(BootMAEMTOModel):
+    """The momentum encoder: an EMA copy of the encoder (`BootMAEMTOForPreTraining.update_teacher`), frozen. A class
+    of its own so that nothing takes it for the base model."""
+
+
 class BootMAEMTOForPreTraining(BootMAEMTOPreTrainedModel):
     r"""BootMAE pre-training model with the MTO terms (L_spa, L_e, L_r and the heterogeneity) computed on both
     decoders.
@@ -381,7 +386,7 @@ class BootMAEMTOForPreTraining(BootMAEMTOPreTrainedModel):
             feature_config, config.hidden_size, config.hidden_size, num_patches, False
         )
         # The momentum encoder: frozen, updated only by `update_teacher`; saved with the checkpoint.
-        self.teacher = BootMAEMTOModel(config)
+        self.teacher = BootMAEMTOMomentumEncoder(config)
         self.teacher.requires_grad_(False)
         # progress t of the last `update_teacher` (the trainer's, after every optimizer step): the feature weight's ramp
         self.register_buffer("training_progress", torch.zeros((), dtype=torch.float32), persistent=True)
@@ -516,6 +521,11 @@ class BootMAEMTOForPreTraining(BootMAEMTOPreTrainedModel):
             output_hidden_states=use_mto,
         )
 
+        hidden_states = outputs.hidden_states if return_hidden else None
+        if isinstance(return_hidden, (list, tuple)):  # indices of the states asked for
+            kept = {index % len(hidden_states) for index in return_hidden}
+            hidden_states = tuple(state if i in kept else None for i, state in enumerate(hidden_states))
+
         mask = outputs.mask
         pixel_loss = self.masked_mse(pixels, self.pixel_target(pixel_values), mask)
         dim = features.shape[-1]
@@ -557,7 +567,7 @@ class BootMAEMTOForPreTraining(BootMAEMTOPreTrainedModel):
             feature_prediction=features,
             mask=mask,
             ids_restore=outputs.ids_restore,
-            hidden_states=outputs.hidden_states if return_hidden else None,
+            hidden_states=hidden_states,
             attentions=outputs.attentions,
             **terms,
         )
@@ -567,6 +577,7 @@ __all__ = [
     "BootMAEMTOForPreTraining",
     "BootMAEMTOForPreTrainingOutput",
     "BootMAEMTOModel",
+    "BootMAEMTOMomentumEncoder",
     "BootMAEMTOPreTrainedModel",
     "BootMAEMTOTerms",
 ]
