@@ -396,6 +396,15 @@ class BootMAEMTOForPreTraining(BootMAEMTOPreTrainedModel):
     def num_patches(self) -> int:
         return self.vit.embeddings.patch_embeddings.num_patches
 
+    def tie_weights(self, *args, **kwargs):
+        """Upstream's, then the frozen tensors frozen again: transformers 5's `from_pretrained` loads every floating
+        weight as a fresh trainable `nn.Parameter`, whatever the model declared, and calls this after loading. Frozen:
+        the momentum encoder (updated only by `update_teacher`) and the fixed sin-cos tables."""
+        super().tie_weights(*args, **kwargs)
+        self.teacher.requires_grad_(False)
+        self.vit.embeddings.position_embeddings.requires_grad_(False)
+        self.pixel_decoder.position_embeddings.requires_grad_(False)
+
     def train(self, mode: bool = True):
         """The momentum encoder always runs in eval mode, as the official code sets it."""
         super().train(mode)
