@@ -516,6 +516,7 @@ def test_model_card_names_both_decoders(tmp_path):
     assert "momentum encoder" in card
 
 
+@pytest.mark.slow  # a recipe subprocess: ~25 s on 2 cores
 @pytest.mark.skipif(not FASHION_MNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
 def test_tiny_preset_runs(tmp_path):
     preset = ROOT / "recipes" / "configs" / "tiny_cpu_bootmae_mto.yaml"
@@ -526,3 +527,30 @@ def test_tiny_preset_runs(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mto/feature_decoder/ranking_loss" in result.stdout + result.stderr
+
+
+@pytest.mark.slow  # a ViT-B BootMAE built, run and differentiated: ~30 s on 2 cores
+def test_vit_b_preset_widths(tmp_path):
+    """DESIGN.md's criterion for the default affinity (tests/test_mto_widths.py) on both decoders of the ViT-B
+    preset, and its size against the official model's."""
+    from test_mto_widths import MIN_H0_FRACTION, MIN_TERM, preset_model_and_inputs
+
+    model, inputs = preset_model_and_inputs(ROOT / "recipes" / "configs" / "vit_base_bootmae_mto_in1k.yaml", tmp_path)
+    # official: 115,373,251 trainable; ours adds the key biases (which cannot change attention: 12 x 768 encoder,
+    # 2 x 2 x 504 pixel decoder, 2 x 2 x 768 feature decoder) and a per-value pixel-head bias (768, not 3)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == 115_373_251 + 12 * 768 + 4 * 504 + 4 * 768 + (768 - 3)
+    outputs = model(**inputs, use_mto=True)
+    assert int(outputs.mask.sum(dim=1).min()) == 147
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    for stack in BootMAEMTOMethod.mto_stacks:
+        terms = getattr(outputs, f"{stack}_mto")
+        heterogeneity = mto.mean_heterogeneity(terms.heterogeneity, outputs.mask)
+        assert torch.isfinite(heterogeneity).all() and heterogeneity[0] >= MIN_H0_FRACTION * math.log(49), stack
+        for name in ("sparsity_loss", "singularity_loss", "ranking_loss"):
+            value = getattr(terms, name)
+            assert torch.isfinite(value), (stack, name)
+            if name != "singularity_loss":
+                grads = torch.autograd.grad(value, parameters, retain_graph=True, allow_unused=True)
+                norm = torch.sqrt(sum(g.float().pow(2).sum() for g in grads if g is not None))
+                assert value >= MIN_TERM and norm >= MIN_TERM, (stack, name, value.item(), norm.item())
