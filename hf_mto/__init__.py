@@ -8,14 +8,21 @@ gives the encoder of each pre-training model.
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification, ViTImageProcessor
 
+from .models.bootmae_mto import (
+    BootMAEMTOConfig,
+    BootMAEMTOForPreTraining,
+    BootMAEMTOForPreTrainingOutput,
+    BootMAEMTOModel,
+)
+
+# The methods' declarations for generic code (hf_mto.methods): importing them registers them.
+from .models.bootmae_mto.method_bootmae_mto import BootMAEMTOMethod  # noqa: E402
 from .models.simmim_mto import (
     SimMIMMTOConfig,
     SimMIMMTOForMaskedImageModeling,
     SimMIMMTOModel,
     SimMIMMTOOutput,
 )
-
-# The methods' declarations for generic code (hf_mto.methods): importing them registers them.
 from .models.simmim_mto.method_simmim_mto import SimMIMMTOMethod  # noqa: E402
 from .models.vit_gap import ViTGAPConfig, ViTGAPForImageClassification, ViTGAPModel
 from .models.vit_mae_mto import (
@@ -44,6 +51,11 @@ def _register() -> None:
 _register()
 
 __all__ = [
+    "BootMAEMTOConfig",
+    "BootMAEMTOForPreTraining",
+    "BootMAEMTOForPreTrainingOutput",
+    "BootMAEMTOMethod",
+    "BootMAEMTOModel",
     "SimMIMMTOConfig",
     "SimMIMMTOMethod",
     "SimMIMMTOForMaskedImageModeling",

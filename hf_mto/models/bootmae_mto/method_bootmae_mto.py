@@ -1,0 +1,98 @@
+"""BootMAE + MTO as generic code sees it (see `hf_mto.methods`). Not imported by the modeling files, so not part of
+the remote code saved beside checkpoints."""
+
+from __future__ import annotations
+
+import torch
+
+from ...masking import mask_to_noise
+from ...methods import PreTrainingMethod, register_method
+from .configuration_bootmae_mto import BootMAEMTOConfig
+from .modeling_bootmae_mto import PIXEL_NORM_EPS, BootMAEMTOForPreTraining, BootMAEMTOModel
+
+
+@register_method
+class BootMAEMTOMethod(PreTrainingMethod):
+    """BootMAE: masks reach the model as MAE's do (``noise``); the default masking is BEiT's block-wise one topped up
+    at random to exactly ``round(mask_ratio * N)`` patches (the official code: 120 block-masked patches topped up
+    with 27 random ones to 147 of 196); MTO acts on both decoders; after every optimizer step the momentum encoder
+    takes one EMA step (`on_step_end`)."""
+
+    name = "BootMAE"
+    config_class = BootMAEMTOConfig
+    model_class = BootMAEMTOForPreTraining
+    base_model_class = BootMAEMTOModel
+    auto_class_name = "AutoModelForPreTraining"
+    extends = ()  # no upstream BootMAE
+    encoder_classes = (BootMAEMTOModel,)
+    mask_input_name = "noise"
+    default_masking = "beit_block"
+    own_masking = None
+    mto_stacks = ("pixel_decoder", "feature_decoder")
+    card_notes = (
+        "This is the online encoder of BootMAE (not its momentum encoder). BootMAE's position embeddings are a fixed "
+        "2-D sin-cos table (MoCo v3 layout) that was frozen during pre-training. Here they are ordinary (trainable) "
+        "ViT position embeddings holding the same values; freeze `vit.embeddings.position_embeddings` to keep them "
+        "fixed while fine-tuning. `encoder_stride` (absent from ViTMAE's config) is set to `patch_size`."
+    )
+
+    @staticmethod
+    def model_num_masked(config, num_patches: int) -> int:
+        """The encoder keeps ``int(N * (1 - mask_ratio))`` patches whatever its noise says (as MAE)."""
+        return num_patches - int(num_patches * (1 - config.mask_ratio))
+
+    @classmethod
+    def check_num_masked(cls, config, num_patches: int, drawn: int) -> None:
+        expected = cls.model_num_masked(config, num_patches)
+        if drawn != expected:
+            raise ValueError(
+                f"{drawn} of {num_patches} patches masked per image, but BootMAE with mask_ratio {config.mask_ratio} "
+                f"masks {expected}: choose a mask_ratio for which they agree (e.g. {drawn / num_patches})"
+            )
+
+    @classmethod
+    def mask_inputs(cls, model, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        expected = cls.model_num_masked(model.config, mask.shape[1])
+        return {"noise": mask_to_noise(mask, expected_num_masked=expected)}
+
+    @classmethod
+    def on_step_end(cls, model, progress: float) -> None:
+        """One EMA step of the momentum encoder at the progress after this optimizer step (which the model also
+        keeps for its feature-weight ramp)."""
+        model.update_teacher(progress)
+
+    @classmethod
+    def prediction_to_pixels(cls, model, pixel_values: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Predicted patches ``[B, N, P*P*C]`` -> image ``[B, C, H, W]`` float32 in the normalised space of
+        ``pixel_values``. With `norm_pix_loss` the model predicts each patch normalised per channel; those statistics
+        are taken from the original image's patch and put back (the inverse of `BootMAEMTOForPreTraining.pixel_target`)."""
+        prediction = logits.float()
+        if model.config.norm_pix_loss:
+            target = model.patchify(pixel_values.float())
+            per_channel = target.view(*target.shape[:2], -1, model.config.num_channels)
+            mean = per_channel.mean(dim=2, keepdim=True)
+            var = per_channel.var(dim=2, unbiased=False, keepdim=True)
+            prediction = (prediction.view_as(per_channel) * (var + PIXEL_NORM_EPS) ** 0.5 + mean).view_as(target)
+        return model.unpatchify(prediction, original_image_size=tuple(pixel_values.shape[-2:]))
+
+    @classmethod
+    def analysis_pass(cls, model, pixel_values: torch.Tensor, mask_inputs: dict[str, torch.Tensor]):
+        """Both decoders' states (the two MTO stacks) in patch order, the mask and the pixel reconstruction; see
+        `PreTrainingMethod.analysis_pass`."""
+        encoded = model.vit(pixel_values, noise=mask_inputs["noise"], output_hidden_states=True)
+        pixels, pixel_states = model.pixel_decoder(
+            encoded.last_hidden_state, encoded.hidden_states[1], encoded.ids_restore, output_hidden_states=True
+        )
+        _, feature_states = model.feature_decoder(
+            encoded.last_hidden_state,
+            encoded.hidden_states[-1],
+            encoded.ids_restore,
+            position_embeddings=model.vit.embeddings.position_embeddings,
+            output_hidden_states=True,
+        )
+        # The decoders return their states in the encoder's order (CLS, visible, masked); put them in patch order.
+        states = {}
+        for stack, stack_states in (("pixel_decoder", pixel_states), ("feature_decoder", feature_states)):
+            index = encoded.ids_restore.unsqueeze(-1).expand(-1, -1, stack_states[0].shape[-1])
+            states[stack] = [torch.gather(state[:, 1:].float(), 1, index) for state in stack_states]
+        return states, encoded.mask.bool(), cls.prediction_to_pixels(model, pixel_values, pixels)
