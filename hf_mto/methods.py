@@ -24,6 +24,7 @@ import transformers
 from transformers import AutoConfig, AutoImageProcessor, PretrainedConfig, PreTrainedModel, ViTImageProcessor
 
 from .data import build_eval_transform, build_pretraining_transform
+from .masking import mask_to_noise
 
 _METHODS: dict[str, type[PreTrainingMethod]] = {}
 
@@ -195,6 +196,34 @@ class PreTrainingMethod:
         here). No-op by default."""
 
 
+class KeptCountMethod(PreTrainingMethod):
+    """Declarations shared by the methods whose encoder drops the masked patches, as MAE's: the mask reaches the model
+    as ``noise`` (it keeps the ``int(N * (1 - mask_ratio))`` patches of lowest noise, whatever the noise says), so a
+    generator's count must agree with the model's."""
+
+    mask_input_name = "noise"
+
+    @staticmethod
+    def model_num_masked(config, num_patches: int) -> int:
+        """The patches the model masks per image: ``N - int(N * (1 - mask_ratio))``."""
+        return num_patches - int(num_patches * (1 - config.mask_ratio))
+
+    @classmethod
+    def check_num_masked(cls, config, num_patches: int, drawn: int) -> None:
+        expected = cls.model_num_masked(config, num_patches)
+        if drawn != expected:
+            raise ValueError(
+                f"{drawn} of {num_patches} patches masked per image, but {cls.name} with mask_ratio "
+                f"{config.mask_ratio} masks {expected}: choose a mask_ratio for which they agree (e.g. "
+                f"{drawn / num_patches})"
+            )
+
+    @classmethod
+    def mask_inputs(cls, model: PreTrainedModel, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        expected = cls.model_num_masked(model.config, mask.shape[1])
+        return {"noise": mask_to_noise(mask, expected_num_masked=expected)}
+
+
 def register_method(method: type[PreTrainingMethod]) -> type[PreTrainingMethod]:
     """Make ``method`` known to generic code (its model type and those of the upstream classes it extends) and its
     classes to transformers' Auto classes: `AutoConfig`, its `auto_class_name` (the pre-training model) and
@@ -276,4 +305,11 @@ def method_for(target) -> type[PreTrainingMethod]:
     return method
 
 
-__all__ = ["PreTrainingMethod", "method_for", "model_types", "register_method", "registered_methods"]
+__all__ = [
+    "KeptCountMethod",
+    "PreTrainingMethod",
+    "method_for",
+    "model_types",
+    "register_method",
+    "registered_methods",
+]

@@ -14,7 +14,7 @@ DEFAULT_MOMENTUM_SCHEDULE = [[0.0, 0.999], [0.125, 0.9999], [0.5, 0.99999]]
 
 @strict
 @document_mto_fields
-class BootMAEMTOConfig(ViTMAEConfig, MTOConfigMixin):
+class BootMAEMTOConfig(MTOConfigMixin, ViTMAEConfig):
     r"""
     Configuration of [`BootMAEMTOForPreTraining`] (BootMAE, Dong et al. 2022, with MTO on both decoders): every field
     of [`~transformers.ViTMAEConfig`] (the encoder's; its `decoder_*` fields size the *pixel* decoder), the BootMAE

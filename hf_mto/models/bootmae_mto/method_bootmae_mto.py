@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from ...masking import mask_to_noise
-from ...methods import PreTrainingMethod, register_method
+from ...methods import KeptCountMethod, register_method
 from .configuration_bootmae_mto import BootMAEMTOConfig
 from .modeling_bootmae_mto import PIXEL_NORM_EPS, BootMAEMTOForPreTraining, BootMAEMTOModel
 
 
 @register_method
-class BootMAEMTOMethod(PreTrainingMethod):
+class BootMAEMTOMethod(KeptCountMethod):
     """BootMAE: masks reach the model as MAE's do (``noise``); the default masking is BEiT's block-wise one topped up
     at random to exactly ``round(mask_ratio * N)`` patches (the official code: 120 block-masked patches topped up
     with 27 random ones to 147 of 196); MTO acts on both decoders; after every optimizer step the momentum encoder
@@ -24,10 +23,7 @@ class BootMAEMTOMethod(PreTrainingMethod):
     base_model_class = BootMAEMTOModel
     auto_class_name = "AutoModelForPreTraining"
     extends = ()  # no upstream BootMAE
-    encoder_classes = (BootMAEMTOModel,)
-    mask_input_name = "noise"
     default_masking = "beit_block"
-    own_masking = None
     mto_stacks = ("pixel_decoder", "feature_decoder")
     card_notes = (
         "This is the online encoder of BootMAE (not its momentum encoder). BootMAE's position embeddings are a fixed "
@@ -36,24 +32,10 @@ class BootMAEMTOMethod(PreTrainingMethod):
         "fixed while fine-tuning. `encoder_stride` (absent from ViTMAE's config) is set to `patch_size`."
     )
 
-    @staticmethod
-    def model_num_masked(config, num_patches: int) -> int:
-        """The encoder keeps ``int(N * (1 - mask_ratio))`` patches whatever its noise says (as MAE)."""
-        return num_patches - int(num_patches * (1 - config.mask_ratio))
-
     @classmethod
-    def check_num_masked(cls, config, num_patches: int, drawn: int) -> None:
-        expected = cls.model_num_masked(config, num_patches)
-        if drawn != expected:
-            raise ValueError(
-                f"{drawn} of {num_patches} patches masked per image, but BootMAE with mask_ratio {config.mask_ratio} "
-                f"masks {expected}: choose a mask_ratio for which they agree (e.g. {drawn / num_patches})"
-            )
-
-    @classmethod
-    def mask_inputs(cls, model, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        expected = cls.model_num_masked(model.config, mask.shape[1])
-        return {"noise": mask_to_noise(mask, expected_num_masked=expected)}
+    def loss_components(cls, outputs) -> dict[str, torch.Tensor]:
+        """The pixel loss (as the other methods' reconstruction loss) and the unweighted feature loss."""
+        return {"reconstruction_loss": outputs.pixel_loss, "feature_loss": outputs.feature_loss}
 
     @classmethod
     def on_step_end(cls, model, progress: float) -> None:

@@ -1,6 +1,6 @@
 # Generated from hf_mto/mto.py by `python scripts/copy_mto.py`: edit that file, then run the script. This copy is
 # what `save_pretrained` bundles beside a checkpoint as remote code (see the script's docstring).
-"""Masked Token Optimization (MTO) math: pure tensor functions, no model code.
+"""Masked Token Optimization (MTO): the math, as pure tensor functions, and the MTO fields of a model config.
 
 Implements the terms of "Emerging Property of Masked Token for Effective Pre-training" (arXiv 2404.08330),
 as decided in DESIGN.md:
@@ -16,8 +16,6 @@ saturates the softmax at ViT-B widths (DESIGN.md, "MTO math"). Everything is com
 ``log(softmax)``), and is finite (values and gradients) for every mask: an image with no masked or no visible
 token has nothing to measure, contributes 0 and is left out of batch means.
 """
-
-from __future__ import annotations
 
 from dataclasses import dataclass
 
@@ -52,13 +50,17 @@ MTO_CONFIG_ARGS = """\
 """
 
 
-@dataclass(repr=False, eq=False)
+# No `from __future__ import annotations` in this module: huggingface_hub's `@strict` checks a field's type only when
+# its annotation is a real type, not a string.
+@dataclass(init=False, repr=False, eq=False)
 class MTOConfigMixin:
     """The MTO fields of a model configuration, declared once for every method (documented in `MTO_CONFIG_ARGS`).
 
-    A method's config lists it after its upstream config class, puts `MTO_CONFIG_ARGS` in its docstring with
-    `document_mto_fields`, and calls `check_mto_fields` from its `__post_init__`. The MTO loss *weights* are training
-    arguments, not model configuration: a model returns each raw term and the trainer weights them.
+    A method's config lists it before its upstream config class (its fields then follow the upstream ones), puts
+    `MTO_CONFIG_ARGS` in its docstring with `document_mto_fields`, and calls `check_mto_fields` from its
+    `__post_init__`. The MTO loss *weights* are training arguments, not model configuration: a model returns each
+    raw term and the trainer weights them. The configs derive from their folder's copy of this class (the one that
+    travels as remote code), so check a config for MTO by its fields, not with `isinstance`.
     """
 
     use_mto: bool = True

@@ -6,14 +6,13 @@ from __future__ import annotations
 import torch
 from transformers import ViTMAEForPreTraining, ViTMAEModel
 
-from ...masking import mask_to_noise
-from ...methods import PreTrainingMethod, register_method
+from ...methods import KeptCountMethod, register_method
 from .configuration_vit_mae_mto import ViTMAEMTOConfig
 from .modeling_vit_mae_mto import ViTMAEMTOForPreTraining, ViTMAEMTOModel
 
 
 @register_method
-class ViTMAEMTOMethod(PreTrainingMethod):
+class ViTMAEMTOMethod(KeptCountMethod):
     name = "MAE"
     config_class = ViTMAEMTOConfig
     model_class = ViTMAEMTOForPreTraining
@@ -21,7 +20,6 @@ class ViTMAEMTOMethod(PreTrainingMethod):
     auto_class_name = "AutoModelForPreTraining"
     extends = (ViTMAEForPreTraining,)
     upstream_encoder_classes = (ViTMAEModel,)
-    mask_input_name = "noise"
     default_masking = "random"
     own_masking = "random"  # MAE draws its own random mask from its noise: upstream's path, same distribution
     mto_stacks = ("decoder",)
@@ -31,25 +29,6 @@ class ViTMAEMTOMethod(PreTrainingMethod):
         "`vit.embeddings.position_embeddings` to keep them fixed while fine-tuning. `encoder_stride` (absent from "
         "ViTMAE's config) is set to `patch_size`."
     )
-
-    @staticmethod
-    def model_num_masked(config, num_patches: int) -> int:
-        """MAE keeps ``int(N * (1 - mask_ratio))`` patches whatever its noise says."""
-        return num_patches - int(num_patches * (1 - config.mask_ratio))
-
-    @classmethod
-    def check_num_masked(cls, config, num_patches: int, drawn: int) -> None:
-        expected = cls.model_num_masked(config, num_patches)
-        if drawn != expected:
-            raise ValueError(
-                f"{drawn} of {num_patches} patches masked per image, but MAE with mask_ratio {config.mask_ratio} "
-                f"masks {expected}: choose a mask_ratio for which they agree (e.g. {drawn / num_patches})"
-            )
-
-    @classmethod
-    def mask_inputs(cls, model, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        expected = cls.model_num_masked(model.config, mask.shape[1])
-        return {"noise": mask_to_noise(mask, expected_num_masked=expected)}
 
     @classmethod
     def own_mask_inputs(

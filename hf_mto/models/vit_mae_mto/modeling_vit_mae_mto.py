@@ -88,6 +88,18 @@ class ViTMAEMTOPreTrainedModel(ViTMAEPreTrainedModel):
         elif isinstance(module, ViTMAEDecoder):
             self._init_decoder(module)
 
+    def tie_weights(self, *args, **kwargs):
+        """Upstream's, then the fixed sin-cos tables (encoder and decoder) frozen again: transformers 5's
+        `from_pretrained` calls this after loading, which makes every floating weight a fresh trainable parameter
+        whatever the model declared. Without it a loaded MAE (a resumed run, the official checkpoints) would train
+        its position embeddings, which the official MAE keeps fixed."""
+        super().tie_weights(*args, **kwargs)
+        for module in self.modules():
+            if isinstance(module, ViTMAEEmbeddings):
+                module.position_embeddings.requires_grad_(False)
+            elif isinstance(module, ViTMAEDecoder):
+                module.decoder_pos_embed.requires_grad_(False)
+
     def _init_embeddings(self, module: ViTMAEEmbeddings) -> None:
         pos = module.position_embeddings
         if not getattr(pos, "_is_hf_initialized", False):

@@ -193,6 +193,17 @@ def test_save_and_load_round_trip_keeps_every_weight(tmp_path):
     assert torch.equal(model(pixels, noise=noise).ranking_loss, loaded(pixels, noise=noise).ranking_loss)
 
 
+def test_the_sin_cos_tables_stay_frozen_after_loading(tmp_path):
+    # transformers 5's from_pretrained makes every loaded weight trainable; MAE's tables are fixed
+    make_model().save_pretrained(tmp_path)
+    for loaded in (ViTMAEMTOForPreTraining.from_pretrained(tmp_path), AutoModel.from_pretrained(tmp_path)):
+        vit = loaded.vit if isinstance(loaded, ViTMAEMTOForPreTraining) else loaded
+        assert not vit.embeddings.position_embeddings.requires_grad
+        assert vit.embeddings.cls_token.requires_grad  # only the tables
+    model = ViTMAEMTOForPreTraining.from_pretrained(tmp_path)
+    assert not model.decoder.decoder_pos_embed.requires_grad and model.decoder.mask_token.requires_grad
+
+
 def test_trust_remote_code_load_in_fresh_process_without_hf_mto(tmp_path):
     model = make_model().eval()
     model.save_pretrained(tmp_path / "ckpt")
