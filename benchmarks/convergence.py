@@ -21,21 +21,23 @@ the epochs each arm needs to reach its baseline's final accuracy (linear interpo
 run and in all. `--lr_sweep` instead runs the baselines at each of `--learning_rates` plus the floor, and reports the
 final accuracies per learning rate, their margin over the floor and whether the last epoch still improved.
 
-    # 1. the baselines' learning-rate sweep (2 methods x 5 LRs x 2 seeds + floor, 10 epochs on 8,000 images):
-    #    about 21 runs x 3.5 min = 75 min on 2 idle cores
-    python benchmarks/convergence.py --lr_sweep --learning_rates 5e-5 1.5e-4 5e-4 1.5e-3 5e-3 --seeds 0 1 \\
-        --epochs 10 --train_samples 8000 --test_samples 1000 --bank_samples 2000 --output_dir outputs/convergence
+    # 1. the baselines' learning-rate sweep, 5 base LRs over two orders of magnitude x 2 lengths (5 and 10 epochs,
+    #    each a full cosine schedule) x 2 methods, seed 0, plus the floor: 20 runs, about 70 min
+    python benchmarks/convergence.py --lr_sweep --learning_rates 5e-5 1.5e-4 5e-4 1.5e-3 5e-3 --lr_sweep_epochs 5 10 \
+        --seeds 0 --train_samples 8000 --test_samples 1000 --bank_samples 2000 --output_dir outputs/convergence
 
-    # 2. the MTO weight sweep with the scaled affinity (MAE + MTO; the baseline is reused from step 1 when the LR
-    #    and budget match): 3 weights x 2 seeds, about 25 min
-    python benchmarks/convergence.py --sweep 0.03 0.1 0.3 1.0 --mae_lr MAE_LR --seeds 0 1 --epochs 10 \\
-        --train_samples 8000 --test_samples 1000 --bank_samples 2000 --finetune_epochs --output_dir outputs/convergence
+    # 2. the MTO weight sweep with the scaled affinity (MAE + MTO at the chosen MAE_LR, 10 epochs; seed 0's baseline
+    #    is reused from step 1): 4 weights x 2 seeds + 1 baseline, about 40 min
+    python benchmarks/convergence.py --sweep 0.03 0.1 0.3 1.0 --mae_lr MAE_LR --seeds 0 1 --epochs 10 \
+        --train_samples 8000 --test_samples 1000 --bank_samples 2000 --output_dir outputs/convergence
 
-    # 3. the study: 8 arms x 3 seeds, fine-tuning at epochs 2 4 7 10 (4 x 1 epoch on 4,000 images): about 3 h
-    python benchmarks/convergence.py --arms mae mae_mto mae_mto_dot mae_evolved simmim simmim_mto random_init \\
-        --mae_lr MAE_LR --simmim_lr SIMMIM_LR --weights W --seeds 0 1 2 --epochs 10 --train_samples 8000 \\
-        --test_samples 1000 --bank_samples 2000 --finetune_epochs 2 4 7 10 --finetune_num_epochs 1 \\
-        --finetune_train_samples 4000 --finetune_eval_samples 2000 --output_dir outputs/convergence
+    # 3. the study: the floor + 6 arms x 3 seeds, 10 epochs, fine-tuned at epochs 2 4 7 10 (each 2 epochs on 3,000
+    #    images = 48 steps, 2,000 test images scored): 18 pre-training runs (about 75 min) and 75 fine-tunings (about
+    #    110 min): about 3 h; the runs of steps 1 and 2 with the same LR, weight and seed are reused
+    python benchmarks/convergence.py --arms random_init mae mae_mto mae_mto_dot mae_evolved simmim simmim_mto \
+        --mae_lr MAE_LR --simmim_lr SIMMIM_LR --weights W --seeds 0 1 2 --epochs 10 --train_samples 8000 \
+        --test_samples 1000 --bank_samples 2000 --finetune_epochs 2 4 7 10 --finetune_num_epochs 2 \
+        --finetune_train_samples 3000 --finetune_eval_samples 2000 --output_dir outputs/convergence
 
     python benchmarks/convergence.py --smoke      # a few steps of every path (study arms, fine-tuning, LR sweep): CI
 
@@ -48,9 +50,15 @@ checkpoint, and a folder left by different flags is deleted and rerun; so every 
 rerun, and later commands reuse the runs of earlier ones. Each run's folder is named after its arm, MTO weight, base
 learning rate and seed; the epoch checkpoints are kept (model weights only, about 1 MB each) for later fine-tuning.
 
-Cost (measured on the 2-core reference machine, idle; tiny preset, batch 128, 8,000 images = 63 steps): about 14 s
-of training per epoch for MAE (18 s with the 2,000-image k-NN bank and probe on 1,000 test images), a process
-start-up of about 15 s per run, and about 40 s per 1-epoch fine-tuning on 4,000 images with 2,000 scored.
+Cost, measured on the 2-core reference machine while other jobs kept its load average at 2.5-4 (so upper figures;
+`--arms mae random_init --mae_lr 1.5e-3 --seeds 0 --epochs 2 --train_samples 8000 --test_samples 1000
+--bank_samples 2000 --finetune_epochs 2 --finetune_num_epochs 1 --finetune_train_samples 4000`, 4.1 min in all):
+MAE pre-training epochs of 63 steps (batch 128) took 24.5 s and 8.9 s of training (the README's idle figure: 0.12
+s/step), the whole 2-epoch run with its evaluations 80 s; the floor (start-up, one evaluation, saving) 41 s;
+fine-tuning 1.5 s/step (32 steps: 49 s of training, 64 s in all). Hence about 4-4.5 min per 10-epoch pre-training
+run and 1.5 min per 48-step fine-tuning. A 32-step fine-tuning (1 epoch on 4,000 images) barely trains: 26.4 % for
+the 2-epoch MAE encoder and 26.3 % for the untrained one; check the floor's fine-tuning accuracy at the chosen budget
+before reading anything into the arms' (the study runs the floor first when `--arms` lists it first).
 """
 
 from __future__ import annotations
@@ -151,10 +159,10 @@ def subprocess_env() -> dict[str, str]:
     return os.environ | {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
 
 
-def run_name(arm: str, seed: int, weight: float, lr: float) -> str:
+def run_name(arm: str, seed: int, weight: float, lr: float, epochs: int) -> str:
     if not ARMS[arm].pretrain:
         return f"{arm}-seed{seed}"
-    return f"{arm}-w{weight:g}-lr{lr:g}-seed{seed}"
+    return f"{arm}-w{weight:g}-lr{lr:g}-e{epochs}-seed{seed}"
 
 
 def run_flags(arm: str, seed: int, weight: float, lr: float, args, run_dir: Path) -> list[str]:
@@ -162,7 +170,8 @@ def run_flags(arm: str, seed: int, weight: float, lr: float, args, run_dir: Path
     spec = ARMS[arm]
     mto_weight = weight if spec.mto else 0.0
     flags = ["--config", str(spec.preset), "--output_dir", str(run_dir)]
-    flags += ["--seed", str(seed), "--num_train_epochs", str(args.epochs)]
+    flags += ["--seed", str(seed)]
+    flags += ["--num_train_epochs", str(args.epochs)] if spec.pretrain else []  # the floor: one folder per seed
     flags += ["--max_train_samples", str(args.train_samples), "--max_eval_samples", str(args.test_samples)]
     for term in ("spa", "e", "r"):
         flags += [f"--mto_{term}_weight", str(mto_weight)]
@@ -214,7 +223,7 @@ def launch(cmd: list[str], run_dir: Path, what: str) -> float:
 
 
 def run_arm(arm: str, seed: int, weight: float, lr: float, args, output_dir: Path) -> dict:
-    run_dir = output_dir / run_name(arm, seed, weight, lr)
+    run_dir = output_dir / run_name(arm, seed, weight, lr, args.epochs)
     times_file = run_dir / "epoch_seconds.json"
     flags = run_flags(arm, seed, weight, lr, args, run_dir)
     # A finished run is reused only if it ran with exactly these flags (delete the folder to rerun it anyway).
@@ -224,6 +233,7 @@ def run_arm(arm: str, seed: int, weight: float, lr: float, args, output_dir: Pat
         prune_checkpoints(run_dir)
         (run_dir / RUNS_REUSED).write_text(json.dumps(flags))
     run = collect(arm, seed, weight, lr, run_dir)
+    run["num_epochs"] = args.epochs if ARMS[arm].pretrain else 0
     run["finetune"] = finetune_points(run, run_dir, args)
     return run
 
@@ -468,8 +478,11 @@ def lr_sweep_summary(runs: list[dict]) -> list[dict]:
         {m: statistics.mean(run[MEASURES[m]][-1] for run in floor) for m in ("knn", "probe")} if floor else {}
     )
     rows = []
-    for (arm, _, lr), group in group_runs(runs).items():
-        row = {"method": arm, "lr": lr, "seeds": len(group)}
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["arm"], run["lr"], run["num_epochs"]), []).append(run)
+    for (arm, lr, epochs), group in groups.items():
+        row = {"method": arm, "lr": lr, "epochs": epochs, "seeds": len(group)}
         for m in ("knn", "probe"):
             finals = [run[MEASURES[m]][-1] for run in group]
             row[m] = finals
@@ -482,9 +495,9 @@ def lr_sweep_summary(runs: list[dict]) -> list[dict]:
 
 def lr_sweep_report(rows: list[dict]) -> str:
     lines = [
-        "| method | base LR | seeds | final k-NN | final probe | k-NN - floor | probe - floor | last epoch improved "
-        "(k-NN / probe, share of seeds) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | base LR | epochs | seeds | final k-NN | final probe | k-NN - floor | probe - floor | last epoch "
+        "improved (k-NN / probe, share of seeds) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         gain = [
@@ -497,7 +510,16 @@ def lr_sweep_report(rows: list[dict]) -> str:
             else (f"{row['knn_last_epoch_improved']:.2f} / {row['probe_last_epoch_improved']:.2f}")
         )
         lr = "-" if row["lr"] is None else f"{row['lr']:g}"
-        cells = [row["method"], lr, str(row["seeds"]), spread(row["knn"]), spread(row["probe"]), *gain, improved]
+        cells = [
+            row["method"],
+            lr,
+            str(row["epochs"]),
+            str(row["seeds"]),
+            spread(row["knn"]),
+            spread(row["probe"]),
+            *gain,
+            improved,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -510,8 +532,9 @@ def lr_sweep_plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, m in zip(axes, ("knn", "probe"), strict=True):
-        for method in BASELINES:
-            points = sorted((row["lr"], row[m]) for row in rows if row["method"] == method)
+        lengths = sorted({row["epochs"] for row in rows if row["lr"] is not None})
+        for method, epochs in ((method, epochs) for method in BASELINES for epochs in lengths):
+            points = sorted((row["lr"], row[m]) for row in rows if (row["method"], row["epochs"]) == (method, epochs))
             if not points:
                 continue
             lrs = [lr for lr, _ in points]
@@ -520,7 +543,7 @@ def lr_sweep_plot(rows: list[dict], path: Path) -> None:
                 [mean - min(values) for mean, (_, values) in zip(means, points, strict=True)],
                 [max(values) - mean for mean, (_, values) in zip(means, points, strict=True)],
             ]
-            ax.errorbar(lrs, means, yerr=errors, marker="o", capsize=3, label=method)
+            ax.errorbar(lrs, means, yerr=errors, marker="o", capsize=3, label=f"{method}, {epochs} epochs")
         for row in rows:
             if row["lr"] is None:
                 ax.axhline(statistics.mean(row[m]), color="grey", linestyle=":", label="random init (floor)")
@@ -542,7 +565,7 @@ def execute(plan: list[tuple[str, float, float]], args) -> list[dict]:
             runs.append(run_arm(arm, seed, weight, lr, args, args.output_dir))
             last = runs[-1]
             print(
-                f"{run_name(arm, seed, weight, lr)}: k-NN {last['eval_knn_accuracy']}, "
+                f"{run_name(arm, seed, weight, lr, args.epochs)}: k-NN {last['eval_knn_accuracy']}, "
                 f"probe {last['eval_linear_probe_accuracy']}, fine-tune {last['finetune']['finetune_accuracy']} "
                 f"at epochs {last['finetune']['epochs']}, s/epoch {last['epoch_seconds']}, "
                 f"wall {last['wall_seconds'] + sum(last['finetune']['wall_seconds']):.0f} s",
@@ -576,9 +599,12 @@ def study(args) -> None:
 
 def lr_sweep(args) -> None:
     methods = [arm for arm in args.arms if arm in BASELINES] or list(BASELINES)
-    plan = [(arm, 0.0, lr) for arm in methods for lr in args.learning_rates] + [("random_init", 0.0, args.mae_lr)]
     start = time.perf_counter()
-    runs = execute(plan, args)
+    runs = []
+    for epochs in args.lr_sweep_epochs or [args.epochs]:  # the run's length: its schedule, not a cut of a longer one
+        args.epochs = epochs
+        runs += execute([(arm, 0.0, lr) for arm in methods for lr in args.learning_rates], args)
+    runs += execute([("random_init", 0.0, args.mae_lr)], args)
     rows = lr_sweep_summary(runs)
     extra = {"table": rows, "wall_seconds_this_invocation": time.perf_counter() - start}
     write(runs, "lr_sweep", args, extra)
@@ -600,6 +626,13 @@ def main(argv=None):
     )
     parser.add_argument(
         "--learning_rates", nargs="+", type=float, default=[5e-5, 1.5e-4, 5e-4, 1.5e-3, 5e-3], help="For --lr_sweep."
+    )
+    parser.add_argument(
+        "--lr_sweep_epochs",
+        nargs="+",
+        type=int,
+        default=None,
+        help="For --lr_sweep: run lengths (epochs) swept too, each a full schedule (default: --epochs).",
     )
     parser.add_argument(
         "--mae_lr", type=float, default=preset_lr(MAE), help="Base LR of every MAE arm (default: the preset's)."
@@ -630,8 +663,8 @@ def main(argv=None):
         help="Pre-training epochs whose checkpoint is fine-tuned (the floor: its untrained model, once). Default: 4 "
         "points spread over --epochs, none with --lr_sweep or --sweep; give the flag without values for none.",
     )
-    parser.add_argument("--finetune_num_epochs", type=int, default=1, help="Fine-tuning epochs, every arm alike.")
-    parser.add_argument("--finetune_train_samples", type=int, default=4000, help="Fine-tuning train images.")
+    parser.add_argument("--finetune_num_epochs", type=int, default=2, help="Fine-tuning epochs, every arm alike.")
+    parser.add_argument("--finetune_train_samples", type=int, default=3000, help="Fine-tuning train images.")
     parser.add_argument("--finetune_eval_samples", type=int, default=2000, help="Fashion-MNIST test images scored.")
     parser.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT_DIR)
     parser.add_argument(

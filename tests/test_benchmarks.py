@@ -26,14 +26,14 @@ def test_convergence_smoke_runs_every_path(tmp_path):
     for arm in ("mae", "mae_mto_dot"):
         run = runs[arm]
         assert run["lr"] == pytest.approx(1.5e-4)  # the MAE preset's base LR, in the run's folder name too
-        assert (tmp_path / f"{arm}-w{run['weight']:g}-lr0.00015-seed0" / "flags.json").is_file()
+        assert (tmp_path / f"{arm}-w{run['weight']:g}-lr0.00015-e2-seed0" / "flags.json").is_file()
         assert len(run["eval_knn_accuracy"]) == len(run["epochs"]) == 2  # evaluated after both smoke epochs
         assert all(0 <= value <= 1 for value in run["eval_knn_accuracy"] + run["eval_linear_probe_accuracy"])
         assert run["epoch_seconds"] and all(t > 0 for t in run["epoch_seconds"])
         assert run["finetune"]["epochs"] == [1.0, 2.0]  # one fine-tuning per checkpoint point
         assert all(0 <= value <= 1 for value in run["finetune"]["finetune_accuracy"])
         assert run["wall_seconds"] > 0 and all(t > 0 for t in run["finetune"]["wall_seconds"])
-    flags = json.loads((tmp_path / "mae_mto_dot-w0.1-lr0.00015-seed0" / "flags.json").read_text())
+    flags = json.loads((tmp_path / "mae_mto_dot-w0.1-lr0.00015-e2-seed0" / "flags.json").read_text())
     assert flags[flags.index("--mto_affinity") + 1] == "dot"
     floor = runs["random_init"]
     assert floor["epochs"] == [0.0] and floor["epoch_seconds"] == []  # evaluated once, untrained
@@ -51,7 +51,8 @@ def test_convergence_smoke_runs_every_path(tmp_path):
     assert rows[("mae", 1.5e-3)]["knn_last_epoch_improved"] in (0.0, 1.0)
     assert rows[("random_init", None)]["knn_gain_over_floor"] == 0.0
     assert (tmp_path / "lr_sweep.png").stat().st_size > 0
-    assert "| mae | 0.0015 | 1 |" in result.stdout and "| random_init | - | 1 |" in result.stdout
+    assert rows[("mae", 1.5e-3)]["epochs"] == 2
+    assert "| mae | 0.0015 | 2 | 1 |" in result.stdout and "| random_init | - | 0 | 1 |" in result.stdout
 
 
 @pytest.mark.slow
