@@ -23,20 +23,20 @@ final accuracies per learning rate, their margin over the floor and whether the 
 
     # 1. the baselines' learning-rate sweep, 5 base LRs over two orders of magnitude x 2 lengths (5 and 10 epochs,
     #    each a full cosine schedule) x 2 methods, seed 0, plus the floor: 20 runs, about 70 min
-    python benchmarks/convergence.py --lr_sweep --learning_rates 5e-5 1.5e-4 5e-4 1.5e-3 5e-3 --lr_sweep_epochs 5 10 \
+    python benchmarks/convergence.py --lr_sweep --learning_rates 5e-5 1.5e-4 5e-4 1.5e-3 5e-3 --lr_sweep_epochs 5 10 \\
         --seeds 0 --train_samples 8000 --test_samples 1000 --bank_samples 2000 --output_dir outputs/convergence
 
     # 2. the MTO weight sweep with the scaled affinity (MAE + MTO at the chosen MAE_LR, 10 epochs; seed 0's baseline
     #    is reused from step 1): 4 weights x 2 seeds + 1 baseline, about 40 min
-    python benchmarks/convergence.py --sweep 0.03 0.1 0.3 1.0 --mae_lr MAE_LR --seeds 0 1 --epochs 10 \
+    python benchmarks/convergence.py --sweep 0.03 0.1 0.3 1.0 --mae_lr MAE_LR --seeds 0 1 --epochs 10 \\
         --train_samples 8000 --test_samples 1000 --bank_samples 2000 --output_dir outputs/convergence
 
     # 3. the study: the floor + 6 arms x 3 seeds, 10 epochs, fine-tuned at epochs 2 4 7 10 (each 2 epochs on 3,000
     #    images = 48 steps, 2,000 test images scored): 18 pre-training runs (about 75 min) and 75 fine-tunings (about
     #    110 min): about 3 h; the runs of steps 1 and 2 with the same LR, weight and seed are reused
-    python benchmarks/convergence.py --arms random_init mae mae_mto mae_mto_dot mae_evolved simmim simmim_mto \
-        --mae_lr MAE_LR --simmim_lr SIMMIM_LR --weights W --seeds 0 1 2 --epochs 10 --train_samples 8000 \
-        --test_samples 1000 --bank_samples 2000 --finetune_epochs 2 4 7 10 --finetune_num_epochs 2 \
+    python benchmarks/convergence.py --arms random_init mae mae_mto mae_mto_dot mae_evolved simmim simmim_mto \\
+        --mae_lr MAE_LR --simmim_lr SIMMIM_LR --weights W --seeds 0 1 2 --epochs 10 --train_samples 8000 \\
+        --test_samples 1000 --bank_samples 2000 --finetune_epochs 2 4 7 10 --finetune_num_epochs 2 \\
         --finetune_train_samples 3000 --finetune_eval_samples 2000 --output_dir outputs/convergence
 
     python benchmarks/convergence.py --smoke      # a few steps of every path (study arms, fine-tuning, LR sweep): CI
@@ -48,7 +48,8 @@ the Markdown of docs/RESULTS.md. Runs are resumable: a finished run (pre-trainin
 folder when it ran with exactly the same flags, an interrupted pre-training run resumes from its last epoch
 checkpoint, and a folder left by different flags is deleted and rerun; so every command above can be stopped and
 rerun, and later commands reuse the runs of earlier ones. Each run's folder is named after its arm, MTO weight, base
-learning rate and seed; the epoch checkpoints are kept (model weights only, about 1 MB each) for later fine-tuning.
+learning rate, length and seed; its epoch checkpoints are kept without optimizer states (1.4 MB each, so about
+14 MB per 10-epoch run) for later fine-tuning.
 
 Cost, measured on the 2-core reference machine while other jobs kept its load average at 2.5-4 (so upper figures;
 `--arms mae random_init --mae_lr 1.5e-3 --seeds 0 --epochs 2 --train_samples 8000 --test_samples 1000
