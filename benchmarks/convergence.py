@@ -1,196 +1,442 @@
 """Does MTO (and evolved masking) converge faster here? A small-scale reproduction of the papers' headline claim.
 
 Every arm pre-trains the tiny CPU preset (recipes/configs/tiny_cpu_*.yaml) on a Fashion-MNIST train subset with the
-same seed, budget and hyper-parameters, through the real recipe (`recipes/pretrain.py`, one fresh process per run).
+same seeds, budget and hyper-parameters, through the real recipe (`recipes/pretrain.py`, one fresh process per run).
 After every epoch the frozen encoder is scored on the Fashion-MNIST test split: k-NN accuracy (k=20, cosine,
-T=0.07) and linear-probe accuracy (`hf_mto.evaluation`) of the mean-pooled patch features. The report gives, per arm, the accuracy curves (mean and
-spread over seeds), the RAUC of each arm against its baseline (MTO paper Eq. 8, `hf_mto.metrics.RAUC_PATH`) over
-epochs [1, E], and the training wall-clock per epoch as a ratio to the baseline's (evaluation excluded).
+T=0.07) and linear-probe accuracy (`hf_mto.evaluation`) of the mean-pooled patch features. At the epochs of
+`--finetune_epochs` the pre-training checkpoint is fine-tuned with `recipes/finetune.py` and its tiny preset
+(recipes/configs/tiny_cpu_finetune.yaml) on the same budget for every arm (`--finetune_num_epochs`,
+`--finetune_train_samples`, `--finetune_eval_samples`), and its accuracy on Fashion-MNIST test images recorded.
 
-    python benchmarks/convergence.py                                  # 6 arms x 3 seeds (about 40 min on 2 cores)
-    python benchmarks/convergence.py --arms mae mae_mto --seeds 0     # a subset
-    python benchmarks/convergence.py --sweep 0.03 0.1 0.3 --seeds 0   # the MTO weight sweep (MAE + MTO)
-    python benchmarks/convergence.py --smoke                          # a few steps of every arm (the CI check)
+Arms: `mae`, `simmim` (the baselines, at `--mae_lr` / `--simmim_lr`), `mae_mto`, `simmim_mto` (MTO, today's
+"scaled" affinity), `mae_mto_dot` (the affinity ablation: MTO with the raw dot product), `mae_evolved`,
+`mae_mto_evolved` (evolved masking), and `random_init`, the floor: the MAE preset's encoder at initialisation (seeded
+like every run), not trained, scored and fine-tuned through the same code as the others (a `--do_train false` run of
+the recipe whose model is then saved).
 
-Writes `<output_dir>/convergence.json` (every run's curves and timings) and `<output_dir>/convergence.png` (with
-`--sweep`: `convergence_sweep.*`), and prints the tables in the Markdown of docs/RESULTS.md. Finished runs are
-reused from their folders, so the sweep after the main run only trains the new weights.
+The report gives, per arm, mean ± std over seeds of the final k-NN, probe and fine-tuning accuracy; the RAUC of each
+measure against the arm's baseline (MTO paper Eq. 8, `hf_mto.metrics.RAUC_PATH`) over the measure's evaluated epochs;
+the epochs each arm needs to reach its baseline's final accuracy (linear interpolation of the seed-mean curves, or
+"not reached"); training seconds per epoch as a ratio to the baseline's (evaluation excluded) and the wall-clock per
+run and in all. `--lr_sweep` instead runs the baselines at each of `--learning_rates` plus the floor, and reports the
+final accuracies per learning rate, their margin over the floor and whether the last epoch still improved.
+
+    # 1. the baselines' learning-rate sweep, 5 base LRs over two orders of magnitude x 2 lengths (5 and 10 epochs,
+    #    each a full cosine schedule) x 2 methods, seed 0, plus the floor: 20 runs, about 70 min
+    python benchmarks/convergence.py --lr_sweep --learning_rates 5e-5 1.5e-4 5e-4 1.5e-3 5e-3 --lr_sweep_epochs 5 10 \\
+        --seeds 0 --train_samples 8000 --test_samples 1000 --bank_samples 2000 --output_dir outputs/convergence
+
+    # 2. the MTO weight sweep with the scaled affinity (MAE + MTO at the chosen MAE_LR, 10 epochs; seed 0's baseline
+    #    is reused from step 1): 4 weights x 2 seeds + 1 baseline, about 40 min
+    python benchmarks/convergence.py --sweep 0.03 0.1 0.3 1.0 --mae_lr MAE_LR --seeds 0 1 --epochs 10 \\
+        --train_samples 8000 --test_samples 1000 --bank_samples 2000 --output_dir outputs/convergence
+
+    # 3. the study: the floor + 6 arms x 3 seeds, 10 epochs, fine-tuned at epochs 2 4 7 10 (each 2 epochs on 3,000
+    #    images = 48 steps, 2,000 test images scored): 18 pre-training runs (about 75 min) and 75 fine-tunings (about
+    #    110 min): about 3 h; the runs of steps 1 and 2 with the same LR, weight and seed are reused
+    python benchmarks/convergence.py --arms random_init mae mae_mto mae_mto_dot mae_evolved simmim simmim_mto \\
+        --mae_lr MAE_LR --simmim_lr SIMMIM_LR --weights W --seeds 0 1 2 --epochs 10 --train_samples 8000 \\
+        --test_samples 1000 --bank_samples 2000 --finetune_epochs 2 4 7 10 --finetune_num_epochs 2 \\
+        --finetune_train_samples 3000 --finetune_eval_samples 2000 --output_dir outputs/convergence
+
+    python benchmarks/convergence.py --smoke      # a few steps of every path (study arms, fine-tuning, LR sweep): CI
+
+(MAE_LR, SIMMIM_LR: the sweep's choices; W: the MTO weight sweep's.) Timings: see "Cost" below.
+Writes `<output_dir>/convergence.json` (every run's curves, fine-tuning accuracies and timings) and
+`convergence.png` (with `--sweep`: `convergence_sweep.*`; with `--lr_sweep`: `lr_sweep.*`), and prints the tables in
+the Markdown of docs/RESULTS.md. Runs are resumable: a finished run (pre-training or fine-tuning) is reused from its
+folder when it ran with exactly the same flags, an interrupted pre-training run resumes from its last epoch
+checkpoint, and a folder left by different flags is deleted and rerun; so every command above can be stopped and
+rerun, and later commands reuse the runs of earlier ones. Each run's folder is named after its arm, MTO weight, base
+learning rate, length and seed; its epoch checkpoints are kept without optimizer states (1.4 MB each, so about
+14 MB per 10-epoch run) for later fine-tuning.
+
+Cost, measured on the 2-core reference machine while other jobs kept its load average at 2.5-4 (so upper figures;
+`--arms mae random_init --mae_lr 1.5e-3 --seeds 0 --epochs 2 --train_samples 8000 --test_samples 1000
+--bank_samples 2000 --finetune_epochs 2 --finetune_num_epochs 1 --finetune_train_samples 4000`, 4.1 min in all):
+MAE pre-training epochs of 63 steps (batch 128) took 24.5 s and 8.9 s of training (the README's idle figure: 0.12
+s/step), the whole 2-epoch run with its evaluations 80 s; the floor (start-up, one evaluation, saving) 41 s;
+fine-tuning 1.5 s/step (32 steps: 49 s of training, 64 s in all). Hence about 4-4.5 min per 10-epoch pre-training
+run and 1.5 min per 48-step fine-tuning. A 32-step fine-tuning (1 epoch on 4,000 images) barely trains: 26.4 % for
+the 2-epoch MAE encoder and 26.3 % for the untrained one; check the floor's fine-tuning accuracy at the chosen budget
+before reading anything into the arms' (the study runs the floor first when `--arms` lists it first).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
+from typing import NamedTuple
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "configs"
 MAE, SIMMIM = CONFIGS / "tiny_cpu_mae_mto.yaml", CONFIGS / "tiny_cpu_simmim_mto.yaml"
+FINETUNE = CONFIGS / "tiny_cpu_finetune.yaml"
 
-# arm -> (preset, MTO on, masking or None for the model's own, baseline arm)
+
+class Arm(NamedTuple):
+    preset: Path
+    mto: bool  # MTO on (at the run's weight)
+    masking: str | None  # None: the model's own
+    baseline: str | None  # the arm it is compared with (None: the floor)
+    affinity: str | None = None  # MTO affinity; None: the model's default ("scaled")
+    pretrain: bool = True  # False: the encoder at initialisation (the floor)
+
+
 ARMS = {
-    "mae": (MAE, False, None, "mae"),
-    "mae_mto": (MAE, True, None, "mae"),
-    "mae_evolved": (MAE, False, "evolved", "mae"),
-    "mae_mto_evolved": (MAE, True, "evolved", "mae"),
-    "simmim": (SIMMIM, False, None, "simmim"),
-    "simmim_mto": (SIMMIM, True, None, "simmim"),
+    "mae": Arm(MAE, False, None, "mae"),
+    "mae_mto": Arm(MAE, True, None, "mae"),
+    "mae_mto_dot": Arm(MAE, True, None, "mae", affinity="dot"),
+    "mae_evolved": Arm(MAE, False, "evolved", "mae"),
+    "mae_mto_evolved": Arm(MAE, True, "evolved", "mae"),
+    "simmim": Arm(SIMMIM, False, None, "simmim"),
+    "simmim_mto": Arm(SIMMIM, True, None, "simmim"),
+    "random_init": Arm(MAE, False, None, None, pretrain=False),
 }
+BASELINES = ("mae", "simmim")  # the methods of the learning-rate sweep
+SMOKE_ARMS = ["mae", "mae_mto_dot", "random_init"]
 METRICS = ("eval_knn_accuracy", "eval_linear_probe_accuracy")
+MEASURES = {"knn": "eval_knn_accuracy", "probe": "eval_linear_probe_accuracy", "finetune": "finetune_accuracy"}
 DEFAULT_OUTPUT_DIR = ROOT / "outputs" / "convergence"
+RUNS_REUSED = "flags.json"  # written when a run has finished: the flags it ran with
+RUNS_STARTED = "flags.started.json"  # written when a run starts (an interrupted run resumes only with these flags)
+
+
+def preset_lr(preset: Path) -> float:
+    return float(yaml.safe_load(preset.read_text())["base_learning_rate"])
+
 
 # The run itself: the recipe's main() plus a callback timing each training epoch (the Trainer evaluates after
-# `on_epoch_end`, so evaluation is excluded).
+# `on_epoch_end`, so evaluation is excluded; keyed by epoch, so a resumed run keeps the times of its first part). A
+# run without training (the floor) saves its model and state for fine-tuning and for `collect`.
 RUNNER = textwrap.dedent(
     """
-    import json, sys, time
+    import json, os, sys, time
     sys.path.insert(0, {recipes!r})
     import transformers
     from hf_mto.trainer import MTOTrainer
+
+    times_file = {times_file!r}
+    times = json.load(open(times_file)) if os.path.exists(times_file) else {{}}
+    trainers = []
 
     class EpochTimer(transformers.TrainerCallback):
         def on_epoch_begin(self, args, state, control, **kwargs):
             self.start = time.perf_counter()
         def on_epoch_end(self, args, state, control, **kwargs):
-            times.append(time.perf_counter() - self.start)
+            times[str(round(state.epoch))] = time.perf_counter() - self.start
+            json.dump(times, open(times_file, "w"))
 
-    times = []
     init = MTOTrainer.__init__
     def patched(self, *args, **kwargs):
         init(self, *args, **kwargs)
         self.add_callback(EpochTimer())
+        trainers.append(self)
     MTOTrainer.__init__ = patched
     import pretrain
     pretrain.main(sys.argv[1:])
-    json.dump(times, open({times_file!r}, "w"))
+    if not trainers[0].args.do_train:
+        trainers[0].save_model()
+        trainers[0].save_state()
+    json.dump(times, open(times_file, "w"))
     """
 )
 
 
-def run_flags(arm: str, seed: int, weight: float, args, run_dir: Path) -> list[str]:
+def subprocess_env() -> dict[str, str]:
+    """This process's environment with the worktree first on PYTHONPATH, so that the runs import this checkout's
+    hf_mto even where another copy is installed (editable from a different folder)."""
+    paths = [str(ROOT)] + [path for path in os.environ.get("PYTHONPATH", "").split(os.pathsep) if path]
+    return os.environ | {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+
+
+def run_name(arm: str, seed: int, weight: float, lr: float, epochs: int) -> str:
+    if not ARMS[arm].pretrain:
+        return f"{arm}-seed{seed}"
+    return f"{arm}-w{weight:g}-lr{lr:g}-e{epochs}-seed{seed}"
+
+
+def run_flags(arm: str, seed: int, weight: float, lr: float, args, run_dir: Path) -> list[str]:
     """The recipe's command line for one run."""
-    preset, use_mto, masking, _ = ARMS[arm]
-    mto_weight = weight if use_mto else 0.0
-    flags = ["--config", str(preset), "--output_dir", str(run_dir)]
-    flags += ["--seed", str(seed), "--num_train_epochs", str(args.epochs)]
+    spec = ARMS[arm]
+    mto_weight = weight if spec.mto else 0.0
+    flags = ["--config", str(spec.preset), "--output_dir", str(run_dir)]
+    flags += ["--seed", str(seed)]
+    flags += ["--num_train_epochs", str(args.epochs)] if spec.pretrain else []  # the floor: one folder per seed
     flags += ["--max_train_samples", str(args.train_samples), "--max_eval_samples", str(args.test_samples)]
-    flags += [
-        "--mto_spa_weight",
-        str(mto_weight),
-        "--mto_e_weight",
-        str(mto_weight),
-        "--mto_r_weight",
-        str(mto_weight),
-    ]
-    flags += ["--eval_strategy", "epoch", "--save_strategy", "no", "--report_to", "none", "--logging_steps", "50"]
+    for term in ("spa", "e", "r"):
+        flags += [f"--mto_{term}_weight", str(mto_weight)]
+    if spec.pretrain:
+        flags += ["--base_learning_rate", f"{lr:g}"]
+    else:
+        flags += ["--do_train", "false"]
+    if spec.affinity:
+        flags += ["--mto_affinity", spec.affinity]
+    # a checkpoint every epoch: fine-tuning points, and the resumption of an interrupted run
+    flags += ["--eval_strategy", "epoch", "--save_strategy", "epoch", "--save_total_limit", "1000"]
+    flags += ["--report_to", "none", "--logging_steps", "50"]
     flags += ["--encoder_eval", "true", "--encoder_eval_train_samples", str(args.bank_samples)]
     flags += ["--encoder_eval_pooling", args.pooling]
     flags += ["--reconstruction_images", "0", "--dataloader_num_workers", "0"]
-    if masking:
-        flags += ["--masking", masking]
-    if args.smoke:
-        flags += ["--max_steps", "2", "--eval_strategy", "steps", "--eval_steps", "1"]
+    if spec.masking:
+        flags += ["--masking", spec.masking]
+    if args.smoke:  # 64 images at batch 128: one step per epoch
+        flags += ["--max_steps", "2"]
     return flags
 
 
-def run_arm(arm: str, seed: int, weight: float, args, output_dir: Path) -> dict:
-    run_dir = output_dir / f"{arm}-w{weight:g}-seed{seed}"
-    times_file = run_dir / "epoch_seconds.json"
-    flags = run_flags(arm, seed, weight, args, run_dir)
-    # A finished run is reused only if it ran with exactly these flags (delete the folder to rerun it anyway).
-    done = [run_dir / "trainer_state.json", times_file, run_dir / "flags.json"]
-    if all(path.is_file() for path in done) and json.loads((run_dir / "flags.json").read_text()) == flags:
-        return collect(arm, seed, weight, run_dir)
+def prepare_run_dir(run_dir: Path, flags: list[str], done: list[Path]) -> bool:
+    """True when `run_dir` holds a finished run with exactly `flags`. Otherwise leaves the folder ready to (re)start:
+    kept when an interrupted run with the same flags is there (the recipe resumes from its last checkpoint), deleted
+    when it holds anything else."""
+    finished, started = run_dir / RUNS_REUSED, run_dir / RUNS_STARTED
+    if all(path.is_file() for path in done) and finished.is_file() and json.loads(finished.read_text()) == flags:
+        return True
+    if run_dir.exists() and not (
+        not finished.is_file() and started.is_file() and json.loads(started.read_text()) == flags
+    ):
+        shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    script = RUNNER.format(recipes=str(ROOT / "recipes"), times_file=str(times_file))
-    result = subprocess.run([sys.executable, "-c", script, *flags], capture_output=True, text=True, cwd=run_dir)
+    started.write_text(json.dumps(flags))
+    return False
+
+
+def launch(cmd: list[str], run_dir: Path, what: str) -> float:
+    """Runs `cmd` in `run_dir`; returns its wall-clock seconds (also written to `wall_seconds.json`)."""
+    start = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=run_dir, env=subprocess_env())
+    (run_dir / "log.txt").write_text(result.stdout[-20000:] + result.stderr[-20000:])
     if result.returncode != 0:
-        raise RuntimeError(f"{arm} seed {seed} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
-    (run_dir / "flags.json").write_text(json.dumps(flags))
-    return collect(arm, seed, weight, run_dir)
+        raise RuntimeError(f"{what} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    seconds = time.perf_counter() - start
+    (run_dir / "wall_seconds.json").write_text(json.dumps(seconds))
+    return seconds
 
 
-def collect(arm: str, seed: int, weight: float, run_dir: Path) -> dict:
+def run_arm(arm: str, seed: int, weight: float, lr: float, args, output_dir: Path) -> dict:
+    run_dir = output_dir / run_name(arm, seed, weight, lr, args.epochs)
+    times_file = run_dir / "epoch_seconds.json"
+    flags = run_flags(arm, seed, weight, lr, args, run_dir)
+    # A finished run is reused only if it ran with exactly these flags (delete the folder to rerun it anyway).
+    if not prepare_run_dir(run_dir, flags, [run_dir / "trainer_state.json", times_file]):
+        script = RUNNER.format(recipes=str(ROOT / "recipes"), times_file=str(times_file))
+        launch([sys.executable, "-c", script, *flags], run_dir, f"{arm} seed {seed}")
+        prune_checkpoints(run_dir)
+        (run_dir / RUNS_REUSED).write_text(json.dumps(flags))
+    run = collect(arm, seed, weight, lr, run_dir)
+    run["num_epochs"] = args.epochs if ARMS[arm].pretrain else 0
+    run["finetune"] = finetune_points(run, run_dir, args)
+    return run
+
+
+def prune_checkpoints(run_dir: Path) -> None:
+    """A finished run's checkpoints keep only what fine-tuning reads (weights, config, image processor, state)."""
+    for checkpoint in run_dir.glob("checkpoint-*"):
+        for path in checkpoint.iterdir():
+            if path.name.startswith(("optimizer", "scheduler", "rng_state", "scaler")):
+                path.unlink()
+
+
+def checkpoints(run_dir: Path) -> dict[float, Path]:
+    """Pre-training epoch -> the checkpoint saved then (the floor: epoch 0 -> its model in `run_dir`)."""
+    if not any(run_dir.glob("checkpoint-*")) and (run_dir / "config.json").is_file():
+        return {0.0: run_dir}
+    found = {}
+    for checkpoint in run_dir.glob("checkpoint-*"):
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        found[round(state["epoch"], 6)] = checkpoint
+    return found
+
+
+def finetune_points(run: dict, run_dir: Path, args) -> dict:
+    """Fine-tunes the run's checkpoints at `args.finetune_epochs` (the floor: its one model): epochs, accuracies and
+    wall-clock seconds, in epoch order."""
+    available = checkpoints(run_dir)
+    if ARMS[run["arm"]].pretrain:
+        wanted = [epoch for epoch in args.finetune_epochs if epoch <= args.epochs]
+        missing = [epoch for epoch in wanted if float(epoch) not in available]
+        if missing:
+            raise RuntimeError(f"{run_dir}: no checkpoint at epochs {missing} (has {sorted(available)})")
+        points = {float(epoch): available[float(epoch)] for epoch in wanted}
+    else:
+        points = dict(available) if args.finetune_epochs else {}
+    result = {"epochs": [], "finetune_accuracy": [], "wall_seconds": []}
+    for epoch, checkpoint in sorted(points.items()):
+        accuracy, seconds = finetune(checkpoint, run_dir / f"finetune-e{epoch:g}", run["seed"], args)
+        result["epochs"].append(epoch)
+        result["finetune_accuracy"].append(accuracy)
+        result["wall_seconds"].append(seconds)
+    return result
+
+
+def finetune(checkpoint: Path, ft_dir: Path, seed: int, args) -> tuple[float, float]:
+    flags = ["--config", str(FINETUNE), "--model_name_or_path", str(checkpoint), "--output_dir", str(ft_dir)]
+    flags += ["--seed", str(seed), "--num_train_epochs", str(args.finetune_num_epochs)]
+    flags += ["--max_train_samples", str(args.finetune_train_samples)]
+    flags += ["--max_eval_samples", str(args.finetune_eval_samples)]
+    flags += ["--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--logging_steps", "50"]
+    flags += ["--dataloader_num_workers", "0"]
+    if args.smoke:
+        flags += ["--max_steps", "2"]
+    results = ft_dir / "eval_results.json"
+    if not prepare_run_dir(ft_dir, flags, [results, ft_dir / "wall_seconds.json"]):
+        launch([sys.executable, str(ROOT / "recipes" / "finetune.py"), *flags], ft_dir, f"fine-tuning {checkpoint}")
+        for weights in ft_dir.glob("*.safetensors"):  # the classifier is not needed afterwards
+            weights.unlink()
+        (ft_dir / RUNS_REUSED).write_text(json.dumps(flags))
+    accuracy = json.loads(results.read_text())["eval_accuracy"]
+    return accuracy, json.loads((ft_dir / "wall_seconds.json").read_text())
+
+
+def collect(arm: str, seed: int, weight: float, lr: float, run_dir: Path) -> dict:
     history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
     evals = [entry for entry in history if METRICS[0] in entry]
+    times = json.loads((run_dir / "epoch_seconds.json").read_text())
     return {
         "arm": arm,
         "seed": seed,
-        "weight": weight,
-        "epochs": [entry["epoch"] for entry in evals],
+        "weight": weight if ARMS[arm].mto else 0.0,
+        "lr": float(f"{lr:g}") if ARMS[arm].pretrain else None,  # as passed to the recipe
+        "epochs": [entry.get("epoch", 0.0) for entry in evals],  # the floor is evaluated once, untrained
         **{metric: [entry[metric] for entry in evals] for metric in METRICS},
-        "epoch_seconds": json.loads((run_dir / "epoch_seconds.json").read_text()),
+        "epoch_seconds": [times[key] for key in sorted(times, key=int)],
+        "wall_seconds": json.loads((run_dir / "wall_seconds.json").read_text()),
     }
 
 
-def rauc(baseline: dict, target: dict, metric: str) -> float | None:
-    """RAUC of `target` against `baseline` over their common epochs [first, last] (None where undefined)."""
+def curve(run: dict, measure: str) -> tuple[list[float], list[float]]:
+    """(epochs, scores) of one of MEASURES."""
+    if measure == "finetune":
+        return run["finetune"]["epochs"], run["finetune"]["finetune_accuracy"]
+    return run["epochs"], run[MEASURES[measure]]
+
+
+def rauc(baseline: tuple[list, list], target: tuple[list, list]) -> float | None:
+    """RAUC of `target` against `baseline` curves over the baseline's epochs [first, last] (None where undefined)."""
     import evaluate
 
     import hf_mto.metrics
 
-    epochs = baseline["epochs"]
-    if len(epochs) < 2 or baseline[metric][-1] == baseline[metric][0]:
+    epochs, scores = baseline
+    if len(epochs) < 2 or len(target[0]) < 2 or scores[-1] == scores[0]:
+        return None
+    if target[0][0] > epochs[0] or target[0][-1] < epochs[-1]:
         return None
     module = evaluate.load(hf_mto.metrics.RAUC_PATH)
     return module.compute(
         baseline_epochs=epochs,
-        baseline_scores=baseline[metric],
-        target_epochs=target["epochs"],
-        target_scores=target[metric],
+        baseline_scores=scores,
+        target_epochs=target[0],
+        target_scores=target[1],
         e1=epochs[0],
         e2=epochs[-1],
     )["rauc"]
 
 
-def spread(values: list[float]) -> str:
+def epochs_to_reach(epochs: list[float], scores: list[float], level: float) -> float | None:
+    """The first epoch at which the curve (linearly interpolated) reaches `level`; None if it never does."""
+    for i, score in enumerate(scores):
+        if score >= level:
+            if i == 0:
+                return epochs[0]
+            before, after = scores[i - 1], score
+            return epochs[i - 1] + (epochs[i] - epochs[i - 1]) * (level - before) / (after - before)
+    return None
+
+
+def mean_curve(group: list[dict], measure: str) -> tuple[list[float], list[float]]:
+    epochs = curve(group[0], measure)[0]
+    columns = zip(*(curve(run, measure)[1] for run in group), strict=True)
+    return epochs, [statistics.mean(column) for column in columns]
+
+
+def spread(values: list[float], digits: int = 4) -> str:
+    if not values:
+        return "n/a"
     if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def group_runs(runs: list[dict]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["arm"], run["weight"], run["lr"]), []).append(run)
+    return groups
+
+
+def lr_of(arm: str, args) -> float:
+    return args.mae_lr if ARMS[arm].preset == MAE else args.simmim_lr
 
 
 def report(runs: list[dict]) -> str:
-    by_arm: dict[tuple[str, float], list[dict]] = {}
-    for run in runs:
-        by_arm.setdefault((run["arm"], run["weight"]), []).append(run)
-    baselines = {(run["arm"], run["seed"]): run for run in runs if ARMS[run["arm"]][3] == run["arm"]}
-    lines = [
-        "| arm | MTO weight | seeds | final k-NN acc | final linear-probe acc | RAUC k-NN | RAUC probe | s/epoch "
-        "vs baseline |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for (arm, weight), group in by_arm.items():
-        base_arm = ARMS[arm][3]
-        raucs = {metric: [] for metric in METRICS}
-        ratios = []
-        for run in group:
-            base = baselines.get((base_arm, run["seed"]))
-            if base is None:
-                continue
-            for metric in METRICS:
-                value = rauc(base, run, metric)
-                if value is not None:
-                    raucs[metric].append(value)
-            ratios.append(statistics.mean(run["epoch_seconds"]) / statistics.mean(base["epoch_seconds"]))
-        shown_weight = f"{weight:g}" if ARMS[arm][1] else "0"
-        cells = [arm, shown_weight, str(len(group))]
-        cells += [spread([run[metric][-1] for run in group]) for metric in METRICS]
-        cells += [spread(raucs[metric]) if raucs[metric] else "n/a" for metric in METRICS]
-        cells.append(spread(ratios) if ratios else "n/a")
+    groups = group_runs(runs)
+    baselines = {(run["arm"], run["lr"], run["seed"]): run for run in runs if ARMS[run["arm"]].baseline == run["arm"]}
+    measures = [m for m in MEASURES if any(curve(run, m)[0] for run in runs)]
+    head = ["arm", "MTO weight", "base LR", "seeds"]
+    head += [f"final {m}" for m in measures] + [f"RAUC {m}" for m in measures]
+    head += [f"epochs to base final {m}" for m in measures] + ["s/epoch vs baseline", "min/run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (arm, weight, lr), group in groups.items():
+        spec = ARMS[arm]
+        cells = [arm, f"{weight:g}", "-" if lr is None else f"{lr:g}", str(len(group))]
+        cells += [spread([curve(run, m)[1][-1] for run in group if curve(run, m)[1]]) for m in measures]
+        base_group = [baselines.get((spec.baseline, lr, run["seed"])) for run in group]
+        if not spec.pretrain or None in base_group:
+            cells += ["n/a"] * (2 * len(measures)) + ["n/a"]
+        else:
+            for m in measures:
+                values = [rauc(curve(base, m), curve(run, m)) for base, run in zip(base_group, group, strict=True)]
+                cells.append(spread([v for v in values if v is not None], 2))
+            for m in measures:
+                if not curve(group[0], m)[0]:
+                    cells.append("n/a")
+                    continue
+                level = statistics.mean(curve(base, m)[1][-1] for base in base_group)
+                reached = epochs_to_reach(*mean_curve(group, m), level)
+                cells.append("not reached" if reached is None else f"{reached:.2f}")
+            ratios = [
+                statistics.mean(run["epoch_seconds"]) / statistics.mean(base["epoch_seconds"])
+                for base, run in zip(base_group, group, strict=True)
+                if run["epoch_seconds"] and base["epoch_seconds"]
+            ]
+            cells.append(spread(ratios, 2))
+        run_seconds = [run["wall_seconds"] + sum(run["finetune"]["wall_seconds"]) for run in group]
+        cells.append(spread([s / 60 for s in run_seconds], 1))
         lines.append("| " + " | ".join(cells) + " |")
-    curve_lines = ["", "| arm | MTO weight | metric | " + " | ".join(f"epoch {e:g}" for e in runs[0]["epochs"]) + " |"]
-    curve_lines.append("|---|---|---|" + "---|" * len(runs[0]["epochs"]))
-    for (arm, weight), group in by_arm.items():
-        for metric in METRICS:
-            columns = zip(*(run[metric] for run in group), strict=True)
+    total = sum(run["wall_seconds"] + sum(run["finetune"]["wall_seconds"]) for run in runs)
+    lines += ["", f"Wall-clock of all {len(runs)} runs (pre-training + fine-tuning): {total / 60:.1f} min."]
+
+    trained = [run for run in runs if ARMS[run["arm"]].pretrain]
+    for m in measures:
+        if not trained or not curve(trained[0], m)[0]:
+            continue
+        epochs = curve(trained[0], m)[0]
+        lines += ["", f"| arm | MTO weight | base LR | {m} | " + " | ".join(f"epoch {e:g}" for e in epochs) + " |"]
+        lines.append("|---|---|---|---|" + "---|" * len(epochs))
+        for (arm, weight, lr), group in groups.items():
+            if not ARMS[arm].pretrain:  # the floor: one evaluation, in the table above
+                continue
+            columns = zip(*(curve(run, m)[1] for run in group), strict=True)
             cells = [spread(list(column)) for column in columns]
-            shown_weight = f"{weight:g}" if ARMS[arm][1] else "0"
-            curve_lines.append(f"| {arm} | {shown_weight} | {metric[5:]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + curve_lines)
+            shown_lr = "-" if lr is None else f"{lr:g}"
+            lines.append(f"| {arm} | {weight:g} | {shown_lr} | {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def label(arm: str, weight: float, lr: float | None) -> str:
+    text = arm + (f" (w={weight:g})" if ARMS[arm].mto else "")
+    return text + (f" lr={lr:g}" if lr is not None else "")
 
 
 def plot(runs: list[dict], path: Path) -> None:
@@ -199,35 +445,205 @@ def plot(runs: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    by_arm: dict[str, list[dict]] = {}
-    for run in runs:
-        by_arm.setdefault(f"{run['arm']} (w={run['weight']:g})" if ARMS[run["arm"]][1] else run["arm"], []).append(run)
-    for ax, metric in zip(axes, METRICS, strict=True):
-        for label, group in by_arm.items():
-            epochs = group[0]["epochs"]
-            values = list(zip(*(run[metric] for run in group), strict=True))
+    measures = [m for m in MEASURES if any(curve(run, m)[0] for run in runs)]
+    fig, axes = plt.subplots(1, len(measures), figsize=(6 * len(measures), 4.5), squeeze=False)
+    for ax, m in zip(axes[0], measures, strict=True):
+        for (arm, weight, lr), group in group_runs(runs).items():
+            epochs = curve(group[0], m)[0]
+            if not epochs:
+                continue
+            values = list(zip(*(curve(run, m)[1] for run in group), strict=True))
             means = [statistics.mean(v) for v in values]
+            if not ARMS[arm].pretrain:  # the floor: a level, not a curve
+                ax.axhline(means[0], color="grey", linestyle=":", label=f"{arm} (floor)")
+                continue
             low, high = [min(v) for v in values], [max(v) for v in values]
-            style = "--" if "simmim" in label else "-"
-            (line,) = ax.plot(epochs, means, style, marker="o", label=label)
+            style = "--" if ARMS[arm].preset == SIMMIM else "-"
+            (line,) = ax.plot(epochs, means, style, marker="o", label=label(arm, weight, lr))
             ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.15)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(metric[5:].replace("_", " "))
-        ax.set_title(f"Fashion-MNIST test, {metric[5:].replace('_', ' ')}")
+        ax.set_xlabel("pre-training epoch")
+        ax.set_ylabel(f"{m} accuracy")
+        ax.set_title(f"Fashion-MNIST test, {m} (mean, min-max over seeds)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def lr_sweep_summary(runs: list[dict]) -> list[dict]:
+    """Per (method, LR) and the floor: final k-NN / probe over seeds, their gain over the floor, and the share of
+    seeds whose last epoch still improved on the one before."""
+    floor = [run for run in runs if not ARMS[run["arm"]].pretrain]
+    floor_level = (
+        {m: statistics.mean(run[MEASURES[m]][-1] for run in floor) for m in ("knn", "probe")} if floor else {}
+    )
+    rows = []
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["arm"], run["lr"], run["num_epochs"]), []).append(run)
+    for (arm, lr, epochs), group in groups.items():
+        row = {"method": arm, "lr": lr, "epochs": epochs, "seeds": len(group)}
+        for m in ("knn", "probe"):
+            finals = [run[MEASURES[m]][-1] for run in group]
+            row[m] = finals
+            row[f"{m}_gain_over_floor"] = statistics.mean(finals) - floor_level[m] if floor_level else None
+            improved = [len(run[MEASURES[m]]) > 1 and run[MEASURES[m]][-1] > run[MEASURES[m]][-2] for run in group]
+            row[f"{m}_last_epoch_improved"] = sum(improved) / len(improved) if ARMS[arm].pretrain else None
+        rows.append(row)
+    return rows
+
+
+def lr_sweep_report(rows: list[dict]) -> str:
+    lines = [
+        "| method | base LR | epochs | seeds | final k-NN | final probe | k-NN - floor | probe - floor | last epoch "
+        "improved (k-NN / probe, share of seeds) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        gain = [
+            "n/a" if row[f"{m}_gain_over_floor"] is None else f"{row[f'{m}_gain_over_floor']:+.4f}"
+            for m in ("knn", "probe")
+        ]
+        improved = (
+            "-"
+            if row["knn_last_epoch_improved"] is None
+            else (f"{row['knn_last_epoch_improved']:.2f} / {row['probe_last_epoch_improved']:.2f}")
+        )
+        lr = "-" if row["lr"] is None else f"{row['lr']:g}"
+        cells = [
+            row["method"],
+            lr,
+            str(row["epochs"]),
+            str(row["seeds"]),
+            spread(row["knn"]),
+            spread(row["probe"]),
+            *gain,
+            improved,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def lr_sweep_plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, m in zip(axes, ("knn", "probe"), strict=True):
+        lengths = sorted({row["epochs"] for row in rows if row["lr"] is not None})
+        for method, epochs in ((method, epochs) for method in BASELINES for epochs in lengths):
+            points = sorted((row["lr"], row[m]) for row in rows if (row["method"], row["epochs"]) == (method, epochs))
+            if not points:
+                continue
+            lrs = [lr for lr, _ in points]
+            means = [statistics.mean(values) for _, values in points]
+            errors = [
+                [mean - min(values) for mean, (_, values) in zip(means, points, strict=True)],
+                [max(values) - mean for mean, (_, values) in zip(means, points, strict=True)],
+            ]
+            ax.errorbar(lrs, means, yerr=errors, marker="o", capsize=3, label=f"{method}, {epochs} epochs")
+        for row in rows:
+            if row["lr"] is None:
+                ax.axhline(statistics.mean(row[m]), color="grey", linestyle=":", label="random init (floor)")
+        ax.set_xscale("log")
+        ax.set_xlabel("base learning rate (lr = base x batch / preset's scaling batch)")
+        ax.set_ylabel(f"final {m} accuracy")
+        ax.set_title(f"Fashion-MNIST test, final {m} (mean, min-max over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def execute(plan: list[tuple[str, float, float]], args) -> list[dict]:
+    runs = []
+    for seed in args.seeds:
+        for arm, weight, lr in plan:
+            runs.append(run_arm(arm, seed, weight, lr, args, args.output_dir))
+            last = runs[-1]
+            print(
+                f"{run_name(arm, seed, weight, lr, args.epochs)}: k-NN {last['eval_knn_accuracy']}, "
+                f"probe {last['eval_linear_probe_accuracy']}, fine-tune {last['finetune']['finetune_accuracy']} "
+                f"at epochs {last['finetune']['epochs']}, s/epoch {last['epoch_seconds']}, "
+                f"wall {last['wall_seconds'] + sum(last['finetune']['wall_seconds']):.0f} s",
+                flush=True,
+            )
+    return runs
+
+
+def write(runs: list[dict], name: str, args, extra: dict | None = None) -> None:
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    settings = vars(args) | {"output_dir": str(args.output_dir)}
+    (args.output_dir / f"{name}.json").write_text(
+        json.dumps({"args": settings, "runs": runs, **(extra or {})}, indent=1)
+    )
+
+
+def study(args) -> None:
+    plan = [
+        (arm, weight, lr_of(arm, args)) for arm in args.arms for weight in (args.weights if ARMS[arm].mto else [0.0])
+    ]
+    name = "convergence"
+    if args.sweep:
+        plan = [("mae", 0.0, args.mae_lr)] + [("mae_mto", weight, args.mae_lr) for weight in args.sweep]
+        name = "convergence_sweep"
+    start = time.perf_counter()
+    runs = execute(plan, args)
+    write(runs, name, args, {"wall_seconds_this_invocation": time.perf_counter() - start})
+    plot(runs, args.output_dir / f"{name}.png")
+    print(report(runs))
+
+
+def lr_sweep(args) -> None:
+    methods = [arm for arm in args.arms if arm in BASELINES] or list(BASELINES)
+    start = time.perf_counter()
+    runs = []
+    for epochs in args.lr_sweep_epochs or [args.epochs]:  # the run's length: its schedule, not a cut of a longer one
+        args.epochs = epochs
+        runs += execute([(arm, 0.0, lr) for arm in methods for lr in args.learning_rates], args)
+    runs += execute([("random_init", 0.0, args.mae_lr)], args)
+    rows = lr_sweep_summary(runs)
+    extra = {"table": rows, "wall_seconds_this_invocation": time.perf_counter() - start}
+    write(runs, "lr_sweep", args, extra)
+    lr_sweep_plot(rows, args.output_dir / "lr_sweep.png")
+    print(lr_sweep_report(rows))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=list(ARMS))
+    parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=None, help="Default: all of them.")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--weights", nargs="+", type=float, default=[0.1], help="MTO weight (all three terms).")
     parser.add_argument("--sweep", nargs="+", type=float, default=None, help="Sweep the MTO weight of mae_mto.")
+    parser.add_argument(
+        "--lr_sweep",
+        action="store_true",
+        help="Sweep the baselines' base learning rate over --learning_rates (methods: the mae / simmim among "
+        "--arms, default both) plus the random-init floor; writes lr_sweep.json / .png.",
+    )
+    parser.add_argument(
+        "--learning_rates", nargs="+", type=float, default=[5e-5, 1.5e-4, 5e-4, 1.5e-3, 5e-3], help="For --lr_sweep."
+    )
+    parser.add_argument(
+        "--lr_sweep_epochs",
+        nargs="+",
+        type=int,
+        default=None,
+        help="For --lr_sweep: run lengths (epochs) swept too, each a full schedule (default: --epochs).",
+    )
+    parser.add_argument(
+        "--mae_lr", type=float, default=preset_lr(MAE), help="Base LR of every MAE arm (default: the preset's)."
+    )
+    parser.add_argument(
+        "--simmim_lr",
+        type=float,
+        default=preset_lr(SIMMIM),
+        help="Base LR of every SimMIM arm (default: the preset's).",
+    )
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--train_samples", type=int, default=10000, help="Fashion-MNIST train images pre-trained on.")
     parser.add_argument("--test_samples", type=int, default=2000, help="Fashion-MNIST test images scored.")
@@ -240,34 +656,47 @@ def main(argv=None):
         "CLS token (3-epoch tiny MAE + MTO: k-NN 67%% vs 52%%, probe 77%% vs 64%%; the CLS token is trained only "
         "through the decoder's attention), so it is the default here.",
     )
+    parser.add_argument(
+        "--finetune_epochs",
+        nargs="*",
+        type=float,
+        default=None,
+        help="Pre-training epochs whose checkpoint is fine-tuned (the floor: its untrained model, once). Default: 4 "
+        "points spread over --epochs, none with --lr_sweep or --sweep; give the flag without values for none.",
+    )
+    parser.add_argument("--finetune_num_epochs", type=int, default=2, help="Fine-tuning epochs, every arm alike.")
+    parser.add_argument("--finetune_train_samples", type=int, default=3000, help="Fine-tuning train images.")
+    parser.add_argument("--finetune_eval_samples", type=int, default=2000, help="Fashion-MNIST test images scored.")
     parser.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT_DIR)
-    parser.add_argument("--smoke", action="store_true", help="Two steps per arm, for CI: checks the plumbing only.")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="Two steps per run, for CI: the study (default arms: " + ", ".join(SMOKE_ARMS) + ") with fine-tuning at "
+        "2 points, then an LR sweep of mae at 2 learning rates; checks the plumbing only.",
+    )
     args = parser.parse_args(argv)
     args.output_dir = args.output_dir.resolve()  # each run works in its own folder
     if args.smoke:
         args.train_samples, args.test_samples, args.bank_samples = 64, 64, 64
+        args.finetune_train_samples, args.finetune_eval_samples = 64, 64
+        args.epochs = 2
         if args.output_dir == DEFAULT_OUTPUT_DIR:
             args.output_dir = DEFAULT_OUTPUT_DIR.with_name("convergence-smoke")
-    plan = [(arm, weight) for arm in args.arms for weight in (args.weights if ARMS[arm][1] else [0.0])]
-    if args.sweep:
-        plan = [("mae", 0.0)] + [("mae_mto", weight) for weight in args.sweep]
-    runs = []
-    for seed in args.seeds:
-        for arm, weight in plan:
-            runs.append(run_arm(arm, seed, weight, args, args.output_dir))
-            last = runs[-1]
-            print(
-                f"{arm} w={weight:g} seed {seed}: k-NN {last['eval_knn_accuracy']}, "
-                f"probe {last['eval_linear_probe_accuracy']}, s/epoch {last['epoch_seconds']}",
-                flush=True,
-            )
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    name = "convergence_sweep" if args.sweep else "convergence"
-    (args.output_dir / f"{name}.json").write_text(
-        json.dumps({"args": vars(args) | {"output_dir": str(args.output_dir)}, "runs": runs}, indent=1)
-    )
-    plot(runs, args.output_dir / f"{name}.png")
-    print(report(runs))
+    if args.smoke and not args.lr_sweep and args.sweep is None:
+        args.arms = args.arms or SMOKE_ARMS
+        args.finetune_epochs = [1.0, 2.0] if args.finetune_epochs is None else args.finetune_epochs
+        study(args)
+        args.lr_sweep, args.finetune_epochs, args.arms = True, [], ["mae"]  # the second LR: one more run
+        args.learning_rates = [args.mae_lr, 10 * args.mae_lr]
+        lr_sweep(args)
+        return
+    args.arms = args.arms or list(ARMS)
+    if args.finetune_epochs is None:
+        if args.lr_sweep or args.sweep:
+            args.finetune_epochs = []
+        else:
+            args.finetune_epochs = sorted({max(1, round(args.epochs * k / 4)) for k in range(1, 5)})
+    (lr_sweep if args.lr_sweep else study)(args)
 
 
 if __name__ == "__main__":

@@ -13,19 +13,46 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.
 
 @pytest.mark.slow
 @pytest.mark.skipif(not FASHION_MNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
-def test_convergence_smoke_runs_the_recipe_and_reports_rauc(tmp_path):
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--smoke", "--arms", "mae", "simmim_mto"]
-    cmd += ["--seeds", "0", "--output_dir", str(tmp_path)]
+def test_convergence_smoke_runs_every_path(tmp_path):
+    """--smoke: the study (mae, mae_mto_dot and the random-init floor, fine-tuned at 2 checkpoints each) and an LR
+    sweep of mae at 2 learning rates reusing the study's runs, each run a few steps through the real recipes."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--smoke", "--seeds", "0"]
+    cmd += ["--output_dir", str(tmp_path)]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    runs = json.loads((tmp_path / "convergence.json").read_text())["runs"]
-    assert [run["arm"] for run in runs] == ["mae", "simmim_mto"]
-    for run in runs:
-        assert len(run["eval_knn_accuracy"]) == len(run["epochs"]) == 2  # evaluated at both smoke steps
-        assert all(0 <= value <= 1 for value in run["eval_linear_probe_accuracy"])
+
+    runs = {run["arm"]: run for run in json.loads((tmp_path / "convergence.json").read_text())["runs"]}
+    assert list(runs) == ["mae", "mae_mto_dot", "random_init"]
+    for arm in ("mae", "mae_mto_dot"):
+        run = runs[arm]
+        assert run["lr"] == pytest.approx(1.5e-4)  # the MAE preset's base LR, in the run's folder name too
+        assert (tmp_path / f"{arm}-w{run['weight']:g}-lr0.00015-e2-seed0" / "flags.json").is_file()
+        assert len(run["eval_knn_accuracy"]) == len(run["epochs"]) == 2  # evaluated after both smoke epochs
+        assert all(0 <= value <= 1 for value in run["eval_knn_accuracy"] + run["eval_linear_probe_accuracy"])
         assert run["epoch_seconds"] and all(t > 0 for t in run["epoch_seconds"])
+        assert run["finetune"]["epochs"] == [1.0, 2.0]  # one fine-tuning per checkpoint point
+        assert all(0 <= value <= 1 for value in run["finetune"]["finetune_accuracy"])
+        assert run["wall_seconds"] > 0 and all(t > 0 for t in run["finetune"]["wall_seconds"])
+    flags = json.loads((tmp_path / "mae_mto_dot-w0.1-lr0.00015-e2-seed0" / "flags.json").read_text())
+    assert flags[flags.index("--mto_affinity") + 1] == "dot"
+    floor = runs["random_init"]
+    assert floor["epochs"] == [0.0] and floor["epoch_seconds"] == []  # evaluated once, untrained
+    assert 0 <= floor["eval_knn_accuracy"][0] <= 1 and 0 <= floor["eval_linear_probe_accuracy"][0] <= 1
+    assert floor["finetune"]["epochs"] == [0.0] and 0 <= floor["finetune"]["finetune_accuracy"][0] <= 1
     assert (tmp_path / "convergence.png").stat().st_size > 0
-    assert "| mae | 0 | 1 |" in result.stdout and "| simmim_mto | 0.1 | 1 |" in result.stdout
+    assert "| mae | 0 | 0.00015 | 1 |" in result.stdout and "| mae_mto_dot | 0.1 | 0.00015 | 1 |" in result.stdout
+    assert "| random_init | 0 | - | 1 |" in result.stdout  # the floor row
+
+    sweep = json.loads((tmp_path / "lr_sweep.json").read_text())
+    rows = {(row["method"], row["lr"]): row for row in sweep["table"]}
+    assert set(rows) == {("mae", 1.5e-4), ("mae", 1.5e-3), ("random_init", None)}
+    for row in rows.values():
+        assert all(0 <= value <= 1 for value in row["knn"] + row["probe"])
+    assert rows[("mae", 1.5e-3)]["knn_last_epoch_improved"] in (0.0, 1.0)
+    assert rows[("random_init", None)]["knn_gain_over_floor"] == 0.0
+    assert (tmp_path / "lr_sweep.png").stat().st_size > 0
+    assert rows[("mae", 1.5e-3)]["epochs"] == 2
+    assert "| mae | 0.0015 | 2 | 1 |" in result.stdout and "| random_init | - | 0 | 1 |" in result.stdout
 
 
 @pytest.mark.slow
