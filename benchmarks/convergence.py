@@ -10,7 +10,7 @@ T=0.07) and linear-probe accuracy (`hf_mto.evaluation`) of the mean-pooled patch
 
 Arms: `mae`, `simmim` (the baselines, at `--mae_lr` / `--simmim_lr`), `mae_mto`, `simmim_mto` (MTO, today's
 "scaled" affinity), `mae_mto_dot` (the affinity ablation: MTO with the raw dot product), `mae_evolved`,
-`mae_mto_evolved` (evolved masking), and `random_init`, the floor: the MAE preset's encoder at initialisation (seeded
+`mae_mto_evolved` (evolved masking), `bootmae`, `bootmae_mto` (at `--bootmae_lr`), and `random_init`, the floor: the MAE preset's encoder at initialisation (seeded
 like every run), not trained, scored and fine-tuned through the same code as the others (a `--do_train false` run of
 the recipe whose model is then saved).
 
@@ -81,6 +81,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "configs"
 MAE, SIMMIM = CONFIGS / "tiny_cpu_mae_mto.yaml", CONFIGS / "tiny_cpu_simmim_mto.yaml"
+BOOTMAE = CONFIGS / "tiny_cpu_bootmae_mto.yaml"
 FINETUNE = CONFIGS / "tiny_cpu_finetune.yaml"
 
 
@@ -101,6 +102,8 @@ ARMS = {
     "mae_mto_evolved": Arm(MAE, True, "evolved", "mae"),
     "simmim": Arm(SIMMIM, False, None, "simmim"),
     "simmim_mto": Arm(SIMMIM, True, None, "simmim"),
+    "bootmae": Arm(BOOTMAE, False, None, "bootmae"),
+    "bootmae_mto": Arm(BOOTMAE, True, None, "bootmae"),
     "random_init": Arm(MAE, False, None, None, pretrain=False),
 }
 BASELINES = ("mae", "simmim")  # the methods of the learning-rate sweep
@@ -376,7 +379,7 @@ def group_runs(runs: list[dict]) -> dict[tuple, list[dict]]:
 
 
 def lr_of(arm: str, args) -> float:
-    return args.mae_lr if ARMS[arm].preset == MAE else args.simmim_lr
+    return {MAE: args.mae_lr, SIMMIM: args.simmim_lr, BOOTMAE: args.bootmae_lr}[ARMS[arm].preset]
 
 
 def report(runs: list[dict]) -> str:
@@ -643,6 +646,12 @@ def main(argv=None):
         type=float,
         default=preset_lr(SIMMIM),
         help="Base LR of every SimMIM arm (default: the preset's).",
+    )
+    parser.add_argument(
+        "--bootmae_lr",
+        type=float,
+        default=preset_lr(BOOTMAE),
+        help="Base LR of every BootMAE arm (default: the preset's).",
     )
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--train_samples", type=int, default=10000, help="Fashion-MNIST train images pre-trained on.")
