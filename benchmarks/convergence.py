@@ -10,8 +10,8 @@ T=0.07) and linear-probe accuracy (`hf_mto.evaluation`) of the mean-pooled patch
 
 Arms: `mae`, `simmim` (the baselines, at `--mae_lr` / `--simmim_lr`), `mae_mto`, `simmim_mto` (MTO, today's
 "scaled" affinity), `mae_mto_dot` (the affinity ablation: MTO with the raw dot product), `mae_evolved`,
-`mae_mto_evolved` (evolved masking), `bootmae`, `bootmae_mto` (at `--bootmae_lr`), and `random_init`, the floor: the MAE preset's encoder at initialisation (seeded
-like every run), not trained, scored and fine-tuned through the same code as the others (a `--do_train false` run of
+`mae_mto_evolved` (evolved masking), `bootmae`, `bootmae_mto` (at `--bootmae_lr`), and `random_init`, the floor:
+the MAE preset's encoder at initialisation (seeded like every run), not trained, scored and fine-tuned through the same code as the others (a `--do_train false` run of
 the recipe whose model is then saved).
 
 The report gives, per arm, mean ± std over seeds of the final k-NN, probe and fine-tuning accuracy; the RAUC of each

@@ -16,14 +16,14 @@ from .models.bootmae_mto import (
 )
 
 # The methods' declarations for generic code (hf_mto.methods): importing them registers them.
-from .models.bootmae_mto.method_bootmae_mto import BootMAEMTOMethod  # noqa: E402
+from .models.bootmae_mto.method_bootmae_mto import BootMAEMTOMethod
 from .models.simmim_mto import (
     SimMIMMTOConfig,
     SimMIMMTOForMaskedImageModeling,
     SimMIMMTOModel,
     SimMIMMTOOutput,
 )
-from .models.simmim_mto.method_simmim_mto import SimMIMMTOMethod  # noqa: E402
+from .models.simmim_mto.method_simmim_mto import SimMIMMTOMethod
 from .models.vit_gap import ViTGAPConfig, ViTGAPForImageClassification, ViTGAPModel
 from .models.vit_mae_mto import (
     ViTMAEMTOConfig,
@@ -31,7 +31,7 @@ from .models.vit_mae_mto import (
     ViTMAEMTOForPreTrainingOutput,
     ViTMAEMTOModel,
 )
-from .models.vit_mae_mto.method_vit_mae_mto import ViTMAEMTOMethod  # noqa: E402
+from .models.vit_mae_mto.method_vit_mae_mto import ViTMAEMTOMethod
 
 __version__ = "0.1.0"
 

@@ -3,7 +3,8 @@
 
 from collections.abc import Sequence
 
-MTO_TERMS = ("sparsity_loss", "singularity_loss", "ranking_loss")  # the models' output fields, logged as mto/<name>
+# the models' output fields, logged under `mto_log_prefix` as mto/<name> (or mto/<stack>/<name>)
+MTO_TERMS = ("sparsity_loss", "singularity_loss", "ranking_loss")
 HETEROGENEITY_KEY = "heterogeneity/layer_"  # after a stack's prefix, + l: the batch-mean heterogeneity H^l
 
 

@@ -50,6 +50,7 @@ class PreTrainingMethod:
             order the model returns them; `mto_outputs` finds each stack's terms in a forward's outputs.
         export_dropped_keys: encoder weights that have no place in a plain `ViTModel` (SimMIM's mask token).
         card_notes: sentences the exported encoder's model card adds about this method's encoder.
+        citation: the BibTeX entry of the method's paper, which model cards cite beside MTO's and EHM's.
         reconstructs_pixels: whether the model predicts pixels (`analysis_pass` gives a reconstruction to draw); a
             method whose targets are features or tokens only says False.
     """
@@ -68,6 +69,13 @@ class PreTrainingMethod:
     mto_stacks: ClassVar[tuple[str, ...]]
     export_dropped_keys: ClassVar[tuple[str, ...]] = ()
     card_notes: ClassVar[str] = ""
+    citation: ClassVar[str] = ""
+
+    @classmethod
+    def card_architecture(cls, config) -> list[tuple[str, str]]:
+        """Model-card rows about the parts beyond the encoder (decoders, targets, a teacher), as ``(label, value)``;
+        none by default."""
+        return []
 
     @classmethod
     def model_type(cls) -> str:
@@ -194,6 +202,13 @@ class PreTrainingMethod:
     def on_step_end(cls, model: PreTrainedModel, progress: float) -> None:
         """Called after every optimizer step with the training progress t in [0, 1] (a teacher's EMA update goes
         here). No-op by default."""
+
+
+def decoder_row(config, label: str = "decoder", prefix: str = "decoder_") -> tuple[str, str]:
+    """The model-card row of a decoder configured by ``<prefix>num_hidden_layers`` and so on (ViTMAE's fields)."""
+    layers, hidden = getattr(config, f"{prefix}num_hidden_layers"), getattr(config, f"{prefix}hidden_size")
+    heads, mlp = getattr(config, f"{prefix}num_attention_heads"), getattr(config, f"{prefix}intermediate_size")
+    return label, f"{layers} blocks, hidden size {hidden}, {heads} heads, MLP {mlp}"
 
 
 class KeptCountMethod(PreTrainingMethod):

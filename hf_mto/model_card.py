@@ -14,8 +14,9 @@ writes it as `directory/README.md`. [`~hf_mto.trainer.MTOTrainer`] calls them fo
 Where the templates are found: the project keeps them in the top-level `model_cards/` folder (the layout of
 DESIGN.md), and `hf_mto/model_cards` is a symbolic link to it. Through the link, `importlib.resources` finds them
 in a checkout and in an editable install, and setuptools copies the linked files into wheels and sdists as package
-data (`model_cards/*.jinja` in pyproject.toml), so an installed package finds them too. A checkout without the link (git with `core.symlinks=false`) falls back to the repository's
-`model_cards/` beside the package. `template=` also takes the path of a template of your own.
+data (`model_cards/*.jinja` in pyproject.toml), so an installed package finds them too. A checkout without the link
+(git with `core.symlinks=false`) falls back to the repository's `model_cards/` beside the package. `template=` also
+takes the path of a template of your own.
 """
 
 from __future__ import annotations
@@ -158,8 +159,9 @@ def summarise_log_history(log_history: Sequence[Mapping], mto_stacks: Sequence[s
     Returns a dict with `final` (the last training log: step, epoch, values), `evaluation` (the last evaluation: step,
     epoch and every `eval_*` metric except timings, or None), `losses` (rows: label, train and eval values of the
     total loss, the reconstruction loss and each MTO term of each stack), `heterogeneity` (rows: layer (with its
-    stack when there are several), train and eval value of `mto/heterogeneity/layer_<l>`), `evolved` (last `evolved/depth` and `evolved/tree_height`, or None) and `curve`
-    (at most `MAX_CURVE_ROWS` rows of step, epoch, loss, reconstruction loss and the eval loss at that step).
+    stack when there are several), train and eval value of `mto/heterogeneity/layer_<l>`), `evolved` (last
+    `evolved/depth` and `evolved/tree_height`, or None) and `curve` (at most `MAX_CURVE_ROWS` rows of step, epoch,
+    loss, reconstruction loss and the eval loss at that step).
     """
     train_logs = [e for e in log_history if not _is_eval(e) and ("reconstruction_loss" in e or "loss" in e)]
     # The Trainer logs its evaluation metrics before the callbacks run, so callback metrics (k-NN, linear probe)
@@ -250,6 +252,8 @@ def _method_info(config) -> dict:
             remote_code=False,
             default_masking="random",
             own_masking=None,
+            architecture=[],
+            citation="",
         )
     extended = method.extended_class(model_type)
     ours = extended is None
@@ -261,6 +265,8 @@ def _method_info(config) -> dict:
         remote_code=ours,
         default_masking=method.default_masking,
         own_masking=method.own_masking,
+        architecture=method.card_architecture(config),
+        citation=method.citation,
     )
 
 
@@ -268,7 +274,6 @@ def _model_info(config, model_class: str | None) -> dict:
     info = _method_info(config)
     info["model_type"] = getattr(config, "model_type", None)
     info["model_class"] = model_class or info["model_class"] or type(config).__name__
-    info["has_decoder"] = hasattr(config, "decoder_hidden_size")
     image, patch = getattr(config, "image_size", None), getattr(config, "patch_size", None)
     rows = []
     if image is not None and patch is not None:
@@ -281,16 +286,8 @@ def _model_info(config, model_class: str | None) -> dict:
             f"heads, MLP {config.intermediate_size}",
         )
     )
-    if info["has_decoder"]:
-        rows.append(
-            (
-                "decoder",
-                f"{config.decoder_num_hidden_layers} blocks, hidden size {config.decoder_hidden_size}, "
-                f"{config.decoder_num_attention_heads} heads, MLP {config.decoder_intermediate_size}",
-            )
-        )
-    if hasattr(config, "norm_pix_loss"):
-        rows.append(("reconstruction target", "per-patch normalised pixels" if config.norm_pix_loss else "pixels"))
+    rows += info.pop("architecture")  # the method's own rows: decoders, targets, a teacher
+    info["has_decoder"] = any("decoder" in label for label, _ in rows)
     info["architecture"] = rows
     return info
 

@@ -6,9 +6,9 @@ The models return the reconstruction loss and each raw MTO term; the trainer own
     total = loss + mto_spa_weight * L_spa + mto_e_weight * L_e + mto_r_weight * L_r
 
 where ``loss`` is the model's own (the reconstruction loss; its parts are the method's `loss_components`) and each
-MTO term is summed over the MTO stacks of a method with several. It logs every component (and the per-layer heterogeneity) averaged over the steps since the last log and over all
-processes. With every weight 0 the model is called with `use_mto=False` and costs what the upstream model costs.
-Checkpoint loading (`hf_mto.checkpoints`), the model card (`hf_mto.model_card`) and the Hub's failures
+MTO term is summed over the MTO stacks of a method with several. It logs every component (and the per-layer
+heterogeneity) averaged over the steps since the last log and over all processes. With every weight 0 the model is
+called with `use_mto=False` and costs what the upstream model costs. Checkpoint loading (`hf_mto.checkpoints`), the model card (`hf_mto.model_card`) and the Hub's failures
 (`hf_mto.hub`) come from their modules' mixins.
 """
 

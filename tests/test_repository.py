@@ -32,3 +32,10 @@ def test_the_copy_check_names_a_stale_copy(tmp_path, monkeypatch):
     assert copy_mto.main([]) == 0
     assert (folder / "mto.py").read_text() == copy_mto.HEADER + "VALUE = 2\n"
     assert copy_mto.main(["--check"]) == 0
+    # a missing copy, and a symlink (even to the right text: it is what the copies replace), are stale too
+    (folder / "mto.py").unlink()
+    assert copy_mto.main(["--check"]) == 1
+    (folder / "mto.py").symlink_to(tmp_path / "hf_mto" / "mto.py")
+    assert copy_mto.main(["--check"]) == 1
+    assert copy_mto.main([]) == 0 and not (folder / "mto.py").is_symlink()
+    assert (tmp_path / "hf_mto" / "mto.py").read_text() == "VALUE = 2\n"  # written as a new file, not through the link

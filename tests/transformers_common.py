@@ -68,7 +68,7 @@ def _download(version: str, root: Path) -> None:
 
 class _ExportTesterMixin:
     """Stand-in for upstream's `tests/exporters/test_export.py` mixin (not in the sdist); export is tested by our
-    own tests (tests/test_conformance.py)."""
+    own tests (tests/test_compile.py)."""
 
 
 class _GenerationTesterMixin:

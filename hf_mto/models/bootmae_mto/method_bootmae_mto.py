@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ...methods import KeptCountMethod, register_method
+from ...methods import KeptCountMethod, decoder_row, register_method
 from .configuration_bootmae_mto import BootMAEMTOConfig
 from .modeling_bootmae_mto import PIXEL_NORM_EPS, BootMAEMTOForPreTraining, BootMAEMTOModel
 
@@ -25,12 +25,38 @@ class BootMAEMTOMethod(KeptCountMethod):
     extends = ()  # no upstream BootMAE
     default_masking = "beit_block"
     mto_stacks = ("pixel_decoder", "feature_decoder")
+    citation = """\
+@inproceedings{dong2022bootmae,
+  title     = {Bootstrapped Masked Autoencoders for Vision BERT Pretraining},
+  author    = {Dong, Xiaoyi and Bao, Jianmin and Zhang, Ting and Chen, Dongdong and Zhang, Weiming and Yuan, Lu and Chen, Dong and Wen, Fang and Yu, Nenghai},
+  booktitle = {European Conference on Computer Vision (ECCV)},
+  year      = {2022}
+}"""
     card_notes = (
         "This is the online encoder of BootMAE (not its momentum encoder). BootMAE's position embeddings are a fixed "
         "2-D sin-cos table (MoCo v3 layout) that was frozen during pre-training. Here they are ordinary (trainable) "
         "ViT position embeddings holding the same values; freeze `vit.embeddings.position_embeddings` to keep them "
         "fixed while fine-tuning. `encoder_stride` (absent from ViTMAE's config) is set to `patch_size`."
     )
+
+    @classmethod
+    def card_architecture(cls, config) -> list[tuple[str, str]]:
+        pixel_target = "per-patch, per-channel normalised pixels" if config.norm_pix_loss else "pixels"
+        feature = (
+            f"{config.feature_decoder_num_hidden_layers} blocks at the encoder's width, cross-attending to the "
+            "encoder's last block"
+        )
+        schedule = ", ".join(f"{decay:g} at t = {progress:g}" for progress, decay in config.momentum_schedule)
+        return [
+            decoder_row(config, "pixel decoder"),
+            ("feature decoder", feature),
+            ("targets", f"{pixel_target}; the momentum encoder's last-block features of the whole image"),
+            (
+                "feature loss weight",
+                f"{config.feature_weight:g}, ramped from 0 over the first {config.feature_weight_warmup:g} of training",
+            ),
+            ("momentum encoder EMA decay", f"{schedule} (linear between, constant after)"),
+        ]
 
     @classmethod
     def loss_components(cls, outputs) -> dict[str, torch.Tensor]:

@@ -24,6 +24,13 @@ class SimMIMMTOMethod(PreTrainingMethod):
     default_masking = "simmim_block"
     mto_stacks = ("encoder",)
     export_dropped_keys = ("embeddings.mask_token",)
+    citation = """\
+@inproceedings{xie2022simmim,
+  title     = {SimMIM: A Simple Framework for Masked Image Modeling},
+  author    = {Xie, Zhenda and Zhang, Zheng and Cao, Yue and Lin, Yutong and Bao, Jianmin and Yao, Zhuliang and Dai, Qi and Hu, Han},
+  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year      = {2022}
+}"""
     card_notes = (
         "SimMIM's mask token and reconstruction head were dropped; the position embeddings are the learned ones."
     )

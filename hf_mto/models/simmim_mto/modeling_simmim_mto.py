@@ -3,8 +3,8 @@
 Subclasses upstream: same modules and state-dict keys, same reconstruction (1x1 conv + pixel shuffle) and L1 loss on
 the masked pixels. The encoder states MTO needs come from a loop over upstream's own blocks (or from upstream's
 `output_hidden_states` when the caller asks for the states), so the configured attention implementation is kept, and
-`hidden_states` / `attentions` are upstream's, in patch order, whichever path runs. One deliberate difference: the mask token is initialised N(0, 0.02) truncated, as in the
-official SimMIM, where upstream initialises it to zeros.
+`hidden_states` / `attentions` are upstream's, in patch order, whichever path runs. One deliberate difference: the
+mask token is initialised N(0, 0.02) truncated, as in the official SimMIM, where upstream initialises it to zeros.
 """
 
 from dataclasses import dataclass

@@ -30,8 +30,8 @@ class ViTGAPModel(ViTModel):
 
     config_class = ViTGAPConfig
 
-    def __init__(self, config: ViTGAPConfig):
-        super().__init__(config, add_pooling_layer=False)
+    def __init__(self, config: ViTGAPConfig, use_mask_token: bool = False):
+        super().__init__(config, add_pooling_layer=False, use_mask_token=use_mask_token)
         self.layernorm = nn.Identity()
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers import ViTMAEForPreTraining, ViTMAEModel
 
-from ...methods import KeptCountMethod, register_method
+from ...methods import KeptCountMethod, decoder_row, register_method
 from .configuration_vit_mae_mto import ViTMAEMTOConfig
 from .modeling_vit_mae_mto import ViTMAEMTOForPreTraining, ViTMAEMTOModel
 
@@ -23,12 +23,24 @@ class ViTMAEMTOMethod(KeptCountMethod):
     default_masking = "random"
     own_masking = "random"  # MAE draws its own random mask from its noise: upstream's path, same distribution
     mto_stacks = ("decoder",)
+    citation = """\
+@inproceedings{he2022mae,
+  title     = {Masked Autoencoders Are Scalable Vision Learners},
+  author    = {He, Kaiming and Chen, Xinlei and Xie, Saining and Li, Yanghao and Doll{\'a}r, Piotr and Girshick, Ross},
+  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year      = {2022}
+}"""
     card_notes = (
         "MAE's position embeddings are a fixed 2-D sin-cos table that was frozen during pre-training. Here they are "
         "ordinary (trainable) ViT position embeddings holding the same values; freeze "
         "`vit.embeddings.position_embeddings` to keep them fixed while fine-tuning. `encoder_stride` (absent from "
         "ViTMAE's config) is set to `patch_size`."
     )
+
+    @classmethod
+    def card_architecture(cls, config) -> list[tuple[str, str]]:
+        target = "per-patch normalised pixels" if config.norm_pix_loss else "pixels"
+        return [decoder_row(config), ("reconstruction target", target)]
 
     @classmethod
     def own_mask_inputs(

@@ -12,9 +12,9 @@ as decided in DESIGN.md:
 
 Conventions: ``hidden`` is ``[B, N, D]`` (patch tokens only, never the CLS token); ``mask`` is ``[B, N]`` bool,
 True = masked. Affinity logits default to ``x_i . x_j / sqrt(D)`` (``"scaled"``): the paper's raw dot product
-saturates the softmax at ViT-B widths (DESIGN.md, "MTO math"). Everything is computed in float32 with autocast disabled, through ``log_softmax`` (never
-``log(softmax)``), and is finite (values and gradients) for every mask: an image with no masked or no visible
-token has nothing to measure, contributes 0 and is left out of batch means.
+saturates the softmax at ViT-B widths (DESIGN.md, "MTO math"). Everything is computed in float32 with autocast
+disabled, through ``log_softmax`` (never ``log(softmax)``), and is finite (values and gradients) for every mask: an
+image with no masked or no visible token has nothing to measure, contributes 0 and is left out of batch means.
 """
 
 from dataclasses import dataclass

@@ -514,6 +514,14 @@ def test_model_card_names_both_decoders(tmp_path):
     card = (export_encoder(tmp_path / "ckpt", tmp_path / "encoder") / "README.md").read_text()
     assert "BootMAE pre-training" in card and "pixel_decoder and feature_decoder" in card
     assert "momentum encoder" in card
+    # the pre-training model's own card: its parts, per-stack outputs and its paper
+    from hf_mto.model_card import render_model_card
+
+    card = render_model_card(model.config)
+    for row in ("| pixel decoder | 2 blocks", "| feature decoder |", "| momentum encoder EMA decay |"):
+        assert row in card
+    assert "`pixel_decoder_mto` and `feature_decoder_mto`" in card
+    assert "Bootstrapped Masked Autoencoders for Vision BERT Pretraining" in card and "SimMIM:" not in card
 
 
 @pytest.mark.slow  # a recipe subprocess: ~25 s on 2 cores

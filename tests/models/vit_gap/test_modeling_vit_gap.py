@@ -9,9 +9,9 @@ import unittest
 import torch
 from conformance import ConformanceTest, ViTModelTester
 from conftest import TINY_VIT, run_without_hf_mto
-from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
+from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification, ViTModel
 
-from hf_mto.models.vit_gap import ViTGAPConfig, ViTGAPForImageClassification
+from hf_mto.models.vit_gap import ViTGAPConfig, ViTGAPForImageClassification, ViTGAPModel
 
 TINY_CLASSIFIER = dict(TINY_VIT, hidden_dropout_prob=0.0)
 
@@ -32,13 +32,13 @@ class ViTGAPModelTester(ViTModelTester):
 class UpstreamViTClassifierTest(ConformanceTest, unittest.TestCase):
     """The reference: upstream's classifier (CLS token) under the same tests."""
 
-    all_model_classes = (ViTForImageClassification,)
+    all_model_classes = (ViTModel, ViTForImageClassification)
     model_tester_class = ViTGAPModelTester
     config_class = ViTConfig
 
 
 class ViTGAPTest(ConformanceTest, unittest.TestCase):
-    all_model_classes = (ViTGAPForImageClassification,)
+    all_model_classes = (ViTGAPModel, ViTGAPForImageClassification)
     model_tester_class = ViTGAPModelTester
     config_class = ViTGAPConfig
 
