@@ -280,6 +280,52 @@ def test_trainer_moves_the_teacher_once_per_optimizer_step_with_gradient_accumul
         assert f"mto/{stack}/heterogeneity/layer_0" in logs[0]
 
 
+def test_resume_from_a_checkpoint_continues_the_uninterrupted_run_exactly(tmp_path):
+    """4 steps in one go, and 2 + 2 through checkpoint-2 into a model built from another seed: the same student,
+    momentum encoder and progress (the checkpoint holds the teacher and `training_progress`; the Trainer restores the
+    data order and the RNG the masks are drawn from)."""
+    from conftest import RandomImages
+
+    from hf_mto.trainer import MTOTrainer
+    from hf_mto.training_args import MTOTrainingArguments
+
+    def trainer(model, output_dir):
+        args = MTOTrainingArguments(
+            output_dir=str(output_dir),
+            per_device_train_batch_size=4,
+            max_steps=4,
+            save_strategy="steps",
+            save_steps=2,
+            report_to="none",
+            use_cpu=True,
+            seed=0,
+            dataloader_num_workers=0,
+            mto_spa_weight=0.1,
+            mto_e_weight=0.1,
+            mto_r_weight=0.1,
+        )
+        return MTOTrainer(model=model, args=args, train_dataset=RandomImages(32))
+
+    reference = make_model()
+    trainer(reference, tmp_path / "reference").train()
+    checkpoint = tmp_path / "reference" / "checkpoint-2"
+    resumed = make_model(seed=1)
+    resumed_trainer = trainer(resumed, tmp_path / "resumed")
+    resumed_trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed_trainer.state.global_step == 4
+    assert resumed.training_progress.item() == reference.training_progress.item() == 1.0
+    expected, got = reference.state_dict(), resumed.state_dict()
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    # the momentum encoder moved between the checkpoint and the end, and stayed frozen through the resume
+    saved = AutoModelForPreTraining.from_pretrained(checkpoint)
+    assert not torch.equal(saved.teacher.layers[0].mlp.fc1.weight, resumed.teacher.layers[0].mlp.fc1.weight)
+    assert saved.training_progress.item() == 0.5
+    assert not any(p.requires_grad for p in resumed.teacher.parameters())
+    assert not resumed.teacher.training and resumed.training
+
+
 @pytest.mark.slow  # two processes (torchrun, gloo on CPU): ~30 s on 2 cores
 def test_ddp_processes_end_with_identical_moved_teachers(tmp_path):
     """Each process trains on its own shard; the teacher is no DDP parameter (frozen) but follows the averaged
