@@ -81,3 +81,26 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
         assert heading in text
     assert "| mae | compile_on | mto_on |" in text and "| simmim | compile_off | mto_off |" in text
     assert "| mae_mto |" in text
+
+
+@pytest.mark.slow  # two BootMAE models timed in-process: ~40 s on 2 busy cores
+def test_bootmae_step_time_reports_both_variants_and_the_teachers_share(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bootmae_step_time
+
+    preset = yaml.safe_load((ROOT / "recipes" / "configs" / "tiny_cpu_bootmae_mto.yaml").read_text())
+    preset["per_device_train_batch_size"] = 4
+    (tmp_path / "preset.yaml").write_text(yaml.safe_dump(preset))
+    flags = ["--preset", str(tmp_path / "preset.yaml"), "--device", "cpu", "--warmup", "1", "--rounds", "2"]
+    report = bootmae_step_time.main([*flags, "--steps_per_round", "1", "--json", str(tmp_path / "out.json")])
+    assert json.loads((tmp_path / "out.json").read_text()) == json.loads(json.dumps(report))
+    assert report["batch_size"] == 4 and report["masking"] == "beit_block"
+    variants = report["variants"]
+    assert set(variants) == {"mto_off", "mto_on"} and variants["mto_off"]["ratio"] == 1.0
+    for result in variants.values():
+        assert result["step_s"] > 0 and result["peak_bytes"] > 0 and 0 < result["teacher_share"]
+    assert report["teacher_s"] > 0 and report["teacher_param_bytes"] > 0
+    assert report["teacher_saved_bytes"] == 0  # no gradient through the momentum encoder
+    assert "teacher share" in capsys.readouterr().out

@@ -16,7 +16,9 @@ pytestmark = pytest.mark.slow
 def torchrun(args, cwd, timeout=600):
     # --standalone: a local rendezvous on a free port, so parallel test runs never collide
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}  # the scripts import conftest's tiny config
+    # the scripts import conftest's tiny config, and this checkout's hf_mto (not another installed one)
+    paths = [str(Path(__file__).parent), str(ROOT), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in paths if path)}
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result

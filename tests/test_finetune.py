@@ -1,4 +1,5 @@
-"""hf_mto.finetuning and recipes/finetune.py: MAE's fine-tuning recipe on the HF Trainer."""
+"""hf_mto.finetuning and recipes/finetune.py: MAE's fine-tuning recipe on the HF Trainer, from MAE and BootMAE
+encoders."""
 
 import copy
 import json
@@ -15,7 +16,7 @@ from timm.layers import DropPath
 from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification, ViTModel
 from transformers.trainer_utils import EvalPrediction
 
-from hf_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining
+from hf_mto import BootMAEMTOConfig, BootMAEMTOForPreTraining, ViTMAEMTOConfig, ViTMAEMTOForPreTraining
 from hf_mto.data import PixelCollator
 from hf_mto.export import export_encoder
 from hf_mto.finetuning import (
@@ -53,14 +54,27 @@ def training_args(tmp_path, **kwargs):
     return FinetuneTrainingArguments(**{**defaults, **kwargs})
 
 
-@pytest.fixture(scope="module")
-def exported_encoder(tmp_path_factory):
-    """A tiny MAE pre-training checkpoint and its exported encoder (model_type vit)."""
+PRETRAINING_MODELS = {
+    "mae": (ViTMAEMTOConfig, ViTMAEMTOForPreTraining),
+    "bootmae_mto": (BootMAEMTOConfig, BootMAEMTOForPreTraining),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(PRETRAINING_MODELS))
+def exported_encoder(request, tmp_path_factory):
+    """A tiny pre-training checkpoint (MAE; BootMAE, whose momentum encoder has moved away from its encoder) and its
+    exported encoder (model_type vit)."""
     root = tmp_path_factory.mktemp("finetune")
+    config_class, model_class = PRETRAINING_MODELS[request.param]
     torch.manual_seed(0)
-    model = ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**TINY_MAE))
-    model.save_pretrained(root / "mae")
-    return root / "mae", export_encoder(root / "mae", root / "encoder")
+    model = model_class(config_class(**TINY_MAE))
+    if hasattr(model, "update_teacher"):
+        with torch.no_grad():
+            for param in model.vit.parameters():
+                param.add_(0.01 * torch.randn_like(param))
+        model.update_teacher(0.5)
+    model.save_pretrained(root / "pretrained")
+    return root / "pretrained", export_encoder(root / "pretrained", root / "encoder")
 
 
 # ---- layer-wise lr decay ------------------------------------------------------------------------------------------
@@ -225,8 +239,9 @@ def test_classifier_from_exported_encoder(exported_encoder, global_pool):
     model = build_classification_model(args, ["a", "b", "c"])
     assert type(model) is (ViTGAPForImageClassification if global_pool else ViTForImageClassification)
     assert model.config.id2label == {0: "a", 1: "b", 2: "c"} and model.config.num_labels == 3
-    encoder = ViTModel.from_pretrained(encoder_dir, add_pooling_layer=False).state_dict()
-    state = model.state_dict()
+    encoder, info = ViTModel.from_pretrained(encoder_dir, add_pooling_layer=False, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    encoder, state = encoder.state_dict(), model.state_dict()
     for key, value in encoder.items():
         if global_pool and key.startswith("layernorm."):
             assert f"vit.{key}" not in state  # MAE drops the final norm under GAP
@@ -240,8 +255,8 @@ def test_classifier_from_exported_encoder(exported_encoder, global_pool):
 
 
 def test_classifier_from_a_pretraining_checkpoint_exports_its_encoder(exported_encoder):
-    mae_dir, encoder_dir = exported_encoder
-    from_checkpoint = build_classification_model(FinetuneArguments(model_name_or_path=str(mae_dir)), ["a", "b"])
+    pretrained_dir, encoder_dir = exported_encoder
+    from_checkpoint = build_classification_model(FinetuneArguments(model_name_or_path=str(pretrained_dir)), ["a", "b"])
     from_export = build_classification_model(FinetuneArguments(model_name_or_path=str(encoder_dir)), ["a", "b"])
     theirs = from_export.state_dict()
     assert all(torch.equal(value, theirs[key]) for key, value in from_checkpoint.state_dict().items() if "vit." in key)

@@ -5,6 +5,7 @@ a reference), then the loss terms, the MTO terms of both decoders, the momentum 
 validation, at the suite's tiny size.
 """
 
+import json
 import math
 import subprocess
 import sys
@@ -277,6 +278,105 @@ def test_trainer_moves_the_teacher_once_per_optimizer_step_with_gradient_accumul
     for stack in ("pixel_decoder", "feature_decoder"):
         assert f"mto/{stack}/sparsity_loss" in logs[0]
         assert f"mto/{stack}/heterogeneity/layer_0" in logs[0]
+
+
+def test_resume_from_a_checkpoint_continues_the_uninterrupted_run_exactly(tmp_path):
+    """4 steps in one go, and 2 + 2 through checkpoint-2 into a model built from another seed: the same student,
+    momentum encoder and progress (the checkpoint holds the teacher and `training_progress`; the Trainer restores the
+    data order and the RNG the masks are drawn from)."""
+    from conftest import RandomImages
+
+    from hf_mto.trainer import MTOTrainer
+    from hf_mto.training_args import MTOTrainingArguments
+
+    def trainer(model, output_dir):
+        args = MTOTrainingArguments(
+            output_dir=str(output_dir),
+            per_device_train_batch_size=4,
+            max_steps=4,
+            save_strategy="steps",
+            save_steps=2,
+            report_to="none",
+            use_cpu=True,
+            seed=0,
+            dataloader_num_workers=0,
+            mto_spa_weight=0.1,
+            mto_e_weight=0.1,
+            mto_r_weight=0.1,
+        )
+        return MTOTrainer(model=model, args=args, train_dataset=RandomImages(32))
+
+    reference = make_model()
+    trainer(reference, tmp_path / "reference").train()
+    checkpoint = tmp_path / "reference" / "checkpoint-2"
+    resumed = make_model(seed=1)
+    resumed_trainer = trainer(resumed, tmp_path / "resumed")
+    resumed_trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed_trainer.state.global_step == 4
+    assert resumed.training_progress.item() == reference.training_progress.item() == 1.0
+    expected, got = reference.state_dict(), resumed.state_dict()
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    # the momentum encoder moved between the checkpoint and the end, and stayed frozen through the resume
+    saved = AutoModelForPreTraining.from_pretrained(checkpoint)
+    assert not torch.equal(saved.teacher.layers[0].mlp.fc1.weight, resumed.teacher.layers[0].mlp.fc1.weight)
+    assert saved.training_progress.item() == 0.5
+    assert not any(p.requires_grad for p in resumed.teacher.parameters())
+    assert not resumed.teacher.training and resumed.training
+
+
+@pytest.mark.slow  # two processes (torchrun, gloo on CPU): ~30 s on 2 cores
+def test_ddp_processes_end_with_identical_moved_teachers(tmp_path):
+    """Each process trains on its own shard; the teacher is no DDP parameter (frozen) but follows the averaged
+    student, so every process must end with the same momentum encoder, moved from its start, at progress 1."""
+    from test_distributed import torchrun
+
+    script = tmp_path / "train.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import json, torch
+            from conftest import TINY_MAE
+            from hf_mto import BootMAEMTOConfig, BootMAEMTOForPreTraining
+            from hf_mto.trainer import MTOTrainer
+            from hf_mto.training_args import MTOTrainingArguments
+
+            torch.manual_seed(0)
+            model = BootMAEMTOForPreTraining(BootMAEMTOConfig(**TINY_MAE))
+            images = [{{"pixel_values": torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(i))}}
+                      for i in range(48)]  # 3 steps x 2 accumulated batches x 4 images x 2 processes
+            args = MTOTrainingArguments(
+                output_dir={str(tmp_path)!r}, report_to="none", per_device_train_batch_size=4,
+                gradient_accumulation_steps=2, max_steps=3, save_strategy="no", seed=0,
+                mto_spa_weight=0.1, mto_e_weight=0.1, mto_r_weight=0.1,
+            )
+            trainer = MTOTrainer(model=model, args=args, train_dataset=images)
+            initial = {{k: v.clone() for k, v in model.teacher.state_dict().items()}}
+            first_batch = next(iter(trainer.get_train_dataloader()))["pixel_values"]
+            trainer.train()
+            rank = args.process_index
+            torch.save({{"initial": initial, "teacher": model.teacher.state_dict(), "state": model.state_dict(),
+                         "first_batch": first_batch}}, {str(tmp_path)!r} + f"/rank{{rank}}.pt")
+            json.dump({{"world": args.world_size, "progress": model.training_progress.item(),
+                       "steps": trainer.state.global_step}}, open({str(tmp_path)!r} + f"/rank{{rank}}.json", "w"))
+            trainer.accelerator.end_training()
+            """
+        )
+    )
+    torchrun([str(script)], cwd=ROOT / "tests")
+    saved = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    records = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert records[0] == records[1] == {"world": 2, "progress": 1.0, "steps": 3}
+    assert not torch.equal(saved[0]["first_batch"], saved[1]["first_batch"])  # the processes saw different images
+    teachers = [entry["teacher"] for entry in saved]
+    assert teachers[0].keys() == teachers[1].keys() == saved[0]["initial"].keys()
+    for key in teachers[0]:
+        assert torch.equal(teachers[0][key], teachers[1][key]), key
+    moved = [key for key in teachers[0] if not torch.equal(teachers[0][key], saved[0]["initial"][key])]
+    assert "layers.0.mlp.fc1.weight" in moved and "embeddings.patch_embeddings.projection.weight" in moved
+    for key in saved[0]["state"]:  # the students (and everything else) agree too
+        assert torch.equal(saved[0]["state"][key], saved[1]["state"][key]), key
 
 
 # ---------------------------------------------------------------------------------------------------------------------
