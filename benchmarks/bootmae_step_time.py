@@ -19,11 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
-from step_time import saved_activation_bytes, step_memory, sync
+from step_time import saved_activation_bytes, step_memory, timed_rounds
 
 from hf_mto.cli import ModelArguments, build_config, parse_args
 from hf_mto.data import DataArguments
@@ -100,17 +99,7 @@ def measure(path, device, warmup: int, rounds: int, steps_per_round: int) -> dic
             run()
         if name in built:
             peaks[name] = step_memory(run, *built[name], device)
-    order = list(runs)
-    times = {name: [] for name in order}
-    for round_index in range(rounds):
-        shift = round_index % len(order)
-        for name in order[shift:] + order[:shift]:
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(steps_per_round):
-                runs[name]()
-            sync(device)
-            times[name].append((time.perf_counter() - start) / steps_per_round)
+    times = timed_rounds(runs, rounds, steps_per_round, device)
 
     def paired(numerator, denominator):
         ratios = [a / b for a, b in zip(times[numerator], times[denominator], strict=True)]

@@ -145,16 +145,7 @@ def time_all(
         for _ in range(warmup):
             steps[variant]()
         peaks[variant] = step_memory(steps[variant], *built[variant], device)
-    times = {variant: [] for variant in VARIANTS}
-    for round_index in range(rounds):
-        shift = round_index % len(VARIANTS)
-        for variant in VARIANTS[shift:] + VARIANTS[:shift]:
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(steps_per_round):
-                steps[variant]()
-            sync(device)
-            times[variant].append((time.perf_counter() - start) / steps_per_round)
+    times = timed_rounds(steps, rounds, steps_per_round, device)
     results = {}
     for variant in VARIANTS:
         ratios = [t / base for t, base in zip(times[variant], times["upstream"], strict=True)]
@@ -165,6 +156,24 @@ def time_all(
             "peak_bytes": peaks[variant],
         }
     return results
+
+
+def timed_rounds(runs: dict, rounds: int, steps_per_round: int, device) -> dict[str, list[float]]:
+    """Seconds per call of each of ``runs`` (name -> callable), one value per round: each round calls every run
+    ``steps_per_round`` times back to back, in an order that rotates from round to round, so that a ratio taken
+    within a round compares calls made seconds apart."""
+    order = list(runs)
+    times = {name: [] for name in order}
+    for round_index in range(rounds):
+        shift = round_index % len(order)
+        for name in order[shift:] + order[:shift]:
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(steps_per_round):
+                runs[name]()
+            sync(device)
+            times[name].append((time.perf_counter() - start) / steps_per_round)
+    return times
 
 
 def step_memory(step_fn, model, optimizer, device) -> int:

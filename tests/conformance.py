@@ -117,6 +117,32 @@ class ViTModelTester:
         return order < self.num_masks
 
 
+class NoiseMaskedModelTester(ViTModelTester):
+    """The tester of a model whose encoder drops the masked patches, as ViTMAE's (upstream's ViTMAE tester shape, the
+    decoder as wide and deep as the encoder) with a fixed mask: the model keeps the patches of the smallest noise,
+    so a fixed noise is a fixed mask."""
+
+    def __init__(self, parent, config_class, **config_overrides):
+        super().__init__(parent, config_class, **config_overrides)
+        # the encoder sees the CLS token and the kept patches
+        self.seq_length = 1 + int(self.num_patches * (1 - self.mask_ratio))
+
+    def config_kwargs(self) -> dict:
+        return dict(
+            super().config_kwargs(),
+            mask_ratio=self.mask_ratio,
+            decoder_hidden_size=self.hidden_size,
+            decoder_intermediate_size=self.intermediate_size,
+            decoder_num_attention_heads=self.num_attention_heads,
+            decoder_num_hidden_layers=self.num_hidden_layers,
+        )
+
+    def prepare_config_and_inputs_for_common(self):
+        generator = torch.Generator().manual_seed(1)
+        noise = self.fixed_mask().float() + torch.rand(self.batch_size, self.num_patches, generator=generator)
+        return self.get_config(), {"pixel_values": self.pixel_values(), "noise": noise}
+
+
 if UNAVAILABLE is None:
 
     class ConformanceTest(test_modeling_common.ModelTesterMixin):

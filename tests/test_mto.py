@@ -4,8 +4,10 @@ import math
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 
 from hf_mto import mto
+from hf_mto.methods import registered_methods
 
 
 def entropy(logits):
@@ -257,3 +259,19 @@ def test_visible_first_path_under_autocast_and_extreme_magnitudes_is_float32_and
     total.backward()
     assert terms.heterogeneity.dtype == torch.float32
     assert torch.isfinite(total) and torch.isfinite(hidden.grad).all()
+
+
+@pytest.mark.parametrize("method", registered_methods(), ids=lambda method: method.name)
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"use_mto": "yes"}, "use_mto"),
+        ({"mto_eps": "x"}, "mto_eps"),
+        ({"mto_spa_layers": "0"}, "mto_spa_layers"),
+        ({"mto_temperature": None}, "mto_temperature"),
+    ],
+)
+def test_every_methods_config_rejects_mto_fields_of_the_wrong_type_naming_the_field(method, overrides, field):
+    # the MTO fields are typed once (MTOConfigMixin) and checked by each config's strict dataclass validation
+    with pytest.raises(StrictDataclassFieldValidationError, match=f"field '{field}'"):
+        method.config_class(**overrides)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conformance import ConformanceTest, ViTModelTester
+from conformance import ConformanceTest, NoiseMaskedModelTester
 from conftest import TINY_MAE, run_without_hf_mto
 from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
 from transformers.models.vit_mae.modeling_vit_mae import build_2d_sinusoidal_position_embedding
@@ -28,29 +28,11 @@ ROOT = Path(__file__).resolve().parents[3]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 
-class BootMAEMTOModelTester(ViTModelTester):
-    """The ViT tester shape with both decoders as wide and deep as the encoder and a fixed mask (a fixed noise)."""
-
-    def __init__(self, parent, config_class, **config_overrides):
-        super().__init__(parent, config_class, **config_overrides)
-        # the encoder sees the CLS token and the kept patches
-        self.seq_length = 1 + int(self.num_patches * (1 - self.mask_ratio))
+class BootMAEMTOModelTester(NoiseMaskedModelTester):
+    """The ViTMAE tester shape with the feature decoder as deep as the encoder too, and a fixed noise."""
 
     def config_kwargs(self) -> dict:
-        return dict(
-            super().config_kwargs(),
-            mask_ratio=self.mask_ratio,
-            decoder_hidden_size=self.hidden_size,
-            decoder_intermediate_size=self.intermediate_size,
-            decoder_num_attention_heads=self.num_attention_heads,
-            decoder_num_hidden_layers=self.num_hidden_layers,
-            feature_decoder_num_hidden_layers=self.num_hidden_layers,
-        )
-
-    def prepare_config_and_inputs_for_common(self):
-        generator = torch.Generator().manual_seed(1)
-        noise = self.fixed_mask().float() + torch.rand(self.batch_size, self.num_patches, generator=generator)
-        return self.get_config(), {"pixel_values": self.pixel_values(), "noise": noise}
+        return dict(super().config_kwargs(), feature_decoder_num_hidden_layers=self.num_hidden_layers)
 
 
 class BootMAEMTOOnTest(ConformanceTest, unittest.TestCase):
