@@ -150,15 +150,17 @@ def _beit_rectangles(
     width: int,
     num_masked: int,
     min_num_patches: int,
+    max_num_patches: int,
     log_aspect: tuple[float, float],
     generator: torch.Generator | None,
     device: torch.device | str | None,
 ) -> list[bool]:
-    """BEiT's rectangle placement for one image; returns a flat row-major mask with at most `num_masked` True."""
+    """BEiT's rectangle placement for one image; returns a flat row-major mask with at most `num_masked` True, each
+    rectangle adding at most `max_num_patches`."""
     mask = [False] * (height * width)
     count = 0
     while count < num_masked:
-        remaining = num_masked - count
+        remaining = min(num_masked - count, max_num_patches)
         added = 0
         # One draw per round of attempts: four uniforms (area, aspect, top, left) for each attempt.
         for u_area, u_aspect, u_top, u_left in torch.rand(
@@ -198,12 +200,15 @@ def beit_block_mask(
     mask_ratio: float,
     *,
     min_num_patches: int = 16,
+    max_num_patches: int | None = None,
     min_aspect: float = 0.3,
     max_aspect: float | None = None,
+    block_ratio: float | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """BEiT's block-wise mask: random rectangles until ``round(mask_ratio * N)`` patches are masked.
+    """BEiT's block-wise mask: random rectangles until ``round(mask_ratio * N)`` patches are masked (or
+    ``round(block_ratio * N)``, the rest then drawn uniformly at random).
 
     Rectangles are placed as in BEiT's ``MaskingGenerator``: area uniform in ``[min_num_patches, remaining]``,
     aspect ratio log-uniform in ``[min_aspect, max_aspect]``, accepted only if they add at least one and at most
@@ -220,6 +225,9 @@ def beit_block_mask(
         grid_size: patch grid as ``side`` or ``(height, width)``; N = height * width.
         mask_ratio: fraction of patches to mask, in (0, 1).
         min_num_patches: smallest target rectangle area (BEiT pre-training uses 16).
+        max_num_patches: most patches one rectangle may add; ``None``: no limit but the target (BEiT's default).
+        block_ratio: the share of the patches masked by rectangles, at most ``mask_ratio``; the rest of the
+            ``round(mask_ratio * N)`` are uniformly random. ``None``: all of them (BEiT).
         min_aspect: smallest height / width ratio, > 0.
         max_aspect: largest height / width ratio; ``None`` means ``1 / min_aspect``.
         generator: optional RNG on ``device``.
@@ -245,10 +253,18 @@ def beit_block_mask(
         raise ValueError(f"max_aspect must be >= min_aspect ({min_aspect}), got {max_aspect!r}")
     num_patches = height * width
     num_masked = _num_masked(num_patches, mask_ratio)
+    num_block = num_masked if block_ratio is None else round(block_ratio * num_patches)
+    if not 0 < num_block <= num_masked:
+        raise ValueError(
+            f"block_ratio must give 1 to {num_masked} patches (mask_ratio {mask_ratio}), got {block_ratio}"
+        )
+    if max_num_patches is None:
+        max_num_patches = num_block
+    _check_positive_int("max_num_patches", max_num_patches)
     log_aspect = (math.log(min_aspect), math.log(max_aspect))
     rectangles = torch.tensor(
         [
-            _beit_rectangles(height, width, num_masked, min_num_patches, log_aspect, generator, device)
+            _beit_rectangles(height, width, num_block, min_num_patches, max_num_patches, log_aspect, generator, device)
             for _ in range(batch_size)
         ],
         dtype=torch.bool,
@@ -265,7 +281,12 @@ def beit_block_mask(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-MASKING_STRATEGIES = ("random", "simmim_block", "beit_block")
+MASKING_STRATEGIES = ("random", "simmim_block", "beit_block", "bootmae_block")
+
+# BootMAE's block masking (its official masking generator, ViT-B/16): rectangles cover 120 of the 196 patches, at
+# most 60 each, and random patches make up the rest of the mask ratio (27 more at 75 %, 147 in all).
+BOOTMAE_BLOCK_RATIO = 120 / 196
+BOOTMAE_MAX_BLOCK_RATIO = 60 / 196
 
 
 @dataclass(frozen=True)
@@ -273,8 +294,9 @@ class MaskGenerator:
     """One standard masking strategy for a model's patch grid: ``generator(batch_size, device) -> bool [B, N]``.
 
     Args:
-        strategy: ``"random"`` (MAE), ``"simmim_block"`` (SimMIM: ``mask_patch_size`` squares) or ``"beit_block"``
-            (BEiT: rectangles of at least 16 patches).
+        strategy: ``"random"`` (MAE), ``"simmim_block"`` (SimMIM: ``mask_patch_size`` squares), ``"beit_block"``
+            (BEiT: rectangles of at least 16 patches) or ``"bootmae_block"`` (BootMAE: rectangles over 120/196 of
+            the patches, at most 60/196 each, topped up with random patches).
         image_size: image side in pixels.
         patch_size: the model's patch side in pixels.
         mask_ratio: fraction of patches to mask.
@@ -330,6 +352,16 @@ class MaskGenerator:
                 self.patch_size,
                 self.mask_patch_size,
                 self.mask_ratio,
+                generator=generator,
+                device=device,
+            )
+        if self.strategy == "bootmae_block":
+            return beit_block_mask(
+                batch_size,
+                self.grid_size,
+                self.mask_ratio,
+                max_num_patches=max(1, round(BOOTMAE_MAX_BLOCK_RATIO * self.num_patches)),
+                block_ratio=min(BOOTMAE_BLOCK_RATIO, self.num_masked / self.num_patches),
                 generator=generator,
                 device=device,
             )

@@ -321,6 +321,7 @@ def _masking_info(config, args, model: dict) -> dict:
         "random": "random patches",
         "simmim_block": f"SimMIM's square blocks of {getattr(args, 'mask_patch_size', 32)} px",
         "beit_block": "BEiT's block-wise masking",
+        "bootmae_block": "BootMAE's: BEiT's rectangles over 120/196 of the patches, topped up with random patches",
         "evolved": "evolved hierarchical masking",
     }
     evolved = None

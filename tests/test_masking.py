@@ -4,6 +4,8 @@ Expected values are computed by hand in the comments next to them, not copied fr
 """
 
 import itertools
+import math
+import statistics
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from conftest import TINY_MAE
 from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
 from hf_mto.masking import (
+    MaskGenerator,
     MergeTree,
     attention_similarity,
     beit_block_mask,
@@ -697,3 +700,35 @@ def test_square_side_accepts_int_and_pairs():
     from hf_mto.masking import square_side
 
     assert square_side(32) == 32 and square_side((224, 224)) == 224 and square_side([16, 16]) == 16
+
+
+def test_beit_rectangles_stop_at_the_block_share_and_the_per_rectangle_cap():
+    from hf_mto.masking import _beit_rectangles
+
+    log_aspect = (math.log(0.3), math.log(1 / 0.3))
+    counts = [sum(_beit_rectangles(14, 14, 120, 16, 60, log_aspect, seeded(i), None)) for i in range(50)]
+    # BootMAE's official generator: rectangles over 120 of 196 patches, never more
+    assert max(counts) == 120 and statistics.mean(counts) > 110
+    # a cap of one patch per rectangle can still only add single patches: exactly the target, one at a time
+    assert sum(_beit_rectangles(14, 14, 30, 1, 1, log_aspect, seeded(0), None)) == 30
+
+
+def test_bootmae_block_masks_the_exact_count_with_rectangles_then_random_patches():
+    generator = MaskGenerator("bootmae_block", 224, 16, 0.75)
+    assert generator.num_masked == 147
+    masks = generator(64, generator=seeded(0))
+    assert masks.shape == (64, 196) and (masks.sum(dim=1) == 147).all()
+
+    # the 27 random patches of the top-up show as masked patches with no masked 4-neighbour far more often than in
+    # a pure BEiT block mask of the same count
+    def isolated(mask):
+        grid = mask.view(-1, 14, 14).float()
+        neighbours = torch.nn.functional.conv2d(
+            grid[:, None], torch.tensor([[[[0.0, 1, 0], [1, 0, 1], [0, 1, 0]]]]), padding=1
+        )[:, 0]
+        return ((grid > 0) & (neighbours == 0)).sum().item() / len(mask)
+
+    beit = MaskGenerator("beit_block", 224, 16, 0.75)(64, generator=seeded(0))
+    assert isolated(masks) > 2 * isolated(beit) + 1
+    with pytest.raises(ValueError, match="block_ratio"):
+        beit_block_mask(2, 14, 0.5, block_ratio=0.9)

@@ -12,10 +12,12 @@ from .modeling_bootmae_mto import PIXEL_NORM_EPS, BootMAEMTOForPreTraining, Boot
 
 @register_method
 class BootMAEMTOMethod(KeptCountMethod):
-    """BootMAE: masks reach the model as MAE's do (``noise``); the default masking is BEiT's block-wise one topped up
-    at random to exactly ``round(mask_ratio * N)`` patches (the official code: 120 block-masked patches topped up
-    with 27 random ones to 147 of 196); MTO acts on both decoders; after every optimizer step the momentum encoder
-    takes one EMA step (`on_step_end`)."""
+    """BootMAE: masks reach the model as MAE's do (``noise``); the default masking is the official one,
+    `bootmae_block`: BEiT's rectangles over 120 of 196 patches (at most 60 each), topped up with random patches to
+    ``round(mask_ratio * N)`` (147 of 196). Not reproduced: the official code's per-batch roll, which makes 0-3 of
+    the block-masked patches visible, and its unbounded retries (BEiT's 10 attempts here, then the random top-up).
+    MTO acts on both decoders; after every optimizer step the momentum encoder takes one EMA step
+    (`on_step_end`)."""
 
     name = "BootMAE"
     config_class = BootMAEMTOConfig
@@ -23,7 +25,7 @@ class BootMAEMTOMethod(KeptCountMethod):
     base_model_class = BootMAEMTOModel
     auto_class_name = "AutoModelForPreTraining"
     extends = ()  # no upstream BootMAE
-    default_masking = "beit_block"
+    default_masking = "bootmae_block"
     mto_stacks = ("pixel_decoder", "feature_decoder")
     citation = """\
 @inproceedings{dong2022bootmae,

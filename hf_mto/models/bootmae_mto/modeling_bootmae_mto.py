@@ -396,6 +396,13 @@ class BootMAEMTOForPreTraining(BootMAEMTOPreTrainedModel):
     def num_patches(self) -> int:
         return self.vit.embeddings.patch_embeddings.num_patches
 
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        """Upstream's, then the same implementation for both decoders, whose configs are sized copies of the
+        model's."""
+        super().set_attn_implementation(attn_implementation, *args, **kwargs)
+        for decoder in (self.pixel_decoder, self.feature_decoder):
+            decoder.config._attn_implementation = self.config._attn_implementation
+
     def tie_weights(self, *args, **kwargs):
         """Upstream's, then the frozen tensors frozen again: transformers 5's `from_pretrained` loads every floating
         weight as a fresh trainable `nn.Parameter`, whatever the model declared, and calls this after loading. Frozen:
@@ -420,6 +427,13 @@ class BootMAEMTOForPreTraining(BootMAEMTOPreTrainedModel):
         """One EMA step of the momentum encoder, ``teacher = decay * teacher + (1 - decay) * encoder`` for every
         parameter and floating buffer, with ``decay`` from `config.momentum_schedule` at training progress
         ``progress``; stores ``progress`` in `training_progress`. Returns the decay."""
+        low_precision = sorted({str(t.dtype) for t in self.teacher.parameters() if t.dtype != torch.float32})
+        if low_precision or self.training_progress.dtype != torch.float32:
+            # (1 - 0.99999) x a weight's change is below bf16's resolution: the teacher would silently stop moving
+            raise ValueError(
+                f"the momentum encoder must stay float32 to take EMA steps, got {low_precision or 'a low-precision'} "
+                "weights: train in float32 with mixed precision (--bf16 / --fp16 autocast), not a cast model"
+            )
         decay = momentum_decay(self.config.momentum_schedule, progress)
         self.training_progress.fill_(progress)
         student = dict(self.vit.named_parameters()) | dict(self.vit.named_buffers())

@@ -147,17 +147,58 @@ def test_mto_terms_of_both_decoders_equal_the_general_path():
     assert not torch.equal(out.pixel_decoder_mto.heterogeneity, out.feature_decoder_mto.heterogeneity)
 
 
-def test_h0_is_the_mask_tokens_plus_positions_and_the_projected_visible_tokens():
+@pytest.mark.parametrize("name", ["pixel_decoder", "feature_decoder"])
+def test_h0_is_the_mask_tokens_plus_positions_and_the_projected_visible_tokens(name):
     model = make_model().eval()
+    decoder = getattr(model, name)
     pixels, noise = batch()
-    captured = capture_states(model.pixel_decoder)
+    captured = capture_states(decoder)
     out = model(pixels, noise=noise)
     encoded = model.vit(pixels, noise=noise)
     h0 = captured[0]
-    torch.testing.assert_close(h0[:, :17], model.pixel_decoder.decoder_embed(encoded.last_hidden_state))
+    torch.testing.assert_close(h0[:, :17], decoder.decoder_embed(encoded.last_hidden_state))
     masked_ids = torch.argsort(out.ids_restore, dim=1)[:, 16:]
-    table = model.pixel_decoder.position_embeddings[0, 1:]
-    torch.testing.assert_close(h0[:, 17:], model.pixel_decoder.mask_token + table[masked_ids])
+    # the pixel decoder's own sin-cos table; the feature decoder uses the encoder's (official)
+    own = decoder.position_embeddings if name == "pixel_decoder" else model.vit.embeddings.position_embeddings
+    torch.testing.assert_close(h0[:, 17:], decoder.mask_token + own[0, 1:][masked_ids])
+
+
+def test_each_decoder_cross_attends_to_its_encoder_block():
+    # pixel decoder: the first block's output; feature decoder: the last block's, before the final norm (official)
+    model = make_model().eval()
+    pixels, noise = batch()
+    memories = {}
+    for name in ("pixel_decoder", "feature_decoder"):
+        layer = getattr(model, name).layers[0]
+        layer.layernorm_memory.register_forward_hook(
+            lambda m, args, out, name=name: memories.setdefault(name, args[0])
+        )
+    with torch.no_grad():
+        model(pixels, noise=noise)
+        encoded = model.vit(pixels, noise=noise, output_hidden_states=True)
+    torch.testing.assert_close(memories["pixel_decoder"], encoded.hidden_states[1])
+    torch.testing.assert_close(memories["feature_decoder"], encoded.hidden_states[-1])
+    assert not torch.allclose(encoded.hidden_states[-1], encoded.last_hidden_state)  # the final norm is left out
+
+
+def test_attention_implementation_reaches_both_decoders():
+    model = make_model().eval()
+    pixels, noise = batch()
+    with torch.no_grad():
+        sdpa = model(pixels, noise=noise)
+        model.set_attn_implementation("eager")
+        eager = model(pixels, noise=noise)
+    for name in ("pixel_decoder", "feature_decoder"):
+        decoder = getattr(model, name)
+        assert decoder.layers[0].cross_attention.config._attn_implementation == "eager"
+    torch.testing.assert_close(eager.loss, sdpa.loss)
+
+
+def test_the_teacher_refuses_an_ema_step_in_low_precision():
+    # (1 - 0.99999) x a change is below bf16's resolution: the teacher would silently never move
+    model = make_model().to(torch.bfloat16)
+    with pytest.raises(ValueError, match="momentum encoder must stay float32.*bfloat16"):
+        model.update_teacher(0.5)
 
 
 def test_mto_off_does_no_mto_work(monkeypatch):
@@ -251,7 +292,7 @@ def test_trainer_moves_the_teacher_once_per_optimizer_step_with_gradient_accumul
         mto_r_weight=0.1,
     )
     trainer = MTOTrainer(model=model, args=args, train_dataset=RandomImages(32))
-    assert trainer.mask_generator.strategy == "beit_block"  # the method's default
+    assert trainer.mask_generator.strategy == "bootmae_block"  # the method's default
     trainer.train()
     assert steps == pytest.approx([1 / 3, 2 / 3, 1.0])
     assert model.training_progress.item() == pytest.approx(1.0)
