@@ -254,12 +254,12 @@ def beit_block_mask(
     num_patches = height * width
     num_masked = _num_masked(num_patches, mask_ratio)
     num_block = num_masked if block_ratio is None else round(block_ratio * num_patches)
-    if not 0 < num_block <= num_masked:
+    if not 0 <= num_block <= num_masked:
         raise ValueError(
-            f"block_ratio must give 1 to {num_masked} patches (mask_ratio {mask_ratio}), got {block_ratio}"
+            f"block_ratio must give at most {num_masked} patches (mask_ratio {mask_ratio}), got {block_ratio}"
         )
     if max_num_patches is None:
-        max_num_patches = num_block
+        max_num_patches = max(num_block, 1)
     _check_positive_int("max_num_patches", max_num_patches)
     log_aspect = (math.log(min_aspect), math.log(max_aspect))
     rectangles = torch.tensor(

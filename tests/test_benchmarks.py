@@ -96,7 +96,7 @@ def test_bootmae_step_time_reports_both_variants_and_the_teachers_share(tmp_path
     flags = ["--preset", str(tmp_path / "preset.yaml"), "--device", "cpu", "--warmup", "1", "--rounds", "2"]
     report = bootmae_step_time.main([*flags, "--steps_per_round", "1", "--json", str(tmp_path / "out.json")])
     assert json.loads((tmp_path / "out.json").read_text()) == json.loads(json.dumps(report))
-    assert report["batch_size"] == 4 and report["masking"] == "beit_block"
+    assert report["batch_size"] == 4 and report["masking"] == "bootmae_block"  # the preset's
     variants = report["variants"]
     assert set(variants) == {"mto_off", "mto_on"} and variants["mto_off"]["ratio"] == 1.0
     for result in variants.values():
