@@ -12,6 +12,8 @@ teacher's own parameter bytes.
 
     python benchmarks/bootmae_step_time.py                       # the tiny BootMAE preset, its batch (128)
     python benchmarks/bootmae_step_time.py --rounds 30 --json out.json
+    python benchmarks/bootmae_step_time.py --preset recipes/configs/vit_base_bootmae_mto_in1k.yaml --batch_size 128 \
+        --bf16                                                   # a GPU: ViT-B/16, as benchmarks/gpu_check.py
 """
 
 from __future__ import annotations
@@ -36,14 +38,15 @@ TEACHER = "teacher"  # the momentum encoder's forward on the full image plus the
 PROGRESS = 0.5  # training progress passed to on_step_end: any value does the same work
 
 
-def load_preset(path):
-    """The preset's config, batch size, MTO weights and masking, and a batch with its masks (as the trainer's)."""
+def load_preset(path, batch_size: int | None = None):
+    """The preset's config, MTO weights and masking, and a batch (of the preset's size unless `batch_size` is given)
+    with its masks (as the trainer's)."""
     model_args, _, training_args = parse_args(
         (ModelArguments, DataArguments, MTOTrainingArguments), ["--config", str(path), "--report_to", "none"]
     )
     config = build_config(model_args)
     method = method_for(model_args.model_type)
-    batch_size = training_args.per_device_train_batch_size
+    batch_size = batch_size or training_args.per_device_train_batch_size
     strategy = training_args.masking or method.default_masking
     image_side, patch_side = square_side(config.image_size), square_side(config.patch_size)
     generator = MaskGenerator(strategy, image_side, patch_side, config.mask_ratio, training_args.mask_patch_size)
@@ -61,13 +64,20 @@ def build(method, config, use_mto: bool, device):
     return model, optimizer
 
 
-def make_step(method, model, optimizer, inputs: dict, weights: dict, use_mto: bool):
+def autocast(device, autocast_dtype):
+    return torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+
+
+def make_step(method, model, optimizer, inputs: dict, weights: dict, use_mto: bool, autocast_dtype=None):
+    device = inputs["pixel_values"].device
+
     def step():
-        out = model(**inputs, use_mto=use_mto)
-        loss = out.loss
-        if use_mto:
-            for terms in method.mto_outputs(out).values():
-                loss = loss + sum(weight * getattr(terms, name) for name, weight in weights.items() if weight > 0)
+        with autocast(device, autocast_dtype):
+            out = model(**inputs, use_mto=use_mto)
+            loss = out.loss
+            if use_mto:
+                for terms in method.mto_outputs(out).values():
+                    loss = loss + sum(weight * getattr(terms, name) for name, weight in weights.items() if weight > 0)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -76,23 +86,28 @@ def make_step(method, model, optimizer, inputs: dict, weights: dict, use_mto: bo
     return step
 
 
-def make_teacher_part(method, model, pixel_values):
+def make_teacher_part(method, model, pixel_values, autocast_dtype=None):
     def teacher_part():
-        model.teacher_features(pixel_values)
+        with autocast(pixel_values.device, autocast_dtype):
+            model.teacher_features(pixel_values)
         method.on_step_end(model, PROGRESS)
 
     return teacher_part
 
 
-def measure(path, device, warmup: int, rounds: int, steps_per_round: int) -> dict:
-    config, method, weights, pixels, mask, strategy = load_preset(path)
+def measure(
+    path, device, warmup: int, rounds: int, steps_per_round: int, autocast_dtype=None, batch_size: int | None = None
+) -> dict:
+    """Step time and memory per variant (and the teacher's share); `autocast_dtype` (e.g. torch.bfloat16) runs the
+    forward under autocast, `batch_size` overrides the preset's."""
+    config, method, weights, pixels, mask, strategy = load_preset(path, batch_size)
     pixels = pixels.to(device)
     built = {variant: build(method, config, variant == "mto_on", device) for variant in VARIANTS}
     inputs = {"pixel_values": pixels, **method.mask_inputs(built["mto_off"][0], mask.to(device))}
-    runs = {v: make_step(method, *built[v], inputs, weights, v == "mto_on") for v in VARIANTS}
+    runs = {v: make_step(method, *built[v], inputs, weights, v == "mto_on", autocast_dtype) for v in VARIANTS}
     has_teacher = hasattr(built["mto_off"][0], "teacher_features")
     if has_teacher:
-        runs[TEACHER] = make_teacher_part(method, built["mto_off"][0], pixels)
+        runs[TEACHER] = make_teacher_part(method, built["mto_off"][0], pixels, autocast_dtype)
     peaks = {}
     for name, run in runs.items():
         for _ in range(warmup):
@@ -106,7 +121,9 @@ def measure(path, device, warmup: int, rounds: int, steps_per_round: int) -> dic
         quartiles = statistics.quantiles(ratios, n=4)[::2] if len(ratios) > 1 else [ratios[0]] * 2
         return statistics.median(ratios), quartiles
 
-    results = {"batch_size": pixels.shape[0], "masking": strategy, "mto_weights": weights, "variants": {}}
+    precision = str(autocast_dtype).removeprefix("torch.") if autocast_dtype else "fp32"
+    results = {"batch_size": pixels.shape[0], "masking": strategy, "precision": precision, "mto_weights": weights}
+    results["variants"] = {}
     for variant in VARIANTS:
         ratio, quartiles = paired(variant, "mto_off")
         entry = {"step_s": statistics.median(times[variant]), "ratio": ratio, "ratio_quartiles": quartiles}
@@ -129,16 +146,22 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps_per_round", type=int, default=4)
+    parser.add_argument("--batch_size", type=int, default=None, help="Instead of the preset's batch size.")
+    parser.add_argument("--bf16", action="store_true", help="Forward under bf16 autocast (default: fp32).")
     parser.add_argument("--json", default=None, help="Also write the results to this JSON file.")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     memory = "peak MiB" if device.type == "cuda" else "saved MiB"
-    results = measure(args.preset, device, args.warmup, args.rounds, args.steps_per_round)
+    autocast_dtype = torch.bfloat16 if args.bf16 else None
+    results = measure(
+        args.preset, device, args.warmup, args.rounds, args.steps_per_round, autocast_dtype, args.batch_size
+    )
     report = {"preset": args.preset, "device": name, "torch": torch.__version__, **results}
     print(
-        f"\n{Path(args.preset).name}: batch {results['batch_size']}, {results['masking']} masking, {name}, "
+        f"\n{Path(args.preset).name}: batch {results['batch_size']}, {results['masking']} masking, "
+        f"{results['precision']}, {name}, "
         f"torch {torch.__version__}, {args.rounds} rounds x {args.steps_per_round} steps"
     )
     print(

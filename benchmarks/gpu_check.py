@@ -6,13 +6,16 @@ Sized to fit in 8 minutes on one recent GPU (an H100 or H200); writes `gpu_check
 1. Step time and peak memory of ours (MTO off, MTO on) as ratios to upstream, `benchmarks/step_time.py` at ViT-B/16,
    224 px, batch 128, bf16 autocast, for MAE and SimMIM, eager and under `torch.compile` (inductor; the upstream
    model compiled too, and the compilation inside the untimed warm-up steps).
-2. The shares of a step with evolved masking (attention pass, tree + mask, training step), `benchmarks/
+2. BootMAE's step time and memory with MTO on as a ratio to MTO off (it has no upstream), and its momentum encoder's
+   share of a step, `benchmarks/bootmae_step_time.py` with its ViT-B/16 preset at the same batch, bf16 autocast,
+   eager only.
+3. The shares of a step with evolved masking (attention pass, tree + mask, training step), `benchmarks/
    evolved_overhead.py` at the same size, for both models.
-3. MAE against MAE + MTO at ViT-Ti size (hidden 192, 12 blocks, 3 heads, patch 4, 32 px images), same seed,
+4. MAE against MAE + MTO at ViT-Ti size (hidden 192, 12 blocks, 3 heads, patch 4, 32 px images), same seed,
    steps and hyper-parameters: pre-training, then the k-NN accuracy of the frozen encoder (`hf_mto.evaluation`) and the
    accuracy after a short fine-tuning (`hf_mto.finetuning`'s classifier, layer-wise lr decay). Fashion-MNIST when
    Debian's files are there, else scikit-learn's digits (upsampled to 32 px); the steps are sized to the time the
-   first two parts left of `--time_budget_s`, and recorded. One seed and a few minutes: a check that the pieces run
+   first three parts left of `--time_budget_s`, and recorded. One seed and a few minutes: a check that the pieces run
    and a first look, not evidence of faster convergence (DESIGN.md, "Evidence for convergence claims").
 
     python benchmarks/gpu_check.py                                  # GPU: the whole check, about 8 minutes
@@ -27,13 +30,16 @@ import json
 import math
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
+import bootmae_step_time
 import evolved_overhead
 import torch
 import torch.nn.functional as F
 import transformers
-from step_time import MTO_WEIGHT, PRESETS, VARIANTS, inputs_for, sync, time_all
+import yaml
+from step_time import PRESETS, VARIANTS, inputs_for, sync, time_all
 
 from hf_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining
 from hf_mto.data import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, read_fashion_mnist
@@ -42,6 +48,7 @@ from hf_mto.finetuning import FinetuneArguments, build_classification_model, lay
 from hf_mto.models.vit_gap import ViTGAPConfig, ViTGAPForImageClassification
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "recipes" / "configs"
 MODELS = ("mae", "simmim")
 SMOKE_ENCODER = dict(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
 SMOKE_ENCODER["intermediate_size"] = 64
@@ -54,10 +61,12 @@ VIT_TI_DECODER = dict(
     decoder_hidden_size=192, decoder_num_hidden_layers=4, decoder_num_attention_heads=3, decoder_intermediate_size=768
 )
 # Per mode: the step-time and evolved-masking models ((config, batch, SimMIM mask square) per model, as step_time's
-# PRESETS), their warm-up and rounds, the compile backend, and the convergence check's model and sizes.
+# PRESETS), the BootMAE preset and batch, their warm-up and rounds, the compile backend, and the convergence check's
+# model and sizes.
 SIZES = {
     "gpu": dict(
         timing=PRESETS["vit-b16"],
+        bootmae=(CONFIGS / "vit_base_bootmae_mto_in1k.yaml", 128),  # (preset, batch size)
         warmup=3,
         compiled_warmup=5,
         rounds=10,
@@ -76,6 +85,7 @@ SIZES = {
             "mae": (dict(SMOKE_ENCODER, **SMOKE_DECODER, norm_pix_loss=True), 8, None),
             "simmim": (dict(SMOKE_ENCODER, encoder_stride=4), 8, 8),
         },
+        bootmae=(CONFIGS / "tiny_cpu_bootmae_mto.yaml", 4),
         warmup=1,
         compiled_warmup=2,
         rounds=2,
@@ -92,12 +102,14 @@ SIZES = {
     ),
 }
 SMOKE_IMAGES = {"train": 64, "test": 32}
-# Convergence hyper-parameters, both arms alike: pre-training as recipes/configs/tiny_cpu_mae_mto.yaml (base lr
-# 1.5e-4 per 256 images, AdamW betas 0.9/0.95, weight decay 0.05, 10% warm-up then cosine, MTO weights 0.1),
+# Convergence hyper-parameters, both arms alike: pre-training as recipes/configs/tiny_cpu_mae_mto.yaml (its base lr
+# per 256 images and MTO weights, read from it; AdamW betas 0.9/0.95, weight decay 0.05, 10% warm-up then cosine),
 # fine-tuning as recipes/configs/tiny_cpu_finetune.yaml (base lr 4e-3 per 256 images, layer decay 0.75, weight decay
 # 0.05, drop path 0.1, label smoothing 0.1, global pooling, no augmentation), k-NN as hf_mto.evaluation (k 20,
 # T 0.07) on the mean of the patch tokens (benchmarks/convergence.py's default at this scale).
-PRETRAIN = dict(base_lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, warmup=0.1)
+TINY_MAE = yaml.safe_load((CONFIGS / "tiny_cpu_mae_mto.yaml").read_text())
+PRETRAIN = dict(base_lr=TINY_MAE["base_learning_rate"], betas=(0.9, 0.95), weight_decay=0.05, warmup=0.1)
+MTO_WEIGHTS = {term: TINY_MAE[f"mto_{term}_weight"] for term in ("spa", "e", "r")}
 FINETUNE = dict(base_lr=4e-3, layer_decay=0.75, weight_decay=0.05, drop_path_rate=0.1, label_smoothing=0.1)
 POOLING = "mean"
 # Of the time left for the convergence check, the share each arm's pre-training and fine-tuning get (the rest is for
@@ -106,7 +118,7 @@ PRETRAIN_SHARE, FINETUNE_SHARE = 0.36, 0.09
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Parts 1 and 2: step time and evolved masking
+# Parts 1 to 3: step time, BootMAE and evolved masking
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -133,6 +145,17 @@ def step_times(sizes: dict, device, autocast_dtype, compile_backend: str | None)
     return results
 
 
+def bootmae_times(sizes: dict, device, autocast_dtype) -> dict:
+    """bootmae_step_time.measure for the mode's BootMAE preset and batch (eager)."""
+    preset, batch_size = sizes["bootmae"]
+    return {
+        "preset": str(preset.relative_to(ROOT)),
+        **bootmae_step_time.measure(
+            preset, device, sizes["warmup"], sizes["rounds"], sizes["steps_per_round"], autocast_dtype, batch_size
+        ),
+    }
+
+
 def evolved_shares(sizes: dict, device, autocast_dtype) -> dict:
     """evolved_overhead.measure per model, with each part's share of their sum."""
     results = {}
@@ -155,7 +178,7 @@ def evolved_shares(sizes: dict, device, autocast_dtype) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Part 3: convergence, MAE against MAE + MTO
+# Part 4: convergence, MAE against MAE + MTO
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -224,7 +247,8 @@ def pretrain_step(model, optimizer, scheduler, pixels, use_mto: bool, autocast_d
         out = model(pixel_values=pixels)
         loss = out.loss
         if use_mto:
-            loss = loss + MTO_WEIGHT * (out.sparsity_loss + out.singularity_loss + out.ranking_loss)
+            terms = {"spa": out.sparsity_loss, "e": out.singularity_loss, "r": out.ranking_loss}
+            loss = loss + sum(MTO_WEIGHTS[term] * value for term, value in terms.items())
     loss.backward()
     optimizer.step()
     scheduler.step()
@@ -366,7 +390,12 @@ def convergence(sizes: dict, smoke: bool, seconds_left: float, seed: int, device
         **plan,
         "pretrain_epochs": plan["pretrain_steps"] * batch_size / num_train,
         "finetune_epochs": plan["finetune_steps"] * batch_size / num_train,
-        "hyper_parameters": {"pretrain": PRETRAIN, "mto_weight": MTO_WEIGHT, "finetune": FINETUNE, "pooling": POOLING},
+        "hyper_parameters": {
+            "pretrain": PRETRAIN,
+            "mto_weights": MTO_WEIGHTS,
+            "finetune": FINETUNE,
+            "pooling": POOLING,
+        },
         "arms": {},
     }
     for arm, use_mto in (("mae", False), ("mae_mto", True)):
@@ -401,8 +430,8 @@ def markdown(report: dict) -> str:
         f"{', smoke mode (tiny sizes: plumbing only, no figures)' if report['smoke'] else ''}; "
         f"{report['elapsed_s']:.0f} s of a {report['time_budget_s']:.0f} s budget.",
     ]
+    memory = "peak MiB" if report["memory"] == "cuda_peak" else "saved-for-backward MiB"
     if "step_time" in report:
-        memory = "peak MiB" if report["memory"] == "cuda_peak" else "saved-for-backward MiB"
         lines += ["", f"## Step time and memory against upstream ({report['timing_setting']})", ""]
         lines += [f"| model | torch.compile | variant | step ms | x upstream (quartiles) | {memory} | x upstream |"]
         lines += ["|---|---|---|---|---|---|---|"]
@@ -416,6 +445,22 @@ def markdown(report: dict) -> str:
                         f"| {model_name} | {compiled} | {variant} | {r['step_s'] * 1e3:.2f} | {r['ratio']:.3f} "
                         f"({low:.3f}-{high:.3f}) | {r['peak_bytes'] / 2**20:.1f} | {r['peak_bytes'] / base:.3f} |"
                     )
+    if "bootmae" in report:
+        r = report["bootmae"]
+        lines += ["", "## BootMAE: MTO on against MTO off (no upstream), eager", ""]
+        lines += [
+            f"`{r['preset']}` at batch {r['batch_size']}, {r['masking']} masking, {r['precision']}.",
+            "",
+            f"| variant | step ms | x mto_off (quartiles) | {memory} | x mto_off | momentum encoder's share |",
+            "|---|---|---|---|---|---|",
+        ]
+        base = r["variants"]["mto_off"]["peak_bytes"]
+        for variant, v in r["variants"].items():
+            low, high = v["ratio_quartiles"]
+            lines.append(
+                f"| {variant} | {v['step_s'] * 1e3:.2f} | {v['ratio']:.3f} ({low:.3f}-{high:.3f}) | "
+                f"{v['peak_bytes'] / 2**20:.1f} | {v['peak_bytes'] / base:.3f} | {v['teacher_share']:.3f} |"
+            )
     if "evolved" in report:
         lines += ["", "## Evolved masking: shares of a step", ""]
         lines += ["| model | patches | attention layers | " + " | ".join(evolved_overhead.PARTS) + " |"]
@@ -440,6 +485,9 @@ def markdown(report: dict) -> str:
                 f"| {arm} | {r['knn_accuracy']:.4f} | {r['finetune_accuracy']:.4f} | {r['final_pretrain_loss']:.4f} "
                 f"| {r['pretrain_s']:.1f} | {r['finetune_s']:.1f} |"
             )
+    if report.get("errors"):
+        lines += ["", "## Failed parts (tracebacks in the JSON)", ""]
+        lines += [f"- {name}: {trace.strip().splitlines()[-1]}" for name, trace in report["errors"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -476,31 +524,49 @@ def main(argv=None):
         "part_seconds": {},
     }
 
-    def part(name, fn):
-        timer = time.perf_counter()
-        result = fn()
-        report["part_seconds"][name] = time.perf_counter() - timer
-        return result
+    report["errors"] = {}  # part name -> traceback: a part that fails is recorded, and the next parts still run
 
-    report["step_time"] = {
-        "compile_off": part("step_time_eager", lambda: step_times(sizes, device, autocast_dtype, None))
-    }
-    write(report, args.output_dir, start)
-    report["evolved"] = part("evolved", lambda: evolved_shares(sizes, device, autocast_dtype))
-    write(report, args.output_dir, start)
+    def part(name, fn, store):
+        timer = time.perf_counter()
+        try:
+            store(fn())
+        except Exception:
+            report["errors"][name] = traceback.format_exc()
+            print(f"{name} failed:\n{report['errors'][name]}", flush=True)
+        report["part_seconds"][name] = time.perf_counter() - timer
+        write(report, args.output_dir, start)
+
+    report["step_time"] = {}
     backend = sizes["compile_backend"]
-    report["step_time"]["compile_on"] = part(
-        "step_time_compiled", lambda: step_times(sizes, device, autocast_dtype, backend)
-    )
-    write(report, args.output_dir, start)
+    parts = {
+        "step_time_eager": (
+            lambda: step_times(sizes, device, autocast_dtype, None),
+            lambda result: report["step_time"].update(compile_off=result),
+        ),
+        "bootmae": (
+            lambda: bootmae_times(sizes, device, autocast_dtype),
+            lambda result: report.update(bootmae=result),
+        ),
+        "evolved": (
+            lambda: evolved_shares(sizes, device, autocast_dtype),
+            lambda result: report.update(evolved=result),
+        ),
+        "step_time_compiled": (
+            lambda: step_times(sizes, device, autocast_dtype, backend),
+            lambda result: report["step_time"].update(compile_on=result),
+        ),
+    }
+    for name, (fn, store) in parts.items():
+        part(name, fn, store)
     seconds_left = args.time_budget_s - (time.perf_counter() - start) - sizes["reserve_s"]
-    report["convergence"] = part(
-        "convergence", lambda: convergence(sizes, args.smoke, seconds_left, args.seed, device, autocast_dtype)
+    part(
+        "convergence",
+        lambda: convergence(sizes, args.smoke, seconds_left, args.seed, device, autocast_dtype),
+        lambda result: report.update(convergence=result),
     )
-    write(report, args.output_dir, start)
     print(markdown(report))
     return report
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(1 if main()["errors"] else 0)

@@ -25,34 +25,34 @@ def test_convergence_smoke_runs_every_path(tmp_path):
     assert list(runs) == ["mae", "mae_mto_dot", "random_init"]
     for arm in ("mae", "mae_mto_dot"):
         run = runs[arm]
-        assert run["lr"] == pytest.approx(1.5e-4)  # the MAE preset's base LR, in the run's folder name too
-        assert (tmp_path / f"{arm}-w{run['weight']:g}-lr0.00015-e2-seed0" / "flags.json").is_file()
+        assert run["lr"] == pytest.approx(1.5e-3)  # the MAE preset's base LR, in the run's folder name too
+        assert (tmp_path / f"{arm}-w{run['weight']:g}-lr0.0015-e2-seed0" / "flags.json").is_file()
         assert len(run["eval_knn_accuracy"]) == len(run["epochs"]) == 2  # evaluated after both smoke epochs
         assert all(0 <= value <= 1 for value in run["eval_knn_accuracy"] + run["eval_linear_probe_accuracy"])
         assert run["epoch_seconds"] and all(t > 0 for t in run["epoch_seconds"])
         assert run["finetune"]["epochs"] == [1.0, 2.0]  # one fine-tuning per checkpoint point
         assert all(0 <= value <= 1 for value in run["finetune"]["finetune_accuracy"])
         assert run["wall_seconds"] > 0 and all(t > 0 for t in run["finetune"]["wall_seconds"])
-    flags = json.loads((tmp_path / "mae_mto_dot-w0.1-lr0.00015-e2-seed0" / "flags.json").read_text())
+    flags = json.loads((tmp_path / "mae_mto_dot-w0.1-lr0.0015-e2-seed0" / "flags.json").read_text())
     assert flags[flags.index("--mto_affinity") + 1] == "dot"
     floor = runs["random_init"]
     assert floor["epochs"] == [0.0] and floor["epoch_seconds"] == []  # evaluated once, untrained
     assert 0 <= floor["eval_knn_accuracy"][0] <= 1 and 0 <= floor["eval_linear_probe_accuracy"][0] <= 1
     assert floor["finetune"]["epochs"] == [0.0] and 0 <= floor["finetune"]["finetune_accuracy"][0] <= 1
     assert (tmp_path / "convergence.png").stat().st_size > 0
-    assert "| mae | 0 | 0.00015 | 1 |" in result.stdout and "| mae_mto_dot | 0.1 | 0.00015 | 1 |" in result.stdout
+    assert "| mae | 0 | 0.0015 | 1 |" in result.stdout and "| mae_mto_dot | 0.1 | 0.0015 | 1 |" in result.stdout
     assert "| random_init | 0 | - | 1 |" in result.stdout  # the floor row
 
     sweep = json.loads((tmp_path / "lr_sweep.json").read_text())
     rows = {(row["method"], row["lr"]): row for row in sweep["table"]}
-    assert set(rows) == {("mae", 1.5e-4), ("mae", 1.5e-3), ("random_init", None)}
+    assert set(rows) == {("mae", 1.5e-3), ("mae", 1.5e-2), ("random_init", None)}
     for row in rows.values():
         assert all(0 <= value <= 1 for value in row["knn"] + row["probe"])
-    assert rows[("mae", 1.5e-3)]["knn_last_epoch_improved"] in (0.0, 1.0)
+    assert rows[("mae", 1.5e-2)]["knn_last_epoch_improved"] in (0.0, 1.0)
     assert rows[("random_init", None)]["knn_gain_over_floor"] == 0.0
     assert (tmp_path / "lr_sweep.png").stat().st_size > 0
-    assert rows[("mae", 1.5e-3)]["epochs"] == 2
-    assert "| mae | 0.0015 | 2 | 1 |" in result.stdout and "| random_init | - | 0 | 1 |" in result.stdout
+    assert rows[("mae", 1.5e-2)]["epochs"] == 2
+    assert "| mae | 0.015 | 2 | 1 |" in result.stdout and "| random_init | - | 0 | 1 |" in result.stdout
 
 
 @pytest.mark.slow
@@ -61,6 +61,7 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["errors"] == {}
     assert set(report["step_time"]) == {"compile_off", "compile_on"}
     for by_model in report["step_time"].values():
         assert set(by_model) == {"mae", "simmim"}
@@ -68,6 +69,10 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
             assert set(results) == {"upstream", "mto_off", "mto_on"}
             assert results["upstream"]["ratio"] == 1.0
             assert all(r["step_s"] > 0 and r["ratio"] > 0 and r["peak_bytes"] > 0 for r in results.values())
+    bootmae = report["bootmae"]
+    assert bootmae["batch_size"] == 4 and bootmae["precision"] == "fp32"
+    assert set(bootmae["variants"]) == {"mto_off", "mto_on"} and bootmae["variants"]["mto_off"]["ratio"] == 1.0
+    assert all(0 < v["teacher_share"] and v["peak_bytes"] > 0 for v in bootmae["variants"].values())
     for shares in (report["evolved"][model]["shares"] for model in ("mae", "simmim")):
         assert set(shares) == {"attention pass", "tree + mask", "training step"}
         assert sum(shares.values()) == pytest.approx(1.0)
@@ -77,10 +82,29 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
     for arm in convergence["arms"].values():
         assert 0 <= arm["knn_accuracy"] <= 1 and 0 <= arm["finetune_accuracy"] <= 1
     text = (tmp_path / "gpu_check.md").read_text()
-    for heading in ("## Step time", "## Evolved masking", "## Convergence"):
+    for heading in ("## Step time", "## BootMAE", "## Evolved masking", "## Convergence"):
         assert heading in text
     assert "| mae | compile_on | mto_on |" in text and "| simmim | compile_off | mto_off |" in text
-    assert "| mae_mto |" in text
+    assert "| mae_mto |" in text and "| mto_on |" in text
+
+
+def test_gpu_check_records_a_failed_part_and_runs_the_rest(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_check
+
+    def fail(*args):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(gpu_check, "step_times", lambda *args: {})
+    for name in ("bootmae_times", "evolved_shares", "convergence"):
+        monkeypatch.setattr(gpu_check, name, fail)
+    report = gpu_check.main(["--smoke", "--output_dir", str(tmp_path)])
+    assert json.loads((tmp_path / "gpu_check.json").read_text()) == json.loads(json.dumps(report))
+    assert set(report["errors"]) == {"bootmae", "evolved", "convergence"}  # each failed part, and only those
+    assert "out of memory" in report["errors"]["evolved"]
+    assert report["step_time"] == {"compile_off": {}, "compile_on": {}}  # compile_on ran after two failed parts
+    text = (tmp_path / "gpu_check.md").read_text()
+    assert "- convergence: RuntimeError: CUDA error: out of memory" in text
 
 
 @pytest.mark.slow  # two BootMAE models timed in-process: ~40 s on 2 busy cores
