@@ -67,8 +67,9 @@ def test_pretrain_recipe_with_two_processes_shards_the_data(tmp_path):
     assert state["global_step"] == 3
     first = next(entry for entry in state["log_history"] if "learning_rate" in entry)
     assert "mto/ranking_loss" in first
-    # lr = 1.5e-4 x (16 x 2) / 256 at its peak; warm-up then cosine keep every logged value at or below it
-    assert 0 < first["learning_rate"] <= 1.5e-4 * 32 / 256 + 1e-12
+    # lr = 1.5e-3 (the preset's base lr) x (16 x 2) / 256 at its peak; warm-up then cosine keep every logged value
+    # at or below it
+    assert 0 < first["learning_rate"] <= 1.5e-3 * 32 / 256 + 1e-12
 
 
 @pytest.mark.skipif(not FASHION_MNIST.exists(), reason="needs Debian's dataset-fashion-mnist")

@@ -119,8 +119,8 @@ def test_yaml_preset_with_command_line_overrides():
     assert training_args.mto_spa_weight == 0.1  # from the file
     assert model_args.mask_ratio == 0.6 and model_args.norm_pix_loss is True
     assert data_args.max_train_samples == 20000
-    # the learning rate follows the base-lr rule: 1.5e-4 x 128 / 256
-    assert training_args.learning_rate == pytest.approx(1.5e-4 * 128 / 256)
+    # the learning rate follows the base-lr rule: 1.5e-3 (the preset's) x 128 / 256
+    assert training_args.learning_rate == pytest.approx(1.5e-3 * 128 / 256)
 
 
 def test_unknown_preset_key_and_bad_override_are_rejected(tmp_path):
