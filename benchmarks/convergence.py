@@ -620,7 +620,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=None, help="Default: all of them.")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--weights", nargs="+", type=float, default=[0.1], help="MTO weight (all three terms).")
+    parser.add_argument(
+        "--weights",
+        nargs="+",
+        type=float,
+        default=None,
+        help="MTO weight (all three terms). Default: the tiny MAE preset's (mto_spa_weight).",
+    )
     parser.add_argument("--sweep", nargs="+", type=float, default=None, help="Sweep the MTO weight of mae_mto.")
     parser.add_argument(
         "--lr_sweep",
@@ -684,6 +690,7 @@ def main(argv=None):
         "2 points, then an LR sweep of mae at 2 learning rates; checks the plumbing only.",
     )
     args = parser.parse_args(argv)
+    args.weights = args.weights or [float(yaml.safe_load(MAE.read_text())["mto_spa_weight"])]
     args.output_dir = args.output_dir.resolve()  # each run works in its own folder
     if args.smoke:
         args.train_samples, args.test_samples, args.bank_samples = 64, 64, 64

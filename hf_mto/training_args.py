@@ -61,13 +61,14 @@ class MTOTrainingArguments(ScaledLRTrainingArguments):
     """
 
     mto_spa_weight: float = field(
-        default=0.1, metadata={"help": "Weight of the sparsity loss L_spa (MTO Eq. 3). 0 disables it."}
+        default=0.003, metadata={"help": "Weight of the sparsity loss L_spa (MTO Eq. 3). 0 disables it."}
     )
     mto_e_weight: float = field(
-        default=0.1, metadata={"help": "Weight of the singularity loss L_e = 1/(H^0+eps) (MTO Eq. 6). 0 disables it."}
+        default=0.003,
+        metadata={"help": "Weight of the singularity loss L_e = 1/(H^0+eps) (MTO Eq. 6). 0 disables it."},
     )
     mto_r_weight: float = field(
-        default=0.1, metadata={"help": "Weight of the ranking loss L_r (MTO Eq. 7). 0 disables it."}
+        default=0.003, metadata={"help": "Weight of the ranking loss L_r (MTO Eq. 7). 0 disables it."}
     )
     masking: str | None = field(
         default=None,

@@ -33,14 +33,14 @@ def test_convergence_smoke_runs_every_path(tmp_path):
         assert run["finetune"]["epochs"] == [1.0, 2.0]  # one fine-tuning per checkpoint point
         assert all(0 <= value <= 1 for value in run["finetune"]["finetune_accuracy"])
         assert run["wall_seconds"] > 0 and all(t > 0 for t in run["finetune"]["wall_seconds"])
-    flags = json.loads((tmp_path / "mae_mto_dot-w0.1-lr0.0015-e2-seed0" / "flags.json").read_text())
+    flags = json.loads((tmp_path / "mae_mto_dot-w0.003-lr0.0015-e2-seed0" / "flags.json").read_text())
     assert flags[flags.index("--mto_affinity") + 1] == "dot"
     floor = runs["random_init"]
     assert floor["epochs"] == [0.0] and floor["epoch_seconds"] == []  # evaluated once, untrained
     assert 0 <= floor["eval_knn_accuracy"][0] <= 1 and 0 <= floor["eval_linear_probe_accuracy"][0] <= 1
     assert floor["finetune"]["epochs"] == [0.0] and 0 <= floor["finetune"]["finetune_accuracy"][0] <= 1
     assert (tmp_path / "convergence.png").stat().st_size > 0
-    assert "| mae | 0 | 0.0015 | 1 |" in result.stdout and "| mae_mto_dot | 0.1 | 0.0015 | 1 |" in result.stdout
+    assert "| mae | 0 | 0.0015 | 1 |" in result.stdout and "| mae_mto_dot | 0.003 | 0.0015 | 1 |" in result.stdout
     assert "| random_init | 0 | - | 1 |" in result.stdout  # the floor row
 
     sweep = json.loads((tmp_path / "lr_sweep.json").read_text())

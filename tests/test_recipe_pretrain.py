@@ -116,7 +116,7 @@ def test_yaml_preset_with_command_line_overrides():
         ["--config", str(PRESET), "--mto_r_weight", "0.5", "--output_dir", "/tmp/x", "--mask_ratio", "0.6"],
     )
     assert training_args.mto_r_weight == 0.5  # command line wins
-    assert training_args.mto_spa_weight == 0.1  # from the file
+    assert training_args.mto_spa_weight == 0.003  # from the file
     assert model_args.mask_ratio == 0.6 and model_args.norm_pix_loss is True
     assert data_args.max_train_samples == 20000
     # the learning rate follows the base-lr rule: 1.5e-3 (the preset's) x 128 / 256

@@ -70,8 +70,12 @@ def test_training_steps_change_every_parameter_and_log_every_component(tmp_path)
     for entry in logs:
         assert expected <= set(entry)
         # the logged total is the weighted sum of the logged components (both averaged over the same steps)
-        weighted = entry["reconstruction_loss"] + 0.1 * (
-            entry["mto/sparsity_loss"] + entry["mto/singularity_loss"] + entry["mto/ranking_loss"]
+        args = trainer.args
+        weighted = (
+            entry["reconstruction_loss"]
+            + args.mto_spa_weight * entry["mto/sparsity_loss"]
+            + args.mto_e_weight * entry["mto/singularity_loss"]
+            + args.mto_r_weight * entry["mto/ranking_loss"]
         )
         assert entry["loss"] == pytest.approx(weighted, rel=1e-4)
 
