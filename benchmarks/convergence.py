@@ -8,40 +8,41 @@ T=0.07) and linear-probe accuracy (`hf_mto.evaluation`) of the mean-pooled patch
 (recipes/configs/tiny_cpu_finetune.yaml) on the same budget for every arm (`--finetune_num_epochs`,
 `--finetune_train_samples`, `--finetune_eval_samples`), and its accuracy on Fashion-MNIST test images recorded.
 
-Arms: `mae`, `simmim` (the baselines, at `--mae_lr` / `--simmim_lr`), `mae_mto`, `simmim_mto` (MTO, today's
-"scaled" affinity), `mae_mto_dot` (the affinity ablation: MTO with the raw dot product), `mae_evolved`,
-`mae_mto_evolved` (evolved masking), `bootmae`, `bootmae_mto` (at `--bootmae_lr`), and `random_init`, the floor:
-the MAE preset's encoder at initialisation (seeded like every run), not trained, scored and fine-tuned through the same code as the others (a `--do_train false` run of
-the recipe whose model is then saved).
+Arms: `mae`, `simmim` (the baselines, at `--mae_lr` / `--simmim_lr`), `mae_mto`, `simmim_mto` (MTO with the
+`"scaled"` affinity, the config default; `mae_mto` passes it explicitly, since the tiny MAE preset uses `"dot"`),
+`mae_mto_dot` (the affinity ablation: MTO with the raw dot product), `mae_evolved`, `mae_mto_evolved` (evolved
+masking), `bootmae`, `bootmae_mto` (at `--bootmae_lr`), and `random_init`, the floor: the MAE preset's encoder at
+initialisation (seeded like every run), not trained, scored and fine-tuned through the same code as the others (a
+`--do_train false` run of the recipe whose model is then saved).
 
 The report gives, per arm, mean ± std over seeds of the final k-NN, probe and fine-tuning accuracy; the RAUC of each
 measure against the arm's baseline (MTO paper Eq. 8, `hf_mto.metrics.RAUC_PATH`) over the measure's evaluated epochs;
 the epochs each arm needs to reach its baseline's final accuracy (linear interpolation of the seed-mean curves, or
-"not reached"); training seconds per epoch as a ratio to the baseline's (evaluation excluded) and the wall-clock per
-run and in all. `--lr_sweep` instead runs the baselines at each of `--learning_rates` plus the floor, and reports the
-final accuracies per learning rate, their margin over the floor and whether the last epoch still improved.
+"not reached"); the median training seconds per epoch as a ratio to the baseline's (evaluation excluded; the median,
+so that an epoch disturbed by another job or an interruption does not weigh) and the wall-clock per run and in all.
+`--lr_sweep` instead runs the baselines at each of `--learning_rates` plus the floor, and reports the final
+accuracies per learning rate, their margin over the floor and whether the last epoch still improved.
 
-    # 1. the baselines' learning-rate sweep, 5 base LRs over two orders of magnitude x 2 lengths (5 and 10 epochs,
-    #    each a full cosine schedule) x 2 methods, seed 0, plus the floor: 20 runs, about 70 min
-    python benchmarks/convergence.py --lr_sweep --learning_rates 5e-5 1.5e-4 5e-4 1.5e-3 5e-3 --lr_sweep_epochs 5 10 \\
+    # 1. the baselines' learning-rate sweep, 5 base LRs over two orders of magnitude, 10 epochs, 2 methods, seed 0,
+    #    plus the floor (11 runs); chosen: 1.5e-3 for both (the tiny presets' base_learning_rate since)
+    python benchmarks/convergence.py --lr_sweep --learning_rates 5e-5 1.5e-4 5e-4 1.5e-3 5e-3 --lr_sweep_epochs 10 \\
         --seeds 0 --train_samples 8000 --test_samples 1000 --bank_samples 2000 --output_dir outputs/convergence
 
-    # 2. the MTO weight sweep with the scaled affinity (MAE + MTO at the chosen MAE_LR, 10 epochs; seed 0's baseline
-    #    is reused from step 1): 4 weights x 2 seeds + 1 baseline, about 40 min
-    python benchmarks/convergence.py --sweep 0.03 0.1 0.3 1.0 --mae_lr MAE_LR --seeds 0 1 --epochs 10 \\
+    # 2. the MTO weight sweep (MAE + MTO at the chosen LR, seed 0; the baseline run is step 1's): 6 runs, 29.5 min
+    #    two at a time; chosen: 0.003 (the default weights since)
+    python benchmarks/convergence.py --sweep 0.003 0.01 0.03 0.1 0.3 1.0 --mae_lr 1.5e-3 --seeds 0 --epochs 10 \\
         --train_samples 8000 --test_samples 1000 --bank_samples 2000 --output_dir outputs/convergence
 
     # 3. the study: the floor + 6 arms x 3 seeds, 10 epochs, fine-tuned at epochs 2 4 7 10 (each 2 epochs on 3,000
-    #    images = 48 steps, 2,000 test images scored): 18 pre-training runs (about 75 min) and 75 fine-tunings (about
-    #    110 min): about 3 h; the runs of steps 1 and 2 with the same LR, weight and seed are reused
+    #    images = 48 steps, 2,000 test images scored): 18 pre-training runs, the floor's 3 and 75 fine-tunings, 74 min
+    #    in two or three invocations side by side (below); the runs of steps 1 and 2 with the same flags are reused
     python benchmarks/convergence.py --arms random_init mae mae_mto mae_mto_dot mae_evolved simmim simmim_mto \\
-        --mae_lr MAE_LR --simmim_lr SIMMIM_LR --weights W --seeds 0 1 2 --epochs 10 --train_samples 8000 \\
+        --mae_lr 1.5e-3 --simmim_lr 1.5e-3 --weights 0.003 --seeds 0 1 2 --epochs 10 --train_samples 8000 \\
         --test_samples 1000 --bank_samples 2000 --finetune_epochs 2 4 7 10 --finetune_num_epochs 2 \\
         --finetune_train_samples 3000 --finetune_eval_samples 2000 --output_dir outputs/convergence
 
     python benchmarks/convergence.py --smoke      # a few steps of every path (study arms, fine-tuning, LR sweep): CI
 
-(MAE_LR, SIMMIM_LR: the sweep's choices; W: the MTO weight sweep's.) Timings: see "Cost" below.
 Writes `<output_dir>/convergence.json` (every run's curves, fine-tuning accuracies and timings) and
 `convergence.png` (with `--sweep`: `convergence_sweep.*`; with `--lr_sweep`: `lr_sweep.*`), and prints the tables in
 the Markdown of docs/RESULTS.md. Runs are resumable: a finished run (pre-training or fine-tuning) is reused from its
@@ -51,15 +52,12 @@ rerun, and later commands reuse the runs of earlier ones. Each run's folder is n
 learning rate, length and seed; its epoch checkpoints are kept without optimizer states (1.4 MB each, so about
 14 MB per 10-epoch run) for later fine-tuning.
 
-Cost, measured on the 2-core reference machine while other jobs kept its load average at 2.5-4 (so upper figures;
-`--arms mae random_init --mae_lr 1.5e-3 --seeds 0 --epochs 2 --train_samples 8000 --test_samples 1000
---bank_samples 2000 --finetune_epochs 2 --finetune_num_epochs 1 --finetune_train_samples 4000`, 4.1 min in all):
-MAE pre-training epochs of 63 steps (batch 128) took 24.5 s and 8.9 s of training (the README's idle figure: 0.12
-s/step), the whole 2-epoch run with its evaluations 80 s; the floor (start-up, one evaluation, saving) 41 s;
-fine-tuning 1.5 s/step (32 steps: 49 s of training, 64 s in all). Hence about 4-4.5 min per 10-epoch pre-training
-run and 1.5 min per 48-step fine-tuning. A 32-step fine-tuning (1 epoch on 4,000 images) barely trains: 26.4 % for
-the 2-epoch MAE encoder and 26.3 % for the untrained one; check the floor's fine-tuning accuracy at the chosen budget
-before reading anything into the arms' (the study runs the floor first when `--arms` lists it first).
+On 2 cores, two invocations with disjoint `--arms` side by side, each with `OMP_NUM_THREADS=1`, do about 1.3 times
+the work of one (an MAE + MTO epoch took 13-14 s at one thread beside another such process, an MAE epoch 8.6-9.3 s
+alone at two threads); never run two with the default thread count: two processes of two threads each on 2 cores
+ran 20-30 times slower here. Rerunning the one command of step 3 afterwards reuses every run and writes the report
+of all arms. Measured that way (two or three processes of one thread each, 2026-11-29), a 10-epoch run with its
+evaluations and 4 fine-tunings took 4.9-6.7 min on average per arm (the report's last column), the floor 0.9 min.
 """
 
 from __future__ import annotations
@@ -90,16 +88,16 @@ class Arm(NamedTuple):
     mto: bool  # MTO on (at the run's weight)
     masking: str | None  # None: the model's own
     baseline: str | None  # the arm it is compared with (None: the floor)
-    affinity: str | None = None  # MTO affinity; None: the model's default ("scaled")
+    affinity: str | None = None  # MTO affinity; None: the preset's
     pretrain: bool = True  # False: the encoder at initialisation (the floor)
 
 
 ARMS = {
     "mae": Arm(MAE, False, None, "mae"),
-    "mae_mto": Arm(MAE, True, None, "mae"),
+    "mae_mto": Arm(MAE, True, None, "mae", affinity="scaled"),
     "mae_mto_dot": Arm(MAE, True, None, "mae", affinity="dot"),
     "mae_evolved": Arm(MAE, False, "evolved", "mae"),
-    "mae_mto_evolved": Arm(MAE, True, "evolved", "mae"),
+    "mae_mto_evolved": Arm(MAE, True, "evolved", "mae", affinity="scaled"),
     "simmim": Arm(SIMMIM, False, None, "simmim"),
     "simmim_mto": Arm(SIMMIM, True, None, "simmim"),
     "bootmae": Arm(BOOTMAE, False, None, "bootmae"),
@@ -409,7 +407,7 @@ def report(runs: list[dict]) -> str:
                 reached = epochs_to_reach(*mean_curve(group, m), level)
                 cells.append("not reached" if reached is None else f"{reached:.2f}")
             ratios = [
-                statistics.mean(run["epoch_seconds"]) / statistics.mean(base["epoch_seconds"])
+                statistics.median(run["epoch_seconds"]) / statistics.median(base["epoch_seconds"])
                 for base, run in zip(base_group, group, strict=True)
                 if run["epoch_seconds"] and base["epoch_seconds"]
             ]
