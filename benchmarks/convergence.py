@@ -117,6 +117,11 @@ def preset_lr(preset: Path) -> float:
     return float(yaml.safe_load(preset.read_text())["base_learning_rate"])
 
 
+def weights_of(arm: str, args) -> list[float]:
+    """The MTO weights an MTO arm runs at: --weights, else its preset's."""
+    return args.weights or [float(yaml.safe_load(ARMS[arm].preset.read_text())["mto_spa_weight"])]
+
+
 # The run itself: the recipe's main() plus a callback timing each training epoch (the Trainer evaluates after
 # `on_epoch_end`, so evaluation is excluded; keyed by epoch, so a resumed run keeps the times of its first part). A
 # run without training (the floor) saves its model and state for fine-tuning and for `collect`.
@@ -586,7 +591,9 @@ def write(runs: list[dict], name: str, args, extra: dict | None = None) -> None:
 
 def study(args) -> None:
     plan = [
-        (arm, weight, lr_of(arm, args)) for arm in args.arms for weight in (args.weights if ARMS[arm].mto else [0.0])
+        (arm, weight, lr_of(arm, args))
+        for arm in args.arms
+        for weight in (weights_of(arm, args) if ARMS[arm].mto else [0.0])
     ]
     name = "convergence"
     if args.sweep:
@@ -623,7 +630,7 @@ def main(argv=None):
         nargs="+",
         type=float,
         default=None,
-        help="MTO weight (all three terms). Default: the tiny MAE preset's (mto_spa_weight).",
+        help="MTO weight (all three terms) of the MTO arms. Default: each arm's preset's (its mto_spa_weight).",
     )
     parser.add_argument("--sweep", nargs="+", type=float, default=None, help="Sweep the MTO weight of mae_mto.")
     parser.add_argument(
@@ -688,7 +695,6 @@ def main(argv=None):
         "2 points, then an LR sweep of mae at 2 learning rates; checks the plumbing only.",
     )
     args = parser.parse_args(argv)
-    args.weights = args.weights or [float(yaml.safe_load(MAE.read_text())["mto_spa_weight"])]
     args.output_dir = args.output_dir.resolve()  # each run works in its own folder
     if args.smoke:
         args.train_samples, args.test_samples, args.bank_samples = 64, 64, 64

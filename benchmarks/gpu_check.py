@@ -103,13 +103,15 @@ SIZES = {
 }
 SMOKE_IMAGES = {"train": 64, "test": 32}
 # Convergence hyper-parameters, both arms alike: pre-training as recipes/configs/tiny_cpu_mae_mto.yaml (its base lr
-# per 256 images and MTO weights, read from it; AdamW betas 0.9/0.95, weight decay 0.05, 10% warm-up then cosine),
+# per 256 images, MTO weights and affinity, read from it; AdamW betas 0.9/0.95, weight decay 0.05, 10% warm-up then
+# cosine),
 # fine-tuning as recipes/configs/tiny_cpu_finetune.yaml (base lr 4e-3 per 256 images, layer decay 0.75, weight decay
 # 0.05, drop path 0.1, label smoothing 0.1, global pooling, no augmentation), k-NN as hf_mto.evaluation (k 20,
 # T 0.07) on the mean of the patch tokens (benchmarks/convergence.py's default at this scale).
 TINY_MAE = yaml.safe_load((CONFIGS / "tiny_cpu_mae_mto.yaml").read_text())
-PRETRAIN = dict(base_lr=TINY_MAE["base_learning_rate"], betas=(0.9, 0.95), weight_decay=0.05, warmup=0.1)
-MTO_WEIGHTS = {term: TINY_MAE[f"mto_{term}_weight"] for term in ("spa", "e", "r")}
+PRETRAIN = dict(base_lr=float(TINY_MAE["base_learning_rate"]), betas=(0.9, 0.95), weight_decay=0.05, warmup=0.1)
+MTO_WEIGHTS = {term: float(TINY_MAE[f"mto_{term}_weight"]) for term in ("spa", "e", "r")}
+MTO_AFFINITY = TINY_MAE.get("mto_affinity", ViTMAEMTOConfig().mto_affinity)
 FINETUNE = dict(base_lr=4e-3, layer_decay=0.75, weight_decay=0.05, drop_path_rate=0.1, label_smoothing=0.1)
 POOLING = "mean"
 # Of the time left for the convergence check, the share each arm's pre-training and fine-tuning get (the rest is for
@@ -129,19 +131,21 @@ def step_times(sizes: dict, device, autocast_dtype, compile_backend: str | None)
     for model_name in MODELS:
         config, batch_size, mask_patch_size = sizes["timing"][model_name]
         inputs = inputs_for(model_name, config, batch_size, mask_patch_size, device)
-        results[model_name] = time_all(
-            model_name,
-            config,
-            inputs,
-            device,
-            autocast_dtype,
-            warmup,
-            sizes["rounds"],
-            sizes["steps_per_round"],
-            compile_backend,
-        )
-        if compile_backend:
-            torch._dynamo.reset()
+        try:
+            results[model_name] = time_all(
+                model_name,
+                config,
+                inputs,
+                device,
+                autocast_dtype,
+                warmup,
+                sizes["rounds"],
+                sizes["steps_per_round"],
+                compile_backend,
+            )
+        finally:  # a failed compiled part must not leave its graphs to the parts after it
+            if compile_backend:
+                torch._dynamo.reset()
     return results
 
 
@@ -239,7 +243,8 @@ def autocast_context(device, dtype):
 
 def pretrain_model(config: dict, use_mto: bool, seed: int, device):
     torch.manual_seed(seed)
-    return ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**config, use_mto=use_mto)).to(device).train()
+    config = ViTMAEMTOConfig(**config, use_mto=use_mto, mto_affinity=MTO_AFFINITY)
+    return ViTMAEMTOForPreTraining(config).to(device).train()
 
 
 def pretrain_step(model, optimizer, scheduler, pixels, use_mto: bool, autocast_dtype):
@@ -393,6 +398,7 @@ def convergence(sizes: dict, smoke: bool, seconds_left: float, seed: int, device
         "hyper_parameters": {
             "pretrain": PRETRAIN,
             "mto_weights": MTO_WEIGHTS,
+            "mto_affinity": MTO_AFFINITY,
             "finetune": FINETUNE,
             "pooling": POOLING,
         },

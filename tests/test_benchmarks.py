@@ -79,6 +79,7 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
     convergence = report["convergence"]
     assert convergence["pretrain_steps"] >= 1 and convergence["finetune_steps"] >= 1
     assert set(convergence["arms"]) == {"mae", "mae_mto"}
+    assert convergence["hyper_parameters"]["mto_affinity"] == "dot"  # the tiny MAE preset's, as its LR and weights
     for arm in convergence["arms"].values():
         assert 0 <= arm["knn_accuracy"] <= 1 and 0 <= arm["finetune_accuracy"] <= 1
     text = (tmp_path / "gpu_check.md").read_text()
@@ -109,18 +110,24 @@ def test_gpu_check_records_a_failed_part_and_runs_the_rest(tmp_path, monkeypatch
 
 @pytest.mark.slow  # two BootMAE models timed in-process: ~40 s on 2 busy cores
 def test_bootmae_step_time_reports_both_variants_and_the_teachers_share(tmp_path, monkeypatch, capsys):
-    import yaml
-
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import bootmae_step_time
 
-    preset = yaml.safe_load((ROOT / "recipes" / "configs" / "tiny_cpu_bootmae_mto.yaml").read_text())
-    preset["per_device_train_batch_size"] = 4
-    (tmp_path / "preset.yaml").write_text(yaml.safe_dump(preset))
-    flags = ["--preset", str(tmp_path / "preset.yaml"), "--device", "cpu", "--warmup", "1", "--rounds", "2"]
+    flags = [
+        "--device",
+        "cpu",
+        "--warmup",
+        "1",
+        "--rounds",
+        "2",
+        "--batch_size",
+        "4",
+        "--bf16",
+    ]  # default: tiny preset
     report = bootmae_step_time.main([*flags, "--steps_per_round", "1", "--json", str(tmp_path / "out.json")])
     assert json.loads((tmp_path / "out.json").read_text()) == json.loads(json.dumps(report))
-    assert report["batch_size"] == 4 and report["masking"] == "bootmae_block"  # the preset's
+    assert report["batch_size"] == 4 and report["precision"] == "bfloat16"  # from the flags
+    assert report["masking"] == "bootmae_block"  # the preset's
     variants = report["variants"]
     assert set(variants) == {"mto_off", "mto_on"} and variants["mto_off"]["ratio"] == 1.0
     for result in variants.values():

@@ -51,7 +51,8 @@ def test_training_steps_change_every_parameter_and_log_every_component(tmp_path)
     torch.manual_seed(0)
     model = ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**TINY_MAE))
     before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-    trainer = MTOTrainer(model=model, args=make_args(tmp_path), train_dataset=RandomImages())
+    args = make_args(tmp_path, mto_spa_weight=0.1, mto_e_weight=0.2, mto_r_weight=0.3)  # distinct: a swap shows
+    trainer = MTOTrainer(model=model, args=args, train_dataset=RandomImages())
     trainer.train()
     unchanged = [name for name, p in model.named_parameters() if p.requires_grad and torch.equal(p, before[name])]
     assert unchanged == []
