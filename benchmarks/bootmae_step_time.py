@@ -24,7 +24,7 @@ import statistics
 from pathlib import Path
 
 import torch
-from step_time import saved_activation_bytes, step_memory, timed_rounds
+from step_time import autocast, saved_activation_bytes, step_memory, timed_rounds
 
 from hf_mto.cli import ModelArguments, build_config, parse_args
 from hf_mto.data import DataArguments
@@ -62,10 +62,6 @@ def build(method, config, use_mto: bool, device):
     model.to(device).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     return model, optimizer
-
-
-def autocast(device, autocast_dtype):
-    return torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
 
 
 def make_step(method, model, optimizer, inputs: dict, weights: dict, use_mto: bool, autocast_dtype=None):

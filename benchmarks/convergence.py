@@ -28,8 +28,8 @@ accuracies per learning rate, their margin over the floor and whether the last e
     python benchmarks/convergence.py --lr_sweep --learning_rates 5e-5 1.5e-4 5e-4 1.5e-3 5e-3 --lr_sweep_epochs 10 \\
         --seeds 0 --train_samples 8000 --test_samples 1000 --bank_samples 2000 --output_dir outputs/convergence
 
-    # 2. the MTO weight sweep (MAE + MTO at the chosen LR, seed 0; the baseline run is step 1's): 6 runs, 29.5 min
-    #    two at a time; chosen: 0.003 (the default weights since)
+    # 2. the MTO weight sweep (MAE + MTO at the chosen LR, seed 0; the baseline run is step 1's): 6 runs, whose own
+    #    wall-clocks sum to 27.0 min (two or three processes at a time); chosen: 0.003 (the default weights since)
     python benchmarks/convergence.py --sweep 0.003 0.01 0.03 0.1 0.3 1.0 --mae_lr 1.5e-3 --seeds 0 --epochs 10 \\
         --train_samples 8000 --test_samples 1000 --bank_samples 2000 --output_dir outputs/convergence
 

@@ -17,7 +17,7 @@ import statistics
 import time
 
 import torch
-from step_time import PRESETS, build, inputs_for, make_step, sync
+from step_time import PRESETS, autocast, build, inputs_for, make_step, sync
 
 from hf_mto.evolved import encoder_similarity
 from hf_mto.masking import build_merge_tree, evolved_depth, evolved_mask, mask_to_noise
@@ -34,7 +34,7 @@ def measure(model_name, config, batch_size, mask_patch_size, device, autocast_dt
     ratio = model.config.mask_ratio
 
     def similarity():
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with autocast(device, autocast_dtype):
             return encoder_similarity(model, pixels, attention_layers)
 
     def tree_and_mask(s):

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 import yaml
-from step_time import PRESETS, VARIANTS, inputs_for, sync, time_all
+from step_time import PRESETS, VARIANTS, autocast, inputs_for, sync, time_all
 
 from hf_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining
 from hf_mto.data import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, read_fashion_mnist
@@ -237,10 +237,6 @@ def batches(num_examples: int, batch_size: int, steps: int, seed: int):
         yield order[start : start + batch_size]
 
 
-def autocast_context(device, dtype):
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
 def pretrain_model(config: dict, use_mto: bool, seed: int, device):
     torch.manual_seed(seed)
     config = ViTMAEMTOConfig(**config, use_mto=use_mto, mto_affinity=MTO_AFFINITY)
@@ -248,7 +244,7 @@ def pretrain_model(config: dict, use_mto: bool, seed: int, device):
 
 
 def pretrain_step(model, optimizer, scheduler, pixels, use_mto: bool, autocast_dtype):
-    with autocast_context(pixels.device, autocast_dtype):
+    with autocast(pixels.device, autocast_dtype):
         out = model(pixel_values=pixels)
         loss = out.loss
         if use_mto:
@@ -286,7 +282,7 @@ def knn_accuracy(model, data, bank_size: int, device, autocast_dtype) -> float:
         pooling=POOLING,
         linear_probe=False,
         batch_size=512,
-        autocast=lambda: autocast_context(device, autocast_dtype),
+        autocast=lambda: autocast(device, autocast_dtype),
     )
     return results["knn_accuracy"]
 
@@ -302,7 +298,7 @@ def classifier_optimizer(classifier, steps: int, batch_size: int):
 
 
 def classifier_step(classifier, optimizer, scheduler, pixels, labels, autocast_dtype):
-    with autocast_context(pixels.device, autocast_dtype):
+    with autocast(pixels.device, autocast_dtype):
         logits = classifier(pixel_values=pixels).logits
     loss = F.cross_entropy(logits.float(), labels, label_smoothing=FINETUNE["label_smoothing"])
     loss.backward()
@@ -328,7 +324,7 @@ def finetune(model, data, steps, batch_size, seed, device, autocast_dtype) -> fl
         classifier_step(classifier, optimizer, scheduler, train_x[index], train_y[index], autocast_dtype)
     classifier.eval()
     correct = 0
-    with torch.no_grad(), autocast_context(device, autocast_dtype):
+    with torch.no_grad(), autocast(device, autocast_dtype):
         for start in range(0, len(test_x), 512):
             logits = classifier(pixel_values=test_x[start : start + 512]).logits
             correct += (logits.argmax(dim=1) == test_y[start : start + 512]).sum().item()

@@ -85,11 +85,16 @@ def build(
     return model, optimizer
 
 
+def autocast(device, autocast_dtype):
+    """`torch.autocast` on `device` to `autocast_dtype`, or nothing when it is None (full precision)."""
+    return torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+
+
 def make_step(variant: str, model, optimizer, inputs: dict, autocast_dtype):
-    device_type = inputs["pixel_values"].device.type
+    device = inputs["pixel_values"].device
 
     def step():
-        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with autocast(device, autocast_dtype):
             out = model(**inputs)
             loss = out.loss
             if variant == "mto_on":
