@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate import PartialState
-from transformers import AutoImageProcessor, PreTrainedConfig, ViTModel
+from transformers import AutoImageProcessor, PreTrainedConfig, ViTConfig, ViTModel
 
 import hf_mto  # noqa: F401  (registers our models with the Auto classes)
 from hf_mto.checkpoints import IncompleteCheckpointError, load_pretrained, load_pretraining_checkpoint
@@ -34,6 +34,7 @@ from hf_mto.cli import parse_args
 from hf_mto.data import DataArguments, build_eval_transform, build_image_processor, load_datasets
 from hf_mto.evaluation import EncoderEvalArguments, evaluate_encoder, labelled_eval_splits
 from hf_mto.methods import model_types
+from hf_mto.models.vit_gap import ViTGAPConfig
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def load_model(checkpoint: str, **hub_kwargs) -> torch.nn.Module:
     had)."""
     config_dict, _ = PreTrainedConfig.get_config_dict(checkpoint, **hub_kwargs)
     model_type = config_dict.get("model_type")
-    if model_type == "vit_gap":
+    if model_type == ViTGAPConfig.model_type:
         # Its encoder has no final layernorm (fc_norm after pooling replaces it): as a ViTModel it would get a
         # freshly initialised one.
         raise ValueError(
@@ -73,7 +74,7 @@ def load_model(checkpoint: str, **hub_kwargs) -> torch.nn.Module:
     except IncompleteCheckpointError:
         raise
     except ValueError:
-        if model_type != "vit":
+        if model_type != ViTConfig.model_type:
             raise ValueError(
                 f"cannot evaluate {checkpoint!r}: model_type {model_type!r} is not a ViT or a pre-training model "
                 f"(one of {sorted(model_types())})"
