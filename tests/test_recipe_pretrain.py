@@ -163,7 +163,7 @@ def test_model_type_alone_picks_its_own_tiny_preset(model_type):
     assert isinstance(model, method_for(model_type).model_class) and model.config.hidden_size == 64
 
 
-def test_default_preset_is_maes_and_a_named_config_wins(tmp_path):
+def test_default_preset_is_maes_and_a_named_config_wins():
     assert pretrain.default_config([]) == ROOT / "recipes" / "configs" / "tiny_cpu_mae_mto.yaml"
     assert pretrain.default_config(["--num_train_epochs", "1", "--model_type=bootmae_mto"]).name == (
         "tiny_cpu_bootmae_mto.yaml"
