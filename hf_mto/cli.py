@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,14 +109,22 @@ def build_model(model_args: ModelArguments, config):
     return model_class(config)
 
 
-def parse_args(dataclass_types, argv: list[str] | None = None, default_config: str | Path | None = None):
+def parse_args(
+    dataclass_types,
+    argv: list[str] | None = None,
+    default_config: str | Path | Callable[[list[str]], str | Path | None] | None = None,
+):
     """Parse `dataclass_types` from `--config FILE` (YAML or JSON) plus command-line overrides.
 
     `default_config` is the preset used when no config file is named, so `accelerate launch recipes/pretrain.py`
-    runs it and `... pretrain.py --num_train_epochs 1` runs it with one override.
+    runs it and `... pretrain.py --num_train_epochs 1` runs it with one override. It may also be a function of the
+    command line that picks the preset (pretrain.py: the tiny preset of the `--model_type` given), or None for none;
+    it is called only when no config file is named.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     names_a_config = "--config" in argv or (argv and argv[0].endswith((".yaml", ".yml", ".json")))
+    if callable(default_config) and not names_a_config:
+        default_config = default_config(argv)
     if default_config is not None and not names_a_config:
         argv = ["--config", str(default_config), *argv]
     parser = HfArgumentParser(dataclass_types)

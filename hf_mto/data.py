@@ -39,6 +39,7 @@ from __future__ import annotations
 import gzip
 import logging
 import math
+import os
 import struct
 import zlib
 from collections.abc import Callable, Sequence
@@ -51,6 +52,7 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
+from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from huggingface_hub.errors import LocalEntryNotFoundError
 from PIL import Image, ImageFile
 from torchvision import transforms as T
@@ -355,11 +357,37 @@ def _load_hub_dataset(
         ) from None
 
 
+def _check_image_folder(flag: str, folder: str) -> None:
+    """Stop with a message naming `folder` (the value of `--flag`) when it is missing or holds no image file that
+    datasets' imagefolder reads; imagefolder itself says only 'Instruction "train" corresponds to no data!'.
+
+    Walks only until the first image, so a large folder costs next to nothing. Hidden files and folders are passed
+    over, as the "**" pattern `_load_raw` gives imagefolder passes over them.
+    """
+    path = Path(folder)
+    if not path.exists():
+        raise ValueError(f"--{flag} {folder!r} does not exist.")
+    if not path.is_dir():
+        raise ValueError(f"--{flag} {folder!r} is a file, not a folder of images.")
+    extensions = set(ImageFolder.EXTENSIONS)
+    for _, subfolders, files in os.walk(path):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        if any(not name.startswith(".") and Path(name).suffix.lower() in extensions for name in files):
+            return
+    raise ValueError(
+        f"--{flag} {folder!r} holds no images: no file in it or its subfolders has an image extension "
+        "(.jpg, .png, .webp, ...)."
+    )
+
+
 def _load_raw(data_args: DataArguments, cache_dir: str | None, token: str | bool | None) -> datasets.DatasetDict:
     """Load the source named by `data_args`, splits as the source has them."""
     if data_args.dataset_name is not None:
         return _load_hub_dataset(data_args, cache_dir, token)
     if data_args.train_dir is not None:
+        _check_image_folder("train_dir", data_args.train_dir)
+        if data_args.validation_dir is not None:
+            _check_image_folder("validation_dir", data_args.validation_dir)
         # "**" takes images in subfolders too; imagefolder then turns the first subfolder level into labels.
         data_files = {"train": str(Path(data_args.train_dir) / "**")}
         if data_args.validation_dir is not None:
@@ -394,7 +422,8 @@ def load_datasets(
     Raises:
         ConnectionError: `dataset_name` cannot be fetched (offline / no network) and is not cached.
         FileNotFoundError: Fashion-MNIST default requested but not installed.
-        ValueError: No "train" split, or no image column can be found.
+        ValueError: No "train" split, no image column can be found, or `train_dir`/`validation_dir` is missing or
+            holds no images.
     """
     raw = _load_raw(data_args, cache_dir, token)
     if "train" not in raw:

@@ -3,6 +3,7 @@ clean end of the process group. The recipes in `recipes/` are argument parsing, 
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -40,9 +41,37 @@ def resume_checkpoint(training_args: TrainingArguments) -> str | None:
     return resume
 
 
+def check_resumable(checkpoint: str, model_type: str, training_args: TrainingArguments) -> None:
+    """Stop before resuming a model of `model_type` from a checkpoint of another model type, naming what the
+    checkpoint holds and how to start fresh: loading it would fail on the first mismatched weight, with transformers'
+    message naming neither model.
+
+    Raises:
+        ValueError: the checkpoint's `config.json` names another model type.
+    """
+    config_file = Path(checkpoint) / "config.json"
+    if not config_file.is_file():  # FSDP and DeepSpeed checkpoints: the Trainer's own loading speaks for them
+        return
+    saved = json.loads(config_file.read_text())
+    if saved.get("model_type", model_type) == model_type:
+        return
+    held = f"{', '.join(saved.get('architectures') or ['a model'])} (model_type {saved['model_type']!r})"
+    if training_args.resume_from_checkpoint is None:  # found in output_dir: rerunning would resume it
+        where = f"--output_dir {training_args.output_dir!r} holds {checkpoint!r}"
+        fresh = f"train into another --output_dir, or delete {training_args.output_dir!r} to start over there"
+    else:
+        where = f"--resume_from_checkpoint {checkpoint!r} is"
+        fresh = f"name a checkpoint of {model_type!r}, or leave --resume_from_checkpoint out"
+    raise ValueError(f"{where}, a checkpoint of {held}, which this run of {model_type!r} cannot resume: {fresh}.")
+
+
 def train(trainer: Trainer) -> None:
-    """Train (resuming as `resume_checkpoint` says), save the model, and log and save the train metrics and state."""
-    result = trainer.train(resume_from_checkpoint=resume_checkpoint(trainer.args))
+    """Train (resuming as `resume_checkpoint` says, from a checkpoint of the same model type), save the model, and
+    log and save the train metrics and state."""
+    resume = resume_checkpoint(trainer.args)
+    if resume is not None:
+        check_resumable(resume, trainer.model.config.model_type, trainer.args)
+    result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
@@ -68,4 +97,4 @@ def finish(trainer: Trainer) -> None:
     trainer.accelerator.end_training()
 
 
-__all__ = ["evaluate", "finish", "resume_checkpoint", "setup_run", "train"]
+__all__ = ["check_resumable", "evaluate", "finish", "resume_checkpoint", "setup_run", "train"]

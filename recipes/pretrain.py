@@ -4,6 +4,8 @@ One GPU, many GPUs or CPU, through accelerate and the HF Trainer:
 
     # the tiny CPU preset on the embedded default data (Fashion-MNIST), a few minutes on 2 cores
     accelerate launch recipes/pretrain.py
+    # another method's tiny CPU preset (recipes/configs/tiny_cpu_*.yaml, found by the model_type it names)
+    accelerate launch recipes/pretrain.py --model_type simmim_mto
 
     # a preset plus overrides
     accelerate launch recipes/pretrain.py --config recipes/configs/vit_base_mae_mto_in1k.yaml \
@@ -18,8 +20,11 @@ Every flag of `ModelArguments` (hf_mto/cli.py), `DataArguments` (hf_mto/data.py)
 YAML/JSON file or on the command line; the command line wins.
 """
 
+import argparse
 import logging
 from pathlib import Path
+
+import yaml
 
 from hf_mto.analysis import ReconstructionCallback
 from hf_mto.cli import ModelArguments, build_config, build_model, parse_args
@@ -33,21 +38,54 @@ from hf_mto.data import (
     skipped_images,
 )
 from hf_mto.evaluation import EncoderEvalArguments, EncoderEvalCallback, labelled_eval_splits
-from hf_mto.methods import method_for
+from hf_mto.methods import method_for, model_types
 from hf_mto.run import evaluate, finish, setup_run, train
 from hf_mto.trainer import MTOTrainer
 from hf_mto.training_args import MTOTrainingArguments
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny_cpu_mae_mto.yaml"
+CONFIGS = Path(__file__).parent / "configs"
+
+
+def tiny_presets() -> dict[str, Path]:
+    """model type -> its tiny CPU preset: each `configs/tiny_cpu_*.yaml` that names a `model_type` (fine-tuning's
+    names none). The presets declare their method themselves, so a new method's preset needs no entry here."""
+    presets = {}
+    for path in sorted(CONFIGS.glob("tiny_cpu_*.yaml")):
+        model_type = yaml.safe_load(path.read_text()).get("model_type")
+        if model_type is not None:
+            presets[model_type] = path
+    return presets
+
+
+def default_config(argv: list[str]) -> Path | None:
+    """The preset of a command line that names no config file: the tiny CPU preset of its `--model_type` (MAE's
+    without one). None for a model type hf_mto does not know, which `ModelArguments` then reports with the known
+    ones.
+
+    Raises:
+        ValueError: a known model type has no tiny preset, naming it and those that have one.
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--model_type", default=ModelArguments.model_type)
+    model_type = parser.parse_known_args(argv)[0].model_type
+    presets = tiny_presets()
+    if model_type in presets:
+        return presets[model_type]
+    if model_type not in model_types():
+        return None
+    raise ValueError(
+        f"model type {model_type!r} has no tiny CPU preset (a {CONFIGS}/tiny_cpu_*.yaml with 'model_type: "
+        f"{model_type}'); those with one: {sorted(presets)}. Name a preset with --config FILE."
+    )
 
 
 def main(argv=None):
     model_args, data_args, eval_args, training_args = parse_args(
         (ModelArguments, DataArguments, EncoderEvalArguments, MTOTrainingArguments),
         argv,
-        default_config=DEFAULT_CONFIG,
+        default_config=default_config,
     )
     setup_run(training_args, logger)
 

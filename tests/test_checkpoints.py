@@ -33,6 +33,7 @@ from hf_mto.cli import ModelArguments, build_config, build_model
 from hf_mto.export import export_encoder
 from hf_mto.finetuning import FinetuneArguments, build_classification_model
 from hf_mto.methods import method_for
+from hf_mto.run import check_resumable, train
 from hf_mto.trainer import MTOTrainer
 from hf_mto.training_args import MTOTrainingArguments
 
@@ -274,6 +275,32 @@ def test_trainer_resume_restores_every_weight_from_legacy_names(tmp_path):
     resumed._load_from_checkpoint(str(tmp_path / "sharded"))
     for key, value in expected.items():
         assert torch.equal(resumed.model.state_dict()[key], value), key
+
+
+def test_rerun_into_another_methods_output_dir_names_it_and_how_to_start_fresh(tmp_path):
+    """Without the check, resuming fails inside `from_pretrained` with a message naming neither model."""
+    out = tmp_path / "run"
+    ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**TINY_MAE)).save_pretrained(out / "checkpoint-3")
+    args = MTOTrainingArguments(output_dir=str(out), max_steps=1, report_to=[], use_cpu=True, reconstruction_images=0)
+    simmim = SimMIMMTOForMaskedImageModeling(SimMIMMTOConfig(**TINY_SIMMIM))
+    trainer = MTOTrainer(model=simmim, args=args, train_dataset=RandomImages(4))
+    with pytest.raises(ValueError) as error:
+        train(trainer)
+    message = str(error.value)
+    assert message.startswith(f"--output_dir {str(out)!r} holds {str(out / 'checkpoint-3')!r}, a checkpoint of ")
+    assert "ViTMAEMTOForPreTraining (model_type 'vit_mae_mto'), which this run of 'simmim_mto' cannot" in message
+    assert message.endswith(f"train into another --output_dir, or delete {str(out)!r} to start over there.")
+    assert trainer.state.global_step == 0  # stopped before training
+
+    # named explicitly: the advice is about that flag
+    args.resume_from_checkpoint = str(out / "checkpoint-3")
+    with pytest.raises(
+        ValueError, match=r"^--resume_from_checkpoint .* ViTMAEMTOForPreTraining .* 'simmim_mto'.* out\.$"
+    ):
+        check_resumable(args.resume_from_checkpoint, "simmim_mto", args)
+    # a checkpoint of the same model type, or one with no config.json (FSDP, DeepSpeed), goes on to the loading
+    check_resumable(str(out / "checkpoint-3"), "vit_mae_mto", args)
+    check_resumable(str(tmp_path), "simmim_mto", args)
 
 
 @pytest.mark.parametrize("method", sorted(CASES))

@@ -202,6 +202,54 @@ def test_load_datasets_no_split_when_ratio_zero(tmp_path):
     assert list(dsd) == ["train"] and len(dsd["train"]) == 4
 
 
+def _folder_without_images(root: Path, content: str) -> Path:
+    """A folder holding nothing imagefolder reads: empty, text files only, or an image only in a hidden folder."""
+    if content == "missing":
+        return root / "nowhere"
+    if content == "a file":
+        (root / "notes.txt").write_text("not a folder")
+        return root / "notes.txt"
+    folder = root / "images"
+    folder.mkdir()
+    if content == "text only":
+        (folder / "cat").mkdir()
+        (folder / "cat" / "notes.txt").write_text("no image here")
+        (folder / "labels.csv").write_text("file_name,label\n")
+    elif content == "hidden image":
+        (folder / ".thumbnails").mkdir()
+        Image.new("RGB", (8, 8)).save(folder / ".thumbnails" / "0.png")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        ("missing", "does not exist"),
+        ("a file", "is a file, not a folder of images"),
+        ("empty", "holds no images"),
+        ("text only", "holds no images"),
+        ("hidden image", "holds no images"),
+    ],
+)
+@pytest.mark.parametrize("flag", ["train_dir", "validation_dir"])
+def test_load_datasets_image_folder_without_images_names_it(tmp_path, flag, content, says):
+    # datasets' own error, 'Instruction "train" corresponds to no data!', names neither the folder nor the flag
+    bad = _folder_without_images(tmp_path, content)
+    write_image_folder(tmp_path / "good", n_per_class=1)
+    folders = {"train_dir": str(tmp_path / "good"), flag: str(bad)}
+    with pytest.raises(ValueError, match=f"^--{flag} '{bad}' {says}") as error:
+        load_datasets(DataArguments(**folders), cache_dir=str(tmp_path / "cache"))
+    assert "\n" not in str(error.value)
+
+
+def test_load_datasets_finds_images_in_subfolders_with_upper_case_extensions(tmp_path):
+    (tmp_path / "images" / "a" / "b").mkdir(parents=True)
+    (tmp_path / "images" / "notes.txt").write_text("beside the images")
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a" / "b" / "0.PNG", format="PNG")
+    args = DataArguments(train_dir=str(tmp_path / "images"), train_val_split=0.0)
+    assert len(load_datasets(args, cache_dir=str(tmp_path / "cache"))["train"]) == 1
+
+
 def _tiny_image_dataset(n: int = 4, **extra_columns) -> datasets.Dataset:
     images = [Image.new("RGB", (8, 6), color=(i, i, i)) for i in range(n)]
     features = {name: datasets.Value("int64") for name in extra_columns}

@@ -9,14 +9,21 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoImageProcessor, AutoModelForMaskedImageModeling, AutoModelForPreTraining
 
 import hf_mto  # noqa: F401  (registers the Auto classes)
-from hf_mto.cli import ModelArguments, parse_args
+from hf_mto.cli import ModelArguments, build_config, build_model, parse_args
 from hf_mto.data import DataArguments
+from hf_mto.evaluation import EncoderEvalArguments
+from hf_mto.methods import method_for, model_types
 from hf_mto.training_args import MTOTrainingArguments
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes"))
+import pretrain  # noqa: E402
+
+PRETRAIN_ARGS = (ModelArguments, DataArguments, EncoderEvalArguments, MTOTrainingArguments)
 PRESET = ROOT / "recipes" / "configs" / "tiny_cpu_mae_mto.yaml"
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
@@ -136,6 +143,49 @@ def test_unknown_preset_key_and_bad_override_are_rejected(tmp_path):
         ModelArguments(model_type="simmim")
     with pytest.raises(ValueError, match="norm_pix_loss"):
         build_config(ModelArguments(model_type="simmim_mto", norm_pix_loss=True))
+
+
+def yaml_of(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.mark.parametrize("model_type", model_types())
+def test_model_type_alone_picks_its_own_tiny_preset(model_type):
+    # MAE's preset (the default) has decoder overrides SimMIM's config lacks: SimMIM used to fail on them
+    model_args, _, _, training_args = parse_args(
+        PRETRAIN_ARGS, ["--model_type", model_type], default_config=pretrain.default_config
+    )
+    preset = pretrain.tiny_presets()[model_type]
+    assert preset.name.startswith("tiny_cpu_") and yaml_of(preset)["model_type"] == model_type
+    assert model_args.config_overrides == yaml_of(preset)["config_overrides"]
+    assert training_args.output_dir == yaml_of(preset)["output_dir"]
+    model = build_model(model_args, build_config(model_args))
+    assert isinstance(model, method_for(model_type).model_class) and model.config.hidden_size == 64
+
+
+def test_default_preset_is_maes_and_a_named_config_wins():
+    assert pretrain.default_config([]) == ROOT / "recipes" / "configs" / "tiny_cpu_mae_mto.yaml"
+    assert pretrain.default_config(["--num_train_epochs", "1", "--model_type=bootmae_mto"]).name == (
+        "tiny_cpu_bootmae_mto.yaml"
+    )
+    # a config file named on the command line is the base, whatever the model type
+    model_args, *_ = parse_args(
+        PRETRAIN_ARGS,
+        ["--config", str(PRESET), "--model_type", "simmim_mto"],
+        default_config=lambda argv: pytest.fail("no default preset is needed"),
+    )
+    assert model_args.config_overrides == yaml_of(PRESET)["config_overrides"]
+
+
+def test_model_type_without_a_tiny_preset_is_named(tmp_path, monkeypatch):
+    (tmp_path / "tiny_cpu_mae_mto.yaml").write_text(PRESET.read_text())
+    (tmp_path / "tiny_cpu_finetune.yaml").write_text("global_pool: true\n")  # fine-tuning's: no model type
+    monkeypatch.setattr(pretrain, "CONFIGS", tmp_path)
+    with pytest.raises(ValueError, match=r"'simmim_mto' has no tiny CPU preset .*\['vit_mae_mto'\].*--config"):
+        parse_args(PRETRAIN_ARGS, ["--model_type", "simmim_mto"], default_config=pretrain.default_config)
+    # a model type hf_mto does not know at all: ModelArguments names the known ones
+    with pytest.raises(ValueError, match=r"model_type must be one of .*'simim_mto'"):
+        parse_args(PRETRAIN_ARGS, ["--model_type", "simim_mto"], default_config=pretrain.default_config)
 
 
 def test_unknown_dataset_offline_is_a_one_line_error(tmp_path):
