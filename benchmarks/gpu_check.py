@@ -505,7 +505,7 @@ def markdown(report: dict) -> str:
     lines += ["| part | share | allotted s | used s | status |", "|---|---|---|---|---|"]
     for name, part in report["parts"].items():
         lines.append(
-            f"| {name} | {part['share']:.3f} | {part.get('allotted_s') or 0:.1f} | {part['seconds']:.1f} | "
+            f"| {name} | {part['share']:.3f} | {part['allotted_s']:.1f} | {part['seconds']:.1f} | "
             f"{part['status'].split(':')[0]} |"
         )
     cut = [name for name, part in report["parts"].items() if part["status"] == "cut"]
@@ -569,9 +569,11 @@ PARTS = {
         ("convergence",),
     ),
 }
-# Each part's share of the budget, sized from the H200 run of docs/gpu_check_h200.json at the default 420 s: eager
-# step times took 17 s, BootMAE 10, evolved masking 5, the compiled step times 282 (both models, cold compile
-# caches) and the convergence check the 99 s it was given.
+# Each part's share of the budget, sized from the H200 run of docs/gpu_check_h200.json (in one process, no per-part
+# budget): eager step times took 17 s, BootMAE 10, evolved masking 5, the compiled step times 282 (both models, cold
+# compile caches, mostly compilation) and the convergence check the 99 s it was given. At the default 420 s that is
+# 25, 15, 10, 139 + 139 and 92 s (less the worker's start-up, pro rata): the compiled parts just fit on an H200 and are
+# the first to be cut on a slower GPU; `--time_budget_s 600` gives them room.
 PART_SHARES = {
     "step_time_eager": 0.06,
     "bootmae": 0.035,
@@ -594,9 +596,9 @@ def allotted_seconds(name: str, parts_left: list[str], seconds_left: float) -> f
 
 
 def worker(names: list[str], settings: dict, end: float, messages) -> None:
-    """Runs the parts `names` in order, in this (worker) process; `messages` gets ("device", name), then per part
-    ("start", part, (deadline, allotted seconds)), ("partial", part, result) as a part reports progress, and ("done", part, result) or
-    ("failed", part, traceback). The budget ends at `end` (`time.time()`)."""
+    """Runs the parts `names` in order, in this (worker) process; `messages` gets ("device", None, name), then per
+    part ("start", part, (deadline, allotted seconds)), ("partial", part, result) as a part reports progress, and
+    ("done", part, result) or ("failed", part, traceback). The budget ends at `end` (`time.time()`)."""
     sizes = SIZES["smoke" if settings["smoke"] else "gpu"]
     device = torch.device("cpu" if settings["smoke"] else "cuda")
     messages.put(("device", None, torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"))
@@ -629,6 +631,11 @@ def store(report: dict, name: str, result: dict) -> None:
     place.setdefault(key, {}).update(result)
 
 
+def part_entry(name: str, allotted_s: float, started_s: float, deadline_s: float) -> dict:
+    """A part's record in the report (times in seconds from the start of the run); `seconds` and `status` follow."""
+    return {"share": PART_SHARES[name], "allotted_s": allotted_s, "started_s": started_s, "deadline_s": deadline_s}
+
+
 def run_parts(report: dict, settings: dict, start: float, save: Callable[[], None]) -> None:
     """Every part of PARTS in order, each in turn in a worker process that is killed at the running part's deadline
     (the part recorded as cut, with what it reported before); a new worker then runs the parts after it. Saves the
@@ -640,8 +647,8 @@ def run_parts(report: dict, settings: dict, start: float, save: Callable[[], Non
     while pending:
         if time.time() >= end:  # nothing left to give: recorded, not started
             for name in pending:
-                report["parts"][name] = {"share": PART_SHARES[name], "allotted_s": 0.0, "seconds": 0.0}
-                report["parts"][name]["status"] = "cut"
+                report["parts"][name] = part_entry(name, 0.0, time.time() - start, time.time() - start)
+                report["parts"][name].update(seconds=0.0, status="cut")
             break
         messages = context.Queue()
         process = context.Process(target=worker, args=(pending, settings, end, messages), daemon=True)
@@ -658,8 +665,8 @@ def run_parts(report: dict, settings: dict, start: float, save: Callable[[], Non
                 name = running or pending[0]
                 if partial is not None:
                     store(report, name, partial)
-                if running is None:  # the worker died or overran before its first part
-                    report["parts"][name] = {"share": PART_SHARES[name], "started_s": time.time() - start}
+                if running is None:  # the worker died, or overran the budget, before the part started
+                    report["parts"][name] = part_entry(name, 0.0, time.time() - start, time.time() - start)
                 report["parts"][name].update(seconds=time.time() - start - report["parts"][name]["started_s"])
                 report["parts"][name]["status"] = status
                 if status != "cut":
@@ -672,12 +679,7 @@ def run_parts(report: dict, settings: dict, start: float, save: Callable[[], Non
                 report["device"] = payload
             elif kind == "start":
                 running, (deadline, allotted), partial = name, payload, None
-                report["parts"][name] = {
-                    "share": PART_SHARES[name],
-                    "allotted_s": allotted,
-                    "started_s": time.time() - start,
-                    "deadline_s": deadline - start,  # seconds from the start of the run, as started_s
-                }
+                report["parts"][name] = part_entry(name, allotted, time.time() - start, deadline - start)
             elif kind == "partial":
                 partial = payload
             else:

@@ -1,5 +1,5 @@
-"""Reconstruction pictures and the encoder's k-NN evaluation under FSDP2: two real processes (torchrun, gloo on CPU),
-the model sharded by `fully_shard` as accelerate's FSDP version 2 does (accelerate itself enables FSDP on GPUs only)."""
+"""Reconstruction pictures and the encoder's k-NN evaluation under FSDP2: two real processes (torchrun, gloo on
+CPU), the model sharded by `fully_shard` as accelerate's FSDP version 2 does (accelerate enables FSDP on GPUs only)."""
 
 import json
 import textwrap
@@ -75,7 +75,8 @@ EncoderEvalCallback(bank, queries, pooling="mean", k=3, linear_probe=False).on_e
 result.update(knn=metrics["eval_knn_accuracy"], reference_knn=reference_metrics["eval_knn_accuracy"])
 for name, net in (("sharded", model), ("reference", reference)):
     args = types.SimpleNamespace(output_dir=f"{{out}}/{{name}}", report_to=[], masking=None, mask_patch_size=None)
-    ReconstructionCallback(pixels, [0.5] * 3, [0.5] * 3, num_images=2).on_evaluate(args, trainer_state, None, model=net)
+    callback = ReconstructionCallback(pixels, [0.5] * 3, [0.5] * 3, num_images=2)
+    callback.on_evaluate(args, trainer_state, None, model=net)
 open(f"{{out}}/rank{{rank}}.json", "w").write(json.dumps(result))
 state.destroy_process_group()
 """
