@@ -1,7 +1,11 @@
 """One GPU run, one report: step time and memory against upstream, evolved masking's cost, and a short convergence check.
 
-Sized to fit in 8 minutes on one recent GPU (an H100 or H200); writes `gpu_check.json` and `gpu_check.md` to
-`--output_dir` after every part, so a run cut short still leaves what it measured:
+Sized to fit in 8 minutes of a 15-minute GPU slot: the default `--time_budget_s 420` plus the imports before the
+clock starts (a few seconds). Each part runs in turn in a worker process and may use its share of the budget
+(`PART_SHARES`), reserved when it starts; a part still running at its deadline is cut (its process killed, a new
+one started for the parts after it), so the run never exceeds the budget and the convergence part always gets its
+share. `gpu_check.json` and `gpu_check.md` are written to `--output_dir` after every part and at the end, with each
+part's share, allotted and used seconds and status (done, failed, cut), and what a cut part reported before:
 
 1. Step time and peak memory of ours (MTO off, MTO on) as ratios to upstream, `benchmarks/step_time.py` at ViT-B/16,
    224 px, batch 128, bf16 autocast, for MAE and SimMIM, eager and under `torch.compile` (inductor; the upstream
@@ -14,23 +18,29 @@ Sized to fit in 8 minutes on one recent GPU (an H100 or H200); writes `gpu_check
 4. MAE against MAE + MTO at ViT-Ti size (hidden 192, 12 blocks, 3 heads, patch 4, 32 px images), same seed,
    steps and hyper-parameters: pre-training, then the k-NN accuracy of the frozen encoder (`hf_mto.evaluation`) and the
    accuracy after a short fine-tuning (`hf_mto.finetuning`'s classifier, layer-wise lr decay). Fashion-MNIST when
-   Debian's files are there, else scikit-learn's digits (upsampled to 32 px); the steps are sized to the time the
-   first three parts left of `--time_budget_s`, and recorded. One seed and a few minutes: a check that the pieces run
+   Debian's files are there, else scikit-learn's digits (upsampled to 32 px); the steps are sized to the part's
+   allotted time, and recorded. One seed and a few minutes: a check that the pieces run
    and a first look, not evidence of faster convergence (DESIGN.md, "Evidence for convergence claims").
 
-    python benchmarks/gpu_check.py                                  # GPU: the whole check, about 8 minutes
-    python benchmarks/gpu_check.py --time_budget_s 600 --output_dir outputs/gpu_check_h100
+    # GPU, ready to run as is (from the repository root, after `pip install -e .`): the whole check in 420 s
+    python benchmarks/gpu_check.py --output_dir docs/gpu_check_run && cat docs/gpu_check_run/gpu_check.md
+    python benchmarks/gpu_check.py --time_budget_s 600 --output_dir outputs/gpu_check_h100   # a longer slot
     python benchmarks/gpu_check.py --smoke --output_dir /tmp/gpu_check   # CPU: every part at tiny sizes
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import math
+import multiprocessing
+import queue
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import bootmae_step_time
@@ -78,7 +88,6 @@ SIZES = {
         knn_bank=10000,
         max_pretrain_steps=None,
         max_finetune_steps=None,
-        reserve_s=20.0,
     ),
     "smoke": dict(
         timing={
@@ -98,7 +107,6 @@ SIZES = {
         knn_bank=64,
         max_pretrain_steps=3,
         max_finetune_steps=2,
-        reserve_s=0.0,
     ),
 }
 SMOKE_IMAGES = {"train": 64, "test": 32}
@@ -124,11 +132,12 @@ PRETRAIN_SHARE, FINETUNE_SHARE = 0.36, 0.09
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def step_times(sizes: dict, device, autocast_dtype, compile_backend: str | None) -> dict:
-    """time_all's results per model, every variant eager or every variant compiled with `compile_backend`."""
+def step_times(sizes: dict, models, device, autocast_dtype, compile_backend: str | None) -> dict:
+    """time_all's results per model of `models`, every variant eager or every variant compiled with
+    `compile_backend`."""
     results = {}
     warmup = sizes["compiled_warmup"] if compile_backend else sizes["warmup"]
-    for model_name in MODELS:
+    for model_name in models:
         config, batch_size, mask_patch_size = sizes["timing"][model_name]
         inputs = inputs_for(model_name, config, batch_size, mask_patch_size, device)
         try:
@@ -371,7 +380,10 @@ def plan_steps(sizes: dict, seconds_left: float, calibration: dict) -> dict:
     return {"pretrain_steps": max(1, pretrain_steps), "finetune_steps": max(1, finetune_steps)}
 
 
-def convergence(sizes: dict, smoke: bool, seconds_left: float, seed: int, device, autocast_dtype) -> dict:
+def convergence(sizes: dict, smoke: bool, seconds_left: float, seed: int, device, autocast_dtype, progress) -> dict:
+    """Both arms' pre-training, k-NN accuracy and fine-tuning, their steps sized to fit `seconds_left` (data loading
+    and the calibration included); `progress(report)` gets the report so far after the plan and after each arm, so a
+    part cut at its deadline keeps the arms it finished."""
     config, batch_size = sizes["convergence_model"], sizes["batch_size"]
     start = time.perf_counter()
     data = load_images(smoke, config["image_size"], device)
@@ -400,6 +412,7 @@ def convergence(sizes: dict, smoke: bool, seconds_left: float, seed: int, device
         },
         "arms": {},
     }
+    progress(report)
     for arm, use_mto in (("mae", False), ("mae_mto", True)):
         timer = time.perf_counter()
         model, loss = pretrain(config, use_mto, data, plan["pretrain_steps"], batch_size, seed, device, autocast_dtype)
@@ -415,7 +428,8 @@ def convergence(sizes: dict, smoke: bool, seconds_left: float, seed: int, device
             "pretrain_s": pretrain_s,
             "finetune_s": time.perf_counter() - timer,
         }
-    report["seconds"] = time.perf_counter() - start
+        report["seconds"] = time.perf_counter() - start
+        progress(report)
     return report
 
 
@@ -447,7 +461,7 @@ def markdown(report: dict) -> str:
                         f"| {model_name} | {compiled} | {variant} | {r['step_s'] * 1e3:.2f} | {r['ratio']:.3f} "
                         f"({low:.3f}-{high:.3f}) | {r['peak_bytes'] / 2**20:.1f} | {r['peak_bytes'] / base:.3f} |"
                     )
-    if "bootmae" in report:
+    if report.get("bootmae"):
         r = report["bootmae"]
         lines += ["", "## BootMAE: MTO on against MTO off (no upstream), eager", ""]
         lines += [
@@ -463,14 +477,14 @@ def markdown(report: dict) -> str:
                 f"| {variant} | {v['step_s'] * 1e3:.2f} | {v['ratio']:.3f} ({low:.3f}-{high:.3f}) | "
                 f"{v['peak_bytes'] / 2**20:.1f} | {v['peak_bytes'] / base:.3f} | {v['teacher_share']:.3f} |"
             )
-    if "evolved" in report:
+    if report.get("evolved"):
         lines += ["", "## Evolved masking: shares of a step", ""]
         lines += ["| model | patches | attention layers | " + " | ".join(evolved_overhead.PARTS) + " |"]
         lines += ["|---|---|---|---|---|---|"]
         for model_name, r in report["evolved"].items():
             cells = [f"{r[part] * 1e3:.2f} ms ({r['shares'][part]:.1%})" for part in evolved_overhead.PARTS]
             lines.append(f"| {model_name} | {r['patches']} | {r['attention_layers']} | " + " | ".join(cells) + " |")
-    if "convergence" in report:
+    if report.get("convergence"):
         c = report["convergence"]
         lines += ["", "## Convergence: MAE against MAE + MTO (one seed; a first look, not evidence)", ""]
         lines += [
@@ -487,6 +501,19 @@ def markdown(report: dict) -> str:
                 f"| {arm} | {r['knn_accuracy']:.4f} | {r['finetune_accuracy']:.4f} | {r['final_pretrain_loss']:.4f} "
                 f"| {r['pretrain_s']:.1f} | {r['finetune_s']:.1f} |"
             )
+    lines += ["", "## Parts: the budget's share of each", ""]
+    lines += ["| part | share | allotted s | used s | status |", "|---|---|---|---|---|"]
+    for name, part in report["parts"].items():
+        lines.append(
+            f"| {name} | {part['share']:.3f} | {part['allotted_s']:.1f} | {part['seconds']:.1f} | "
+            f"{part['status'].split(':')[0]} |"
+        )
+    cut = [name for name, part in report["parts"].items() if part["status"] == "cut"]
+    if cut:
+        lines += [
+            "",
+            f"Cut at their deadline (figures above, if any, are what they reported before): {', '.join(cut)}.",
+        ]
     if report.get("errors"):
         lines += ["", "## Failed parts (tracebacks in the JSON)", ""]
         lines += [f"- {name}: {trace.strip().splitlines()[-1]}" for name, trace in report["errors"].items()]
@@ -494,78 +521,215 @@ def markdown(report: dict) -> str:
 
 
 def write(report: dict, output_dir: Path, start: float) -> None:
-    report["elapsed_s"] = time.perf_counter() - start
+    report["elapsed_s"] = time.time() - start
     (output_dir / "gpu_check.json").write_text(json.dumps(report, indent=2))
     (output_dir / "gpu_check.md").write_text(markdown(report))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The budget: each part in turn, in a worker process, killed at the part's deadline
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+    """What a part reads in the worker: the mode's sizes, the device, and its own deadline (`time.time()`)."""
+
+    sizes: dict
+    smoke: bool
+    seed: int
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    deadline: float
+    progress: Callable[[dict], None]
+
+
+# name -> (the part, run in the worker; where its result goes in the report). The compiled step times are one part
+# per model, so a model whose compilation overruns costs only its own figures.
+PARTS = {
+    "step_time_eager": (
+        lambda run: step_times(run.sizes, MODELS, run.device, run.autocast_dtype, None),
+        ("step_time", "compile_off"),
+    ),
+    "bootmae": (lambda run: bootmae_times(run.sizes, run.device, run.autocast_dtype), ("bootmae",)),
+    "evolved": (lambda run: evolved_shares(run.sizes, run.device, run.autocast_dtype), ("evolved",)),
+    **{
+        f"step_time_compiled_{model}": (
+            lambda run, model=model: step_times(
+                run.sizes, (model,), run.device, run.autocast_dtype, run.sizes["compile_backend"]
+            ),
+            ("step_time", "compile_on"),
+        )
+        for model in MODELS
+    },
+    "convergence": (
+        lambda run: convergence(
+            run.sizes, run.smoke, run.deadline - time.time(), run.seed, run.device, run.autocast_dtype, run.progress
+        ),
+        ("convergence",),
+    ),
+}
+# Each part's share of the budget, sized from the H200 run of docs/gpu_check_h200.json (in one process, no per-part
+# budget): eager step times took 17 s, BootMAE 10, evolved masking 5, the compiled step times 282 (both models, cold
+# compile caches, mostly compilation) and the convergence check the 99 s it was given. At the default 420 s that is
+# 25, 15, 10, 139 + 139 and 92 s (less the worker's start-up, pro rata): the compiled parts just fit on an H200 and are
+# the first to be cut on a slower GPU; `--time_budget_s 600` gives them room.
+PART_SHARES = {
+    "step_time_eager": 0.06,
+    "bootmae": 0.035,
+    "evolved": 0.025,
+    "step_time_compiled_mae": 0.33,
+    "step_time_compiled_simmim": 0.33,
+    "convergence": 0.22,
+}
+# Kept free at the end of the budget: killing the last part's process and writing the report.
+REPORT_RESERVE_S = 2.0
+
+
+def allotted_seconds(name: str, parts_left: list[str], seconds_left: float) -> float:
+    """The seconds part `name` may run, reserved when it starts: its share of `seconds_left` among the parts not yet
+    run (`parts_left`, `name` among them). What a part leaves unused goes to the parts after it, and what is spent
+    outside the parts (the worker's start-up, a worker restarted after a cut) comes out of every later part pro rata,
+    so no part can eat into another's share and the last part ends by the end of the budget."""
+    share = PART_SHARES[name] / sum(PART_SHARES[part] for part in parts_left)
+    return max(0.0, share * seconds_left)
+
+
+def worker(names: list[str], settings: dict, end: float, messages) -> None:
+    """Runs the parts `names` in order, in this (worker) process; `messages` gets ("device", None, name), then per
+    part ("start", part, (deadline, allotted seconds)), ("partial", part, result) as a part reports progress, and
+    ("done", part, result) or ("failed", part, traceback). The budget ends at `end` (`time.time()`)."""
+    sizes = SIZES["smoke" if settings["smoke"] else "gpu"]
+    device = torch.device("cpu" if settings["smoke"] else "cuda")
+    messages.put(("device", None, torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"))
+    for index, name in enumerate(names):
+        now = time.time()
+        allotted = allotted_seconds(name, names[index:], end - now)
+        deadline = now + allotted
+        messages.put(("start", name, (deadline, allotted)))
+        run = Run(
+            sizes=sizes,
+            smoke=settings["smoke"],
+            seed=settings["seed"],
+            device=device,
+            autocast_dtype=None if settings["smoke"] else torch.bfloat16,
+            deadline=deadline,
+            progress=lambda result, name=name: messages.put(("partial", name, copy.deepcopy(result))),
+        )
+        try:
+            messages.put(("done", name, PARTS[name][0](run)))
+        except Exception:
+            messages.put(("failed", name, traceback.format_exc()))
+
+
+def store(report: dict, name: str, result: dict) -> None:
+    """Put a part's result where PARTS says (merged into what the same place holds: the compiled parts share one)."""
+    *parents, key = PARTS[name][1]
+    place = report
+    for parent in parents:
+        place = place.setdefault(parent, {})
+    place.setdefault(key, {}).update(result)
+
+
+def part_entry(name: str, allotted_s: float, started_s: float, deadline_s: float) -> dict:
+    """A part's record in the report (times in seconds from the start of the run); `seconds` and `status` follow."""
+    return {"share": PART_SHARES[name], "allotted_s": allotted_s, "started_s": started_s, "deadline_s": deadline_s}
+
+
+def run_parts(report: dict, settings: dict, start: float, save: Callable[[], None]) -> None:
+    """Every part of PARTS in order, each in turn in a worker process that is killed at the running part's deadline
+    (the part recorded as cut, with what it reported before); a new worker then runs the parts after it. Saves the
+    report after every part. A CUDA context cannot cross a fork: on a GPU the workers are spawned; on the CPU
+    they are forked, which spares them re-importing torch."""
+    context = multiprocessing.get_context("fork" if settings["smoke"] else "spawn")
+    end = start + report["time_budget_s"] - REPORT_RESERVE_S
+    pending = list(PARTS)
+    while pending:
+        if time.time() >= end:  # nothing left to give: recorded, not started
+            for name in pending:
+                report["parts"][name] = part_entry(name, 0.0, time.time() - start, time.time() - start)
+                report["parts"][name].update(seconds=0.0, status="cut")
+            break
+        messages = context.Queue()
+        process = context.Process(target=worker, args=(pending, settings, end, messages), daemon=True)
+        process.start()
+        running, deadline, partial = None, end, None  # the worker's start-up is bounded by the end of the budget
+        while pending:
+            try:
+                kind, name, payload = messages.get(timeout=max(0.0, min(1.0, deadline - time.time())))
+            except queue.Empty:
+                if time.time() < deadline and process.is_alive():
+                    continue
+                status = "cut" if process.is_alive() else f"failed: its process died (exit code {process.exitcode})"
+                process.kill()
+                name = running or pending[0]
+                if partial is not None:
+                    store(report, name, partial)
+                if running is None:  # the worker died, or overran the budget, before the part started
+                    report["parts"][name] = part_entry(name, 0.0, time.time() - start, time.time() - start)
+                report["parts"][name].update(seconds=time.time() - start - report["parts"][name]["started_s"])
+                report["parts"][name]["status"] = status
+                if status != "cut":
+                    report["errors"][name] = status
+                print(f"{name}: {status}", flush=True)
+                pending.remove(name)
+                save()
+                break
+            if kind == "device":
+                report["device"] = payload
+            elif kind == "start":
+                running, (deadline, allotted), partial = name, payload, None
+                report["parts"][name] = part_entry(name, allotted, time.time() - start, deadline - start)
+            elif kind == "partial":
+                partial = payload
+            else:
+                if kind == "done":
+                    store(report, name, payload)
+                else:
+                    report["errors"][name] = payload
+                    print(f"{name} failed:\n{payload}", flush=True)
+                report["parts"][name]["seconds"] = time.time() - start - report["parts"][name]["started_s"]
+                report["parts"][name]["status"] = kind
+                pending.remove(name)
+                running, deadline = None, end
+                save()
+        process.join(timeout=5)
+        if process.is_alive():
+            process.kill()
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", type=Path, default=ROOT / "outputs" / "gpu_check")
-    parser.add_argument("--time_budget_s", type=float, default=480.0, help="The whole run's budget, in seconds.")
+    parser.add_argument(
+        "--time_budget_s", type=float, default=420.0, help="The whole run's budget, in seconds (each part its share)."
+    )
     parser.add_argument("--smoke", action="store_true", help="Every part at tiny sizes, on the CPU.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of both convergence arms.")
     args = parser.parse_args(argv)
+    if args.time_budget_s <= 0:
+        parser.error(f"--time_budget_s must be > 0, got {args.time_budget_s}")
 
-    start = time.perf_counter()
+    start = time.time()
     sizes = SIZES["smoke" if args.smoke else "gpu"]
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no GPU here: run with --smoke for the CPU check")
-    device = torch.device("cpu" if args.smoke else "cuda")
-    autocast_dtype = None if args.smoke else torch.bfloat16
     args.output_dir.mkdir(parents=True, exist_ok=True)
     report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        "device": None,  # the worker's, once it has started
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "smoke": args.smoke,
         "time_budget_s": args.time_budget_s,
         "timing_setting": "smoke sizes, batch 8, CPU" if args.smoke else "ViT-B/16, 224 px, batch 128, bf16 autocast",
-        "memory": "cuda_peak" if device.type == "cuda" else "cpu_saved_for_backward",
+        "memory": "cpu_saved_for_backward" if args.smoke else "cuda_peak",
         "compile_backend": sizes["compile_backend"],
-        "part_seconds": {},
+        "parts": {},  # name -> share, allotted_s, started_s, seconds, status ("done", "failed", "cut", ...)
+        "errors": {},  # name -> traceback: a part that fails is recorded, and the next parts still run
     }
-
-    report["errors"] = {}  # part name -> traceback: a part that fails is recorded, and the next parts still run
-
-    def part(name, fn, store):
-        timer = time.perf_counter()
-        try:
-            store(fn())
-        except Exception:
-            report["errors"][name] = traceback.format_exc()
-            print(f"{name} failed:\n{report['errors'][name]}", flush=True)
-        report["part_seconds"][name] = time.perf_counter() - timer
-        write(report, args.output_dir, start)
-
-    report["step_time"] = {}
-    backend = sizes["compile_backend"]
-    parts = {
-        "step_time_eager": (
-            lambda: step_times(sizes, device, autocast_dtype, None),
-            lambda result: report["step_time"].update(compile_off=result),
-        ),
-        "bootmae": (
-            lambda: bootmae_times(sizes, device, autocast_dtype),
-            lambda result: report.update(bootmae=result),
-        ),
-        "evolved": (
-            lambda: evolved_shares(sizes, device, autocast_dtype),
-            lambda result: report.update(evolved=result),
-        ),
-        "step_time_compiled": (
-            lambda: step_times(sizes, device, autocast_dtype, backend),
-            lambda result: report["step_time"].update(compile_on=result),
-        ),
-    }
-    for name, (fn, store) in parts.items():
-        part(name, fn, store)
-    seconds_left = args.time_budget_s - (time.perf_counter() - start) - sizes["reserve_s"]
-    part(
-        "convergence",
-        lambda: convergence(sizes, args.smoke, seconds_left, args.seed, device, autocast_dtype),
-        lambda result: report.update(convergence=result),
-    )
+    settings = {"smoke": args.smoke, "seed": args.seed}
+    run_parts(report, settings, start, lambda: write(report, args.output_dir, start))
+    write(report, args.output_dir, start)
     print(markdown(report))
     return report
 

@@ -35,6 +35,7 @@ from transformers import TrainerCallback
 
 from .checkpoints import load_pretraining_checkpoint
 from .data import collate_pixel_values, first_readable_pixels
+from .evaluation import unsharded_model
 from .masking import MaskGenerator, square_side
 from .methods import PreTrainingMethod, method_for, registered_methods
 from .mto import affinity_logits, has_masked_and_visible, mean_row_entropy
@@ -617,7 +618,8 @@ class ReconstructionCallback(TrainerCallback):
     ``"tensorboard"`` is in `report_to`, in ``$TENSORBOARD_LOGGING_DIR`` if set (the folder the TensorBoardCallback
     then uses too), else in ``<output_dir>/runs/reconstructions`` (a run of its own in TensorBoard).
 
-    The model runs on the main process alone: under FSDP or DeepSpeed ZeRO-3 (sharded weights) leave it out.
+    The model runs on the main process alone: under FSDP (version 2) on a plain copy with the gathered weights
+    (`hf_mto.evaluation.unsharded_model`); under DeepSpeed ZeRO-3 (sharded weights) leave it out.
     """
 
     def __init__(
@@ -689,13 +691,17 @@ class ReconstructionCallback(TrainerCallback):
         return None
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero or model is None:
+        if model is None:
             return
         model = getattr(model, "module", model)  # DDP / DataParallel wrappers
         try:
             check_model(model)
         except ValueError:
             return  # another model type: nothing to draw
+        # Under FSDP every process takes part in gathering the weights, onto the main process (a collective).
+        model = unsharded_model(model, main_process_only=True)
+        if not state.is_world_process_zero:
+            return
         was_training = model.training
         model.eval()
         try:

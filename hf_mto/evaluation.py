@@ -21,6 +21,8 @@ run (`EncoderEvalCallback`) or on any checkpoint (`recipes/evaluate_encoder.py`)
 Under several processes (accelerate, torchrun) each process extracts the features of its share of the images and
 the shares are gathered, so every process then holds all features; the main process scores them (the probe's fit is
 the slow part) and broadcasts the accuracies, so every process returns the same ones.
+Under FSDP (version 2) every process first gathers the whole weights into a plain copy of the model
+(`unsharded_model`), as the encoder's blocks run one by one, outside the model's own forward.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader, Subset
 from transformers import TrainerCallback
 
@@ -128,6 +132,31 @@ def check_eval_settings(pooling: str, k: int, temperature: float, probe_c: float
 # ----------------------------------------------------------------------------------------------------------------
 # Features
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def unsharded_model(model: torch.nn.Module, main_process_only: bool = False) -> torch.nn.Module | None:
+    """`model` with whole weights, to run its submodules outside its own forward (the encoder's blocks one by one,
+    a fixed batch on the main process alone).
+
+    A model not sharded is returned as it is. A model sharded by FSDP2 (`torch.distributed.fsdp.fully_shard`, which
+    accelerate's FSDP version 2 applies) holds a shard of each weight per process and gathers them only inside its
+    forward; for it the full state is gathered and loaded into a plain copy (same class and config, the training
+    mode and device of `model`): on every process, or with `main_process_only` on the main process only (the
+    gathered weights go through its CPU memory; the others get None). Under FSDP2 this is collective: every process
+    must call it, with the same `main_process_only`.
+    """
+    if not isinstance(model, FSDPModule):
+        return model
+    options = StateDictOptions(full_state_dict=True, cpu_offload=main_process_only)
+    state = get_model_state_dict(model, options=options)
+    if main_process_only and torch.distributed.get_rank() != 0:
+        return None
+    # fully_shard gives the module a class of its own, FSDP<Name>(FSDPModule, <Name>): the copy takes <Name>.
+    plain_class = next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
+    copy = plain_class(model.config)
+    copy.load_state_dict(state)
+    device = next(model.parameters()).device  # the device of this process's shards
+    return copy.to(device).train(model.training)
 
 
 def resolve_encoder(model: torch.nn.Module) -> torch.nn.Module:
@@ -472,8 +501,9 @@ class EncoderEvalCallback(TrainerCallback):
             return
         if self._cache is None or self._cache[0] != state.global_step:
             autocast = self.trainer.autocast_smart_context_manager if self.trainer is not None else None
+            # Under FSDP the encoder's blocks run one by one, outside the model's forward: on whole weights.
             results = evaluate_encoder(
-                model, self.train_dataset, self.eval_dataset, autocast=autocast, **self.settings
+                unsharded_model(model), self.train_dataset, self.eval_dataset, autocast=autocast, **self.settings
             )
             self._cache = (state.global_step, results)
         results = self._cache[1]
@@ -503,4 +533,5 @@ __all__ = [
     "labelled_eval_splits",
     "linear_probe_accuracy",
     "resolve_encoder",
+    "unsharded_model",
 ]

@@ -123,9 +123,14 @@ def main(argv=None):
         data_collator=PixelCollator(),
         model_card_kwargs={"data_args": data_args},  # the card in every checkpoint (and on the Hub) names the data
     )
-    if trainer.is_fsdp_enabled and (training_args.reconstruction_images > 0 or eval_args.encoder_eval):
-        # Both run the model's submodules outside FSDP's forward, where the parameters are sharded.
-        logger.warning("FSDP: reconstruction pictures and --encoder_eval are off (they need unsharded weights)")
+    fsdp1 = trainer.is_fsdp_enabled and not trainer.accelerator.is_fsdp2
+    if fsdp1 and (training_args.reconstruction_images > 0 or eval_args.encoder_eval):
+        # Both run the model's submodules outside its forward, on the weights gathered whole (FSDP2's, see
+        # hf_mto.evaluation.unsharded_model); FSDP1's flattened parameters are not gathered there.
+        logger.warning(
+            "FSDP version 1: reconstruction pictures and --encoder_eval are off; set fsdp_version: 2 "
+            "(recipes/accelerate_configs/fsdp.yaml) to keep them"
+        )
         training_args.reconstruction_images, eval_args.encoder_eval = 0, False
     if training_args.do_eval and training_args.reconstruction_images > 0 and method.reconstructs_pixels:
         ReconstructionCallback(eval_dataset, mean, std, num_images=training_args.reconstruction_images).attach(trainer)

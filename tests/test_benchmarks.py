@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,8 @@ def test_convergence_smoke_runs_every_path(tmp_path):
 @pytest.mark.slow
 def test_gpu_check_smoke_writes_every_section(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--output_dir", str(tmp_path)]
+    # A budget no part reaches on a busy CPU (the parts end when done): this checks the plumbing, not the budget.
+    cmd += ["--time_budget_s", "3600"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -87,6 +90,14 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
         assert heading in text
     assert "| mae | compile_on | mto_on |" in text and "| simmim | compile_off | mto_off |" in text
     assert "| mae_mto |" in text and "| mto_on |" in text
+    assert all(part["status"] == "done" for part in report["parts"].values()) and list(report["parts"]) == [
+        "step_time_eager",
+        "bootmae",
+        "evolved",
+        "step_time_compiled_mae",
+        "step_time_compiled_simmim",
+        "convergence",
+    ]
 
 
 def test_gpu_check_records_a_failed_part_and_runs_the_rest(tmp_path, monkeypatch):
@@ -106,6 +117,85 @@ def test_gpu_check_records_a_failed_part_and_runs_the_rest(tmp_path, monkeypatch
     assert report["step_time"] == {"compile_off": {}, "compile_on": {}}  # compile_on ran after two failed parts
     text = (tmp_path / "gpu_check.md").read_text()
     assert "- convergence: RuntimeError: CUDA error: out of memory" in text
+    assert {name: part["status"] for name, part in report["parts"].items()} == {
+        "step_time_eager": "done",
+        "bootmae": "failed",
+        "evolved": "failed",
+        "step_time_compiled_mae": "done",
+        "step_time_compiled_simmim": "done",
+        "convergence": "failed",
+    }
+
+
+def test_gpu_check_allots_each_part_its_share_of_the_time_left(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_check
+
+    parts = list(gpu_check.PARTS)
+    assert list(gpu_check.PART_SHARES) == parts and sum(gpu_check.PART_SHARES.values()) == pytest.approx(1.0)
+    assert gpu_check.allotted_seconds(parts[0], parts, 420.0) == pytest.approx(420.0 * gpu_check.PART_SHARES[parts[0]])
+    assert (
+        gpu_check.allotted_seconds("convergence", ["convergence"], 100.0) == 100.0
+    )  # the last part: all that is left
+    assert gpu_check.allotted_seconds("convergence", ["convergence"], -3.0) == 0.0
+    # Every part using all it is allotted ends the run exactly at the end of the budget, never after it.
+    left = 420.0
+    for index, name in enumerate(parts):
+        left -= gpu_check.allotted_seconds(name, parts[index:], left)
+    assert left == pytest.approx(0.0, abs=1e-9)
+    # Time the first parts leave unused goes to the later ones pro rata: convergence keeps its share of the rest.
+    rest = parts[3:]
+    assert (
+        gpu_check.allotted_seconds("convergence", ["convergence"], 300.0)
+        > gpu_check.allotted_seconds("convergence", rest, 300.0)
+        == pytest.approx(300.0 * 0.22 / sum(gpu_check.PART_SHARES[part] for part in rest))
+    )
+
+
+def test_gpu_check_cuts_a_part_at_its_deadline_and_still_writes_the_report(tmp_path, monkeypatch):
+    """A tiny budget: the part that overruns its share is cut (its process killed) and recorded, the parts after it
+    run, and the last part, cut at the end of the budget, keeps what it reported before."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_check
+
+    def overrun(*args):
+        time.sleep(600)
+
+    def convergence(sizes, smoke, seconds_left, seed, device, autocast_dtype, progress):
+        plan = dict(dataset="fake", num_train=8, num_test=4, knn_bank=8, batch_size=4, seed=seed)
+        plan.update(pretrain_steps=2, finetune_steps=1, pretrain_epochs=1.0, finetune_epochs=0.5)
+        arm = dict(knn_accuracy=0.5, finetune_accuracy=0.25, final_pretrain_loss=1.0, pretrain_s=1.0, finetune_s=1.0)
+        progress({**plan, "seconds_left_at_start": seconds_left, "arms": {"mae": arm}})  # the first arm's results
+        time.sleep(600)
+
+    monkeypatch.setattr(gpu_check, "step_times", lambda *args: {})
+    monkeypatch.setattr(gpu_check, "bootmae_times", lambda *args: {})
+    monkeypatch.setattr(gpu_check, "evolved_shares", overrun)
+    monkeypatch.setattr(gpu_check, "convergence", convergence)
+    budget = 8.0
+    report = gpu_check.main(["--smoke", "--time_budget_s", str(budget), "--output_dir", str(tmp_path)])
+    assert json.loads((tmp_path / "gpu_check.json").read_text()) == json.loads(json.dumps(report))
+    parts = report["parts"]
+    assert list(parts) == list(gpu_check.PARTS)
+    assert {name: part["status"] for name, part in parts.items()} == {
+        "step_time_eager": "done",
+        "bootmae": "done",
+        "evolved": "cut",
+        "step_time_compiled_mae": "done",
+        "step_time_compiled_simmim": "done",
+        "convergence": "cut",
+    }
+    assert report["errors"] == {}  # a cut is not a failure
+    assert "evolved" not in report  # cut before it reported anything
+    assert report["step_time"] == {"compile_off": {}, "compile_on": {}} and report["bootmae"] == {}
+    assert list(report["convergence"]["arms"]) == ["mae"]  # what it reported before its cut
+    # Its deadline was the end of the budget, less the reserve for the report, and what it was told to plan for.
+    assert parts["convergence"]["deadline_s"] <= budget - gpu_check.REPORT_RESERVE_S
+    assert report["convergence"]["seconds_left_at_start"] == pytest.approx(parts["convergence"]["allotted_s"], abs=0.5)
+    assert all(part["deadline_s"] <= budget - gpu_check.REPORT_RESERVE_S for part in parts.values())
+    text = (tmp_path / "gpu_check.md").read_text()
+    assert "| evolved | 0.025 |" in text and "Cut at their deadline" in text and "evolved, convergence" in text
+    assert "| mae | 0.5000 | 0.2500 |" in text  # the convergence arm it finished
 
 
 @pytest.mark.slow  # two BootMAE models timed in-process: ~40 s on 2 busy cores
