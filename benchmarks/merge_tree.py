@@ -1,9 +1,9 @@
 """Cost of evolved masking's merge tree: the rounds of `hf_mto.masking.build_merge_tree` against the sequential
 definition (one merge per step, `tests/merge_tree_reference.py`), on the same similarities, in one run.
 
-For each implementation it prints the tree's median time, the torch operators it launches per tree (each one a kernel
-launch, or more, on a GPU, where the tree is launch-bound: `torch.profiler`, operators called from Python), the host
-synchronisations among them and, for the rounds, how many rounds the batch took against the trees' heights. It also
+For each implementation it prints the tree's median time, the torch operators it launches per tree (`torch.profiler`,
+operators called from Python, views aside: each is a kernel launch or more on a GPU, where the tree is launch-bound), the
+host synchronisations among them and, for the rounds, how many rounds the batch took against the trees' heights. It also
 checks that both give the same trees. The similarities are random (no ties) or, with `--checkpoint`, the attention
 of a trained model on Fashion-MNIST images (as evolved masking computes them during training).
 
@@ -30,6 +30,22 @@ from merge_tree_reference import sequential_merge_tree  # noqa: E402
 from hf_mto.masking import build_merge_tree  # noqa: E402
 
 IMPLEMENTATIONS = {"sequential": sequential_merge_tree, "rounds": build_merge_tree}
+# Operators that only make views launch no kernel and are not counted.
+VIEW_OPERATORS = {
+    "aten::alias",
+    "aten::as_strided",
+    "aten::detach",
+    "aten::diagonal",
+    "aten::expand",
+    "aten::lift_fresh",
+    "aten::reshape",
+    "aten::select",
+    "aten::slice",
+    "aten::transpose",
+    "aten::unbind",
+    "aten::unsqueeze",
+    "aten::view",
+}
 # Operators that wait for the device: the tree's host synchronisations.
 SYNC_OPERATORS = ("aten::nonzero", "aten::item", "aten::_local_scalar_dense", "aten::is_nonzero")
 
@@ -56,11 +72,15 @@ def checkpoint_similarity(checkpoint: str, batch_size: int) -> torch.Tensor:
 
 
 def count_operators(fn, similarity: torch.Tensor) -> tuple[int, int]:
-    """(operators called from Python, host synchronisations among them) in one call of `fn`."""
+    """(operators called from Python that compute, host synchronisations among them) in one call of `fn`."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if similarity.is_cuda else [])
     with profile(activities=activities) as prof:
         fn(similarity)
-    top_level = [event for event in prof.events() if event.cpu_parent is None and event.name.startswith("aten::")]
+    top_level = [
+        event
+        for event in prof.events()
+        if event.cpu_parent is None and event.name.startswith("aten::") and event.name not in VIEW_OPERATORS
+    ]
     return len(top_level), sum(event.name in SYNC_OPERATORS for event in top_level)
 
 

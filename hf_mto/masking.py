@@ -496,57 +496,68 @@ def build_merge_tree(similarity: torch.Tensor) -> MergeTree:
     total = similarity.to(torch.float64)
     total = (total + total.transpose(1, 2)) / 2
     total.diagonal(dim1=1, dim2=2).fill_(-math.inf)
+    flat = total.view(-1)
     slots = torch.arange(n, device=device)
 
-    # Per slot: the node it holds, in discovery numbering (leaves 0..N-1, the j-th merge found N + j), that node's
-    # level, leaf count and sort key (+inf for leaves).
-    slot_node = slots.repeat(batch, 1)
-    slot_level = torch.zeros(batch, n, dtype=torch.long, device=device)
-    slot_size = torch.ones(batch, n, dtype=torch.long, device=device)
-    slot_key = torch.full((batch, n), math.inf, dtype=torch.float64, device=device)
-    # Per merge, in discovery order (N - 1 of them per image).
-    found_children = torch.zeros(batch, n - 1, 2, dtype=torch.long, device=device)
-    found_level = torch.zeros(batch, n - 1, dtype=torch.long, device=device)
-    found_size = torch.zeros(batch, n - 1, dtype=torch.long, device=device)
-    found_key = torch.zeros(batch, n - 1, dtype=torch.float64, device=device)
+    # Per slot, packed so that one gather and one select update them all: the node it holds (discovery numbering:
+    # leaves 0..N-1, the j-th merge found N + j), its level, its leaf count and its sort key (+inf for leaves).
+    ones = torch.ones(n, dtype=torch.float64, device=device)
+    state = torch.stack([slots.double(), ones * 0, ones, ones * math.inf], dim=1)
+    state = state.expand(batch, n, _STATE_FIELDS).contiguous()
+    # Per merge, in discovery order: (child, child, level, size, key); row N-1 takes the writes of slots that merge
+    # nothing this round.
+    found = torch.zeros(batch, n, _STATE_FIELDS + 1, dtype=torch.float64, device=device)
     num_found = torch.zeros(batch, 1, dtype=torch.long, device=device)
 
     while True:
-        size = slot_size.to(torch.float64)
+        size = state[..., _SIZE]
         linkage = total / (size.unsqueeze(2) * size.unsqueeze(1))  # [B, N, N] average linkage between slots
         best, nearest = linkage.max(dim=2)  # [B, N]; torch.max returns the lowest index among equal maxima
-        # Slot i merges with its nearest neighbour when that one's nearest is i (the pair is found from its lower
-        # slot, `keep`; the other is `drop`). best > -inf excludes retired slots and an image's last cluster.
-        mutual = (nearest.gather(1, nearest) == slots) & (best > -math.inf)
-        keep = mutual & (slots < nearest)
+        # Slot i merges with its nearest neighbour when that one's nearest is i; the pair is found from its lower
+        # slot, `keep`, which the merged cluster takes. best > -inf excludes retired slots and an image's last cluster.
+        keep = (nearest.gather(1, nearest) == slots) & (best > -math.inf) & (slots < nearest)
         pairs = keep.nonzero()  # [M, 2] (image, keep slot): the round's one host synchronisation
         if pairs.shape[0] == 0:
             break
-        image, keep_slot = pairs.unbind(1)
-        drop_slot = nearest[image, keep_slot]
+        _merge_slots(flat, n, pairs, nearest)
 
-        # Eq. 7 for every pair of the round at once; rows before columns, so two clusters merged in the same round
-        # sum all four cross terms.
-        total[image, keep_slot] += total[image, drop_slot]
-        total[image, drop_slot] = -math.inf
-        total[image, :, keep_slot] += total[image, :, drop_slot]
-        total[image, :, drop_slot] = -math.inf
-
-        # Record the merges: in each image, the j-th found (by round, then slot) is node N + j.
-        position = (num_found + keep.cumsum(dim=1) - 1)[image, keep_slot]
-        level = torch.maximum(slot_level[image, keep_slot], slot_level[image, drop_slot]) + 1
-        key = torch.minimum(best[image, keep_slot], slot_key[image, keep_slot].minimum(slot_key[image, drop_slot]))
-        found_children[image, position] = torch.stack([slot_node[image, keep_slot], slot_node[image, drop_slot]], 1)
-        found_level[image, position] = level
-        found_key[image, position] = key
-        slot_node[image, keep_slot] = n + position
-        slot_level[image, keep_slot] = level
-        found_size[image, position] = slot_size[image, keep_slot] + slot_size[image, drop_slot]
-        slot_size[image, keep_slot] = found_size[image, position]
-        slot_key[image, keep_slot] = key
+        partner = state.gather(1, nearest.unsqueeze(2).expand(-1, -1, _STATE_FIELDS))
+        position = keep.cumsum(dim=1) + (num_found - 1)  # the j-th merge found in an image is node N + j
+        level = torch.maximum(state[..., _LEVEL], partner[..., _LEVEL]) + 1
+        merged_size = size + partner[..., _SIZE]
+        key = torch.minimum(best, torch.minimum(state[..., _KEY], partner[..., _KEY]))
+        record = torch.stack([state[..., _NODE], partner[..., _NODE], level, merged_size, key], dim=2)
+        row = torch.where(keep, position, n - 1).unsqueeze(2).expand(-1, -1, _STATE_FIELDS + 1)
+        found.scatter_(1, row, record)
+        merged = torch.stack([(position + n).double(), level, merged_size, key], dim=2)
+        state = torch.where(keep.unsqueeze(2), merged, state)
         num_found += keep.sum(dim=1, keepdim=True)
 
-    return _number_merges(found_children, found_level, found_size, found_key)
+    found = found[:, : n - 1]
+    return _number_merges(found[..., :2].long(), found[..., 2].long(), found[..., 3].long(), found[..., 4])
+
+
+# Fields of the per-slot state in build_merge_tree.
+_NODE, _LEVEL, _SIZE, _KEY = range(4)
+_STATE_FIELDS = 4
+
+
+def _merge_slots(flat: torch.Tensor, n: int, pairs: torch.Tensor, nearest: torch.Tensor) -> None:
+    """Eq. 7 for every pair of a round at once, in place on the summed linkages. flat: ``[B * N * N]`` view of
+    ``total``; pairs: ``[M, 2]`` (image, keep slot); nearest: ``[B, N]``, the drop slot of each keep slot.
+
+    Rows before columns, so two clusters merged in the same round sum all four cross terms; the drop slot's row and
+    column are retired (-inf). Flat indices let each step be one indexed add or fill; they are distinct within each
+    call, so the adds are deterministic on every device."""
+    image, keep = pairs.unbind(1)
+    ends = torch.stack([keep, nearest[image, keep]])  # [2, M]: keep slots, drop slots
+    start = image * (n * n)  # [M], where each pair's image begins
+    slots = torch.arange(n, device=flat.device)
+    rows = (start + ends * n).unsqueeze(2) + slots  # [2, M, N]: the entries of each slot's row
+    columns = (start + ends).unsqueeze(2) + slots * n  # [2, M, N]: the entries of each slot's column
+    for keep_entries, drop_entries in (rows.view(2, -1), columns.view(2, -1)):
+        flat.index_add_(0, keep_entries, flat.index_select(0, drop_entries))
+        flat.index_fill_(0, drop_entries, -math.inf)
 
 
 def _number_merges(children: torch.Tensor, level: torch.Tensor, size: torch.Tensor, key: torch.Tensor) -> MergeTree:
