@@ -511,8 +511,11 @@ def build_merge_tree(similarity: torch.Tensor) -> MergeTree:
 
     while True:
         size = state[..., _SIZE]
-        linkage = total / (size.unsqueeze(2) * size.unsqueeze(1))  # [B, N, N] average linkage between slots
-        best, nearest = linkage.max(dim=2)  # [B, N]; torch.max returns the lowest index among equal maxima
+        # The average linkage of slots i and j is total[i, j] / (n_i n_j); within row i the factor 1 / n_i changes
+        # no comparison, so the nearest neighbours come from total / n_j, one pass over the matrix.
+        nearest = (total / size.unsqueeze(1)).argmax(dim=2)  # [B, N]; argmax returns the lowest index among equals
+        # The linkage to the nearest, rounded once so that equal linkages compare equal in the sort key.
+        best = total.gather(2, nearest.unsqueeze(2)).squeeze(2) / (size * size.gather(1, nearest))
         # Slot i merges with its nearest neighbour when that one's nearest is i; the pair is found from its lower
         # slot, `keep`, which the merged cluster takes. best > -inf excludes retired slots and an image's last cluster.
         keep = (nearest.gather(1, nearest) == slots) & (best > -math.inf) & (slots < nearest)
