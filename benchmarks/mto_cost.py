@@ -6,7 +6,8 @@
 `launches` runs `mto_terms_visible_first` (the eager path of MAE's decoder and SimMIM's encoder) and `mto_terms` (the
 mask-based path `torch.compile` takes) on random states at the ViT-B presets' widths, forward and backward, under
 `torch.profiler`, and counts the operators that do work (views and allocations left out), and the host reads of a
-tensor's value (`.item()`, `int()` or `bool()` of one: `aten::_local_scalar_dense`, a device sync on a GPU). The counts do not depend on the batch size.
+tensor's value (`.item()`, `int()` or `bool()` of one: `aten::_local_scalar_dense`, a device sync on a GPU). The
+counts do not depend on the batch size.
 
 `trained` loads each MAE + MTO checkpoint (e.g. the `checkpoint-*` folders of a short `recipes/pretrain.py` run),
 takes its decoder states on one fixed batch of Fashion-MNIST-like inputs, and times the MTO terms alone (forward and
