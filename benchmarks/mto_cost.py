@@ -1,13 +1,15 @@
 """What the MTO terms cost by themselves: operator launches at the ViT-B widths, and time on trained weights.
 
     python benchmarks/mto_cost.py launches                      # torch operators per MTO forward + backward
+    python benchmarks/mto_cost.py launches --device cuda        # and CUDA kernels; a device sync raises
     python benchmarks/mto_cost.py trained CKPT_DIR [CKPT_DIR ...]  # MTO time per checkpoint (and fresh weights)
 
 `launches` runs `mto_terms_visible_first` (the eager path of MAE's decoder and SimMIM's encoder) and `mto_terms` (the
-mask-based path `torch.compile` takes) on random states at the ViT-B presets' widths, forward and backward, under
+mask-based path `torch.compile` takes) on random states (on `--device`) at the ViT-B presets' widths, forward and backward, under
 `torch.profiler`, and counts the operators that do work (views and allocations left out), and the host reads of a
 tensor's value (`.item()`, `int()` or `bool()` of one: `aten::_local_scalar_dense`, a device sync on a GPU). The
-counts do not depend on the batch size.
+counts do not depend on the batch size. On CUDA it also counts the kernels launched, under
+`torch.cuda.set_sync_debug_mode("error")`, so a synchronising call in the MTO terms fails the run.
 
 `trained` loads each MAE + MTO checkpoint (e.g. the `checkpoint-*` folders of a short `recipes/pretrain.py` run),
 takes its decoder states on one fixed batch of Fashion-MNIST-like inputs, and times the MTO terms alone (forward and
@@ -24,6 +26,7 @@ import statistics
 import time
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from hf_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining
@@ -42,20 +45,29 @@ NOT_WORK = {
 }  # fmt: skip
 
 
-def _states(num_states: int, num_patches: int, width: int, batch_size: int = 2) -> list[torch.Tensor]:
+def _states(num_states: int, num_patches: int, width: int, device: str, batch_size: int = 2) -> list[torch.Tensor]:
     torch.manual_seed(0)
-    return [torch.randn(batch_size, 1 + num_patches, width, requires_grad=True) for _ in range(num_states)]
+    shape = (batch_size, 1 + num_patches, width)
+    return [torch.randn(shape, device=device, requires_grad=True) for _ in range(num_states)]
 
 
 def _mto_loss(terms) -> torch.Tensor:
     return terms.sparsity_loss + terms.singularity_loss + terms.ranking_loss
 
 
-def count_operators(run) -> dict[str, int]:
+def count_operators(run, cuda: bool = False) -> dict[str, int]:
     """Operators ``run()`` calls that do work, counted where they are called (an operator's own calls of others, as
-    log_softmax's of _log_softmax, are part of it), and its host reads of a tensor's value."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        run()
+    log_softmax's of _log_softmax, are part of it), and its host reads of a tensor's value; with ``cuda``, also the
+    CUDA kernels it launches, and a synchronising call raises."""
+    run()  # warm-up: one-off initialisations (cuBLAS handles, allocator) are not the terms' launches
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        if cuda:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            run()
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
     events = [e for e in prof.events() if e.name.startswith("aten::")]
 
     def is_called_by_an_operator(event) -> bool:
@@ -69,16 +81,21 @@ def count_operators(run) -> dict[str, int]:
     def does_work(event) -> bool:
         return event.name not in NOT_WORK or any(does_work(child) for child in event.cpu_children)
 
-    return {
+    counts = {
         "operators": sum(does_work(e) for e in events if not is_called_by_an_operator(e)),
         "host_reads": sum(e.name == "aten::_local_scalar_dense" for e in events),
     }
+    if cuda:
+        counts["cuda_kernels"] = sum(e.device_type == DeviceType.CUDA for e in prof.events())
+    return counts
 
 
-def _launch_counts(num_states: int, num_patches: int, width: int, num_masked: int) -> dict[str, dict[str, int]]:
+def _launch_counts(
+    num_states: int, num_patches: int, width: int, num_masked: int, device: str = "cpu"
+) -> dict[str, dict[str, int]]:
     """`count_operators` of both MTO paths, forward and backward, on random states of that stack."""
-    states = _states(num_states, num_patches, width)
-    mask = torch.zeros(states[0].shape[0], num_patches, dtype=torch.bool)
+    states = _states(num_states, num_patches, width, device)
+    mask = torch.zeros(states[0].shape[0], num_patches, dtype=torch.bool, device=device)
     mask[:, num_patches - num_masked :] = True
 
     def visible_first():
@@ -87,15 +104,19 @@ def _launch_counts(num_states: int, num_patches: int, width: int, num_masked: in
     def mask_based():
         _mto_loss(mto_terms([state[:, 1:] for state in states], mask)).backward()
 
-    return {"visible_first": count_operators(visible_first), "mask_based": count_operators(mask_based)}
+    cuda = torch.device(device).type == "cuda"
+    return {"visible_first": count_operators(visible_first, cuda), "mask_based": count_operators(mask_based, cuda)}
 
 
-def launches() -> dict:
+def launches(device: str) -> dict:
     report = {}
     for name, stack in WIDTHS.items():
-        report[name] = _launch_counts(*stack)
+        report[name] = _launch_counts(*stack, device=device)
         for path, counts in report[name].items():
-            print(f"{name:<18} {path:<13} {counts['operators']:>4} operators  {counts['host_reads']} host reads")
+            kernels = f"  {counts['cuda_kernels']} CUDA kernels" if "cuda_kernels" in counts else ""
+            print(
+                f"{name:<18} {path:<13} {counts['operators']:>4} operators  {counts['host_reads']} host reads{kernels}"
+            )
     return report
 
 
@@ -162,10 +183,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=("launches", "trained"))
     parser.add_argument("checkpoints", nargs="*", help="`trained`: MAE + MTO checkpoint folders, in training order.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="`launches`.")
     parser.add_argument("--repeats", type=int, default=20, help="`trained`: timed runs per checkpoint.")
     args = parser.parse_args(argv)
     if args.part == "launches":
-        return launches()
+        return launches(args.device)
     if not args.checkpoints:
         parser.error("`trained` needs at least one checkpoint folder")
     return trained(args.checkpoints, args.repeats)
