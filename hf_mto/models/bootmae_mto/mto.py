@@ -411,7 +411,7 @@ class _VisibleFirstEntropies(torch.autograd.Function):
 
     Autograd through ``slice -> split -> bmm -> log_softmax -> exp -> mul -> sum`` keeps five intermediates per term,
     zero-fills a buffer per slice and concatenates the split's gradients; here the closed form of the entropy's
-    gradient needs only ``p`` and ``log p``, the layer's gradient is assembled by one concatenation, and a layer with
+    gradient needs only ``p`` and ``log p``, each block of the layer's gradient is written once, and a layer with
     both terms computes one ``visible @ patchesᵀ`` (Eq. 2's logits are its transposed visible-by-masked block; the
     saving is measured by `benchmarks/step_time.py`, figures in the README). The backward scales the ``[B, N, D]``
     gradient rather than the logits' (see `_entropy_grad_logits`), so each term's logits take two ``bmm``.
@@ -457,18 +457,20 @@ class _VisibleFirstEntropies(torch.autograd.Function):
         with torch.autocast(device_type=features.device.type, enabled=False):
             het_entropy, het_p, het_log_p = saved[:3]
             grad_het_logits = _entropy_grad_logits(het_entropy, het_p, het_log_p)  # [B, M, V], unscaled
-            parts = [torch.bmm(grad_het_logits.transpose(1, 2), masked), torch.bmm(grad_het_logits, visible)]
-            if num_prefix_tokens:
-                parts.insert(0, features.new_zeros(features.shape[0], num_prefix_tokens, features.shape[2]))
-            grad_features = torch.cat(parts, dim=1).mul_(_per_image_scale(grad_het, het_p.shape[1], ctx.logit_scale))
+            het_scale = _per_image_scale(grad_het, het_p.shape[1], ctx.logit_scale)
+            # each block written once, scaled on the way in
+            grad_features = torch.empty_like(features)
+            grad_features[:, :num_prefix_tokens].zero_()
+            grad_patches = grad_features[:, num_prefix_tokens:]
+            torch.mul(torch.bmm(grad_het_logits.transpose(1, 2), masked), het_scale, out=grad_patches[:, :num_visible])
+            torch.mul(torch.bmm(grad_het_logits, visible), het_scale, out=grad_patches[:, num_visible:])
             if len(saved) > 3:
                 # Eq. 3's logits are visible @ patchesᵀ, [B, V, N]; its own per-image factor, hence its own products.
                 spa_entropy, spa_p, spa_log_p = saved[3:]
                 grad_logits = _entropy_grad_logits(spa_entropy, spa_p, spa_log_p)
-                grad_patches = torch.bmm(grad_logits.transpose(1, 2), visible)  # [B, N, D]
-                grad_patches[:, :num_visible] += torch.bmm(grad_logits, patches)
-                spa_scale = _per_image_scale(grad_spa, spa_p.shape[1], ctx.logit_scale)
-                grad_features[:, num_prefix_tokens:].addcmul_(grad_patches, spa_scale)
+                spa_grad_patches = torch.bmm(grad_logits.transpose(1, 2), visible)  # [B, N, D]
+                spa_grad_patches[:, :num_visible] += torch.bmm(grad_logits, patches)
+                grad_patches.addcmul_(spa_grad_patches, _per_image_scale(grad_spa, spa_p.shape[1], ctx.logit_scale))
             return grad_features, None, None, None, None
 
 
