@@ -225,3 +225,29 @@ def test_bootmae_step_time_reports_both_variants_and_the_teachers_share(tmp_path
     assert report["teacher_s"] > 0 and report["teacher_param_bytes"] > 0
     assert report["teacher_saved_bytes"] == 0  # no gradient through the momentum encoder
     assert "teacher share" in capsys.readouterr().out
+
+
+def test_mto_cost_counts_operators_without_host_reads_and_times_checkpoints(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import mto_cost
+
+    from hf_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining
+
+    counts = mto_cost._launch_counts(num_states=3, num_patches=16, width=8, num_masked=12)
+    for path in ("visible_first", "mask_based"):
+        assert counts[path]["operators"] > 0
+        assert counts[path]["host_reads"] == 0  # the MTO terms never wait for the device
+    # the visible-first path exists to do less: fewer operators than the mask-based one
+    assert counts["visible_first"]["operators"] < counts["mask_based"]["operators"]
+
+    config = ViTMAEMTOConfig(
+        image_size=8, patch_size=4, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+        decoder_hidden_size=8, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+        decoder_intermediate_size=16, mto_affinity="dot",
+    )  # fmt: skip
+    ViTMAEMTOForPreTraining(config).save_pretrained(tmp_path / "checkpoint-1")
+    report = mto_cost.main(["trained", str(tmp_path / "checkpoint-1"), "--repeats", "2"])
+    assert list(report) == ["fresh", str(tmp_path / "checkpoint-1")]
+    for row in report.values():
+        assert row["mto_ms"] > 0 and row["logit_span"] >= 0 and 0 <= row["below_normal"] <= 1
+    assert "p < normal" in capsys.readouterr().out

@@ -17,6 +17,7 @@ disabled, through ``log_softmax`` (never ``log(softmax)``), and is finite (value
 image with no masked or no visible token has nothing to measure, contributes 0 and is left out of batch means.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -150,6 +151,18 @@ def affinity_logits(hidden: torch.Tensor, affinity: str = "scaled", temperature:
         return torch.bmm(x, x.transpose(1, 2)).mul_(scale)
 
 
+def _clamp_log_probs(log_p: torch.Tensor) -> torch.Tensor:
+    """``log_p`` raised to at least 1 + the log of its dtype's smallest normal number (-86.3 in float32).
+
+    Once training spreads the affinity logits over more than ~87 nats, many probabilities fall below float32's normal
+    range; on a CPU, `exp` of such a log-probability and every product with the subnormal numbers it returns take a
+    slow path (tens of times slower), which made the MTO terms' time grow with training. A clamped entry counts as
+    p = 3.2e-38, adding < 3e-36 to its row's entropy, where its float32 value would have been subnormal or 0; the
+    clamp's gradient (0 below the bound) is the entry's, up to the same amount.
+    """
+    return log_p.clamp(min=math.log(torch.finfo(log_p.dtype).tiny) + 1.0)
+
+
 def mean_row_entropy(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """Mean over selected rows of the entropy of softmax over selected columns: the quantity behind H (Eq. 2: masked
     rows over visible columns) and L_spa (Eq. 3: visible rows over all columns), for callers that take several of
@@ -168,7 +181,7 @@ def mean_row_entropy(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tenso
     # (any finite value) and zero its result below.
     cols = cols | ~has_cols
     col_mask = cols[:, None, :]  # [B, 1, N], broadcast over rows
-    log_p = torch.log_softmax(logits.masked_fill(~col_mask, float("-inf")), dim=-1)
+    log_p = _clamp_log_probs(torch.log_softmax(logits.masked_fill(~col_mask, float("-inf")), dim=-1))
     # Excluded columns have p = 0; fill log p there before multiplying so 0 * -inf never appears (value or grad).
     log_p = log_p.masked_fill(~col_mask, 0.0)
     entropy = -(log_p.exp() * log_p).sum(dim=-1)  # [B, N]
@@ -358,6 +371,11 @@ def mto_terms(
     return _collect_terms(torch.stack(per_layer), spa, eps, ranking, valid)
 
 
+def _scaled_bmm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * a @ b`` in one kernel (with ``beta=0`` the input is never read, so an empty one will do)."""
+    return torch.baddbmm(a.new_empty(()), a, b, beta=0.0, alpha=scale)
+
+
 def _softmax_entropy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Entropy of ``softmax(logits)`` over the last dimension, with what its backward needs.
 
@@ -365,20 +383,27 @@ def _softmax_entropy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
         logits: ``[B, M, K]`` float32.
 
     Returns:
-        ``entropy [B, M]``, ``p [B, M, K]`` and ``log_p [B, M, K]``.
+        ``entropy [B, M]``, ``p [B, M, K]`` and ``log_p [B, M, K]`` (clamped by `_clamp_log_probs`, so that no
+        entry of ``p`` nor of the backward's products is subnormal).
     """
-    log_p = torch.log_softmax(logits, dim=-1)
+    log_p = _clamp_log_probs(torch.log_softmax(logits, dim=-1))
     p = log_p.exp()
     return -(p * log_p).sum(dim=-1), p, log_p
 
 
-def _mean_entropy_grad_logits(
-    grad: torch.Tensor, entropy: torch.Tensor, p: torch.Tensor, log_p: torch.Tensor
-) -> torch.Tensor:
-    """``[B, M, K]`` gradient of the logits of ``entropy.mean(dim=1)`` given its gradient ``grad [B]``: the closed form
-    ``dH_i/dz_ij = -p_ij (log p_ij + H_i)``, scaled by ``1 / M`` for the mean over rows."""
-    scale = (grad / entropy.shape[1])[:, None, None]
-    return (log_p + entropy.unsqueeze(-1)).mul_(p).mul_(-scale)
+def _entropy_grad_logits(entropy: torch.Tensor, p: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """``[B, M, K]`` ``p_ij (log p_ij + H_i)``: minus the gradient of the row entropies ``H [B, M]`` on the logits.
+
+    Left unscaled: the loss weight, batch mean and logit scale make a factor near 1e-9 that would turn the smallest
+    entries subnormal (slow on a CPU), so the caller applies it to the product's ``[B, N, D]`` result instead.
+    """
+    return (log_p + entropy.unsqueeze(-1)).mul_(p)
+
+
+def _per_image_scale(grad: torch.Tensor, num_rows: int, logit_scale: float) -> torch.Tensor:
+    """``[B, 1, 1]`` factor that turns `_entropy_grad_logits`'s products into the gradient of the features, given the
+    gradient ``grad [B]`` of the mean over ``num_rows`` rows of the entropies."""
+    return grad.mul(-logit_scale / num_rows)[:, None, None]
 
 
 class _VisibleFirstEntropies(torch.autograd.Function):
@@ -386,9 +411,10 @@ class _VisibleFirstEntropies(torch.autograd.Function):
 
     Autograd through ``slice -> split -> bmm -> log_softmax -> exp -> mul -> sum`` keeps five intermediates per term,
     zero-fills a buffer per slice and concatenates the split's gradients; here the closed form of the entropy's
-    gradient needs only ``p`` and ``log p``, the layer's gradient is assembled by one concatenation, and a layer with
-    both terms computes one ``visible @ patchesᵀ`` (Eq. 2's logits are its transposed visible-by-masked block) and
-    two ``bmm`` for the gradient (the saving is measured by `benchmarks/step_time.py`, figures in the README).
+    gradient needs only ``p`` and ``log p``, each block of the layer's gradient is written once, and a layer with
+    both terms computes one ``visible @ patchesᵀ`` (Eq. 2's logits are its transposed visible-by-masked block; the
+    saving is measured by `benchmarks/step_time.py`, figures in the README). The backward scales the ``[B, N, D]``
+    gradient rather than the logits' (see `_entropy_grad_logits`), so each term's logits take two ``bmm``.
 
     Args (forward):
         features: ``[B, P + N, D]`` float32 affinity features; tokens ``[:P]`` (CLS) are ignored, ``[P:P+V]`` are
@@ -409,13 +435,13 @@ class _VisibleFirstEntropies(torch.autograd.Function):
         visible, masked = patches[:, :num_visible], patches[:, num_visible:]
         if with_sparsity:
             # Eq. 3: visible rows, all patches, [B, V, N]
-            spa_logits = torch.bmm(visible, patches.transpose(1, 2)).mul_(logit_scale)
+            spa_logits = _scaled_bmm(visible, patches.transpose(1, 2), logit_scale)
             spa = _softmax_entropy(spa_logits)
             # Eq. 2's logits (masked rows, visible columns) are the transpose of Eq. 3's visible-by-masked block.
             het = _softmax_entropy(spa_logits[:, :, num_visible:].transpose(1, 2))
         else:
             spa = ()
-            het = _softmax_entropy(torch.bmm(masked, visible.transpose(1, 2)).mul_(logit_scale))  # Eq. 2, [B, M, V]
+            het = _softmax_entropy(_scaled_bmm(masked, visible.transpose(1, 2), logit_scale))  # Eq. 2, [B, M, V]
         ctx.logit_scale, ctx.num_prefix_tokens, ctx.num_visible = logit_scale, num_prefix_tokens, num_visible
         ctx.save_for_backward(features, *het, *spa)
         return (het[0].mean(dim=1), spa[0].mean(dim=1)) if with_sparsity else (het[0].mean(dim=1),)
@@ -429,20 +455,23 @@ class _VisibleFirstEntropies(torch.autograd.Function):
         visible, masked = patches[:, :num_visible], patches[:, num_visible:]
         # The backward may run where autocast is on; the gradient, like the forward, stays in float32.
         with torch.autocast(device_type=features.device.type, enabled=False):
-            # the logits' gradient times the scale is that of the unscaled product (both fresh tensors: in place)
-            grad_het_logits = _mean_entropy_grad_logits(grad_het, *saved[:3]).mul_(ctx.logit_scale)  # [B, M, V]
+            het_entropy, het_p, het_log_p = saved[:3]
+            grad_het_logits = _entropy_grad_logits(het_entropy, het_p, het_log_p)  # [B, M, V], unscaled
+            het_scale = _per_image_scale(grad_het, het_p.shape[1], ctx.logit_scale)
+            # each block written once, scaled on the way in
+            grad_features = torch.empty_like(features)
+            grad_features[:, :num_prefix_tokens].zero_()
+            grad_patches = grad_features[:, num_prefix_tokens:]
+            torch.mul(torch.bmm(grad_het_logits.transpose(1, 2), masked), het_scale, out=grad_patches[:, :num_visible])
+            torch.mul(torch.bmm(grad_het_logits, visible), het_scale, out=grad_patches[:, num_visible:])
             if len(saved) > 3:
-                # Both terms' logits are blocks of visible @ patchesᵀ: one gradient for it, two bmm.
-                grad_logits = _mean_entropy_grad_logits(grad_spa, *saved[3:]).mul_(ctx.logit_scale)  # [B, V, N]
-                grad_logits[:, :, num_visible:] += grad_het_logits.transpose(1, 2)
-                grad_patches = torch.bmm(grad_logits.transpose(1, 2), visible)  # [B, N, D]
-                grad_patches[:, :num_visible] += torch.bmm(grad_logits, patches)
-                parts = [grad_patches]
-            else:
-                parts = [torch.bmm(grad_het_logits.transpose(1, 2), masked), torch.bmm(grad_het_logits, visible)]
-            if num_prefix_tokens:
-                parts.insert(0, features.new_zeros(features.shape[0], num_prefix_tokens, features.shape[2]))
-            return torch.cat(parts, dim=1), None, None, None, None
+                # Eq. 3's logits are visible @ patchesᵀ, [B, V, N]; its own per-image factor, hence its own products.
+                spa_entropy, spa_p, spa_log_p = saved[3:]
+                grad_logits = _entropy_grad_logits(spa_entropy, spa_p, spa_log_p)
+                spa_grad_patches = torch.bmm(grad_logits.transpose(1, 2), visible)  # [B, N, D]
+                spa_grad_patches[:, :num_visible] += torch.bmm(grad_logits, patches)
+                grad_patches.addcmul_(spa_grad_patches, _per_image_scale(grad_spa, spa_p.shape[1], ctx.logit_scale))
+            return grad_features, None, None, None, None
 
 
 def mto_terms_visible_first(

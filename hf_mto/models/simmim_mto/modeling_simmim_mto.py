@@ -200,10 +200,9 @@ class SimMIMMTOForMaskedImageModeling(SimMIMMTOPreTrainedModel, ViTForMaskedImag
         Every mask generator of hf_mto masks the same count in each image. Reading it makes the host wait for the
         mask (nothing heavier is queued yet), which is why only eager forwards ask.
         """
-        counts = bool_masked_pos.sum(dim=1)
-        first = int(counts[0])
-        if bool((counts == first).all()) and 0 < first < bool_masked_pos.shape[1]:
-            return first
+        fewest, most = torch.stack(torch.aminmax(bool_masked_pos.sum(dim=1))).tolist()  # one host read, not two
+        if fewest == most and 0 < most < bool_masked_pos.shape[1]:
+            return most
         return None
 
     def _requested_hidden_states(
