@@ -1,14 +1,15 @@
-"""Cost of evolved masking's merge tree: the rounds of `hf_mto.masking.build_merge_tree` against the sequential
-definition (one merge per step, `tests/merge_tree_reference.py`), on the same similarities, in one run.
+"""Cost of evolved masking's merge tree (`hf_mto.masking.build_merge_tree`), and how deep its trees are.
 
-For each implementation it prints the tree's median time, the torch operators it launches per tree (`torch.profiler`,
-operators called from Python, views aside: each is a kernel launch or more on a GPU, where the tree is launch-bound), the
-host synchronisations among them and, for the rounds, how many rounds the batch took against the trees' heights. It also
-checks that both give the same trees. The similarities are random (no ties) or, with `--checkpoint`, the attention
-of a trained model on Fashion-MNIST images (as evolved masking computes them during training).
+Prints the tree's median time, the torch operators it calls per tree (`torch.profiler`, operators called from Python,
+views aside: each is a kernel launch or more on a GPU, where the tree is launch-bound) and the host synchronisations
+among them, with the trees' heights. The height bounds any parallel route: a node can only be made after its
+children, so an algorithm that merges in rounds (every pair of reciprocal nearest neighbours at once, say) needs at
+least `max height` rounds per batch, against the N - 1 steps of the sequential merge loop. The similarities are random
+(no ties) or, with `--checkpoint`, the attention of a pre-trained model on Fashion-MNIST test images, as evolved
+masking computes them during training.
 
     python benchmarks/merge_tree.py                                   # CPU proxy: ViT-B/16's 196 patches, batch 128
-    python benchmarks/merge_tree.py --checkpoint outputs/vit-mae-mto-tiny --batch_size 128   # real attention, 64 patches
+    python benchmarks/merge_tree.py --checkpoint outputs/vit-mae-mto-tiny   # real attention, 64 patches, batch 128
     python benchmarks/merge_tree.py --device cuda --json merge_tree.json                     # on a GPU
 """
 
@@ -17,19 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from merge_tree_reference import sequential_merge_tree  # noqa: E402
+from hf_mto.masking import build_merge_tree
 
-from hf_mto.masking import build_merge_tree  # noqa: E402
-
-IMPLEMENTATIONS = {"sequential": sequential_merge_tree, "rounds": build_merge_tree}
 # Operators that only make views launch no kernel and are not counted.
 VIEW_OPERATORS = {
     "aten::alias",
@@ -58,24 +54,25 @@ def random_similarity(batch_size: int, num_patches: int, seed: int = 0) -> torch
 
 def checkpoint_similarity(checkpoint: str, batch_size: int) -> torch.Tensor:
     """Evolved masking's similarities (its default: the first half of the blocks) from a pre-training checkpoint, on
-    the first `batch_size` Fashion-MNIST training images through the checkpoint's evaluation transform."""
-    from transformers import AutoModelForPreTraining
+    the first `batch_size` Fashion-MNIST test images through the checkpoint's evaluation transform."""
+    from transformers import AutoImageProcessor
 
-    from hf_mto.data import build_evaluation_transform, load_default_dataset
+    from hf_mto.analysis import load_checkpoint
+    from hf_mto.data import apply_transform, build_eval_transform, first_readable_pixels, load_fashion_mnist
     from hf_mto.evolved import encoder_similarity
 
-    model = AutoModelForPreTraining.from_pretrained(checkpoint).eval()
-    transform = build_evaluation_transform(model.config.image_size)
-    images = load_default_dataset()["train"].select(range(batch_size))["image"]
-    pixels = torch.stack([transform(image) for image in images])
+    model = load_checkpoint(checkpoint)
+    processor = AutoImageProcessor.from_pretrained(checkpoint)
+    transform = build_eval_transform(processor.size["height"], processor.image_mean, processor.image_std, 1.0)
+    pixels = first_readable_pixels(apply_transform(load_fashion_mnist("test"), transform), batch_size)
     return encoder_similarity(model, pixels, max(1, model.config.num_hidden_layers // 2))
 
 
-def count_operators(fn, similarity: torch.Tensor) -> tuple[int, int]:
-    """(operators called from Python that compute, host synchronisations among them) in one call of `fn`."""
+def count_operators(similarity: torch.Tensor) -> tuple[int, int]:
+    """(operators called from Python that compute, host synchronisations among them) in one tree."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if similarity.is_cuda else [])
     with profile(activities=activities) as prof:
-        fn(similarity)
+        build_merge_tree(similarity)
     top_level = [
         event
         for event in prof.events()
@@ -84,13 +81,13 @@ def count_operators(fn, similarity: torch.Tensor) -> tuple[int, int]:
     return len(top_level), sum(event.name in SYNC_OPERATORS for event in top_level)
 
 
-def median_seconds(fn, similarity: torch.Tensor, repeats: int) -> float:
+def median_seconds(similarity: torch.Tensor, repeats: int) -> float:
     times = []
     for _ in range(repeats + 1):  # the first call warms up
         if similarity.is_cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        fn(similarity)
+        build_merge_tree(similarity)
         if similarity.is_cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -98,20 +95,16 @@ def median_seconds(fn, similarity: torch.Tensor, repeats: int) -> float:
 
 
 def measure(similarity: torch.Tensor, repeats: int) -> dict:
-    trees = {name: fn(similarity) for name, fn in IMPLEMENTATIONS.items()}
-    same = all(
-        torch.equal(getattr(trees["sequential"], field), getattr(trees["rounds"], field))
-        for field in ("merges", "levels", "sizes", "heights")
-    )
-    result = {"batch_size": similarity.shape[0], "patches": similarity.shape[1], "same_trees": same}
-    heights = trees["rounds"].heights.float()
-    result["tree_height"] = {"mean": heights.mean().item(), "max": int(heights.max())}
-    for name, fn in IMPLEMENTATIONS.items():
-        operators, syncs = count_operators(fn, similarity)
-        result[name] = {"seconds": median_seconds(fn, similarity, repeats), "operators": operators, "syncs": syncs}
-    # One synchronisation per round, plus the last one that finds nothing left to merge.
-    result["rounds"]["rounds"] = result["rounds"]["syncs"] - 1
-    return result
+    heights = build_merge_tree(similarity).heights.float()
+    operators, syncs = count_operators(similarity)
+    return {
+        "batch_size": similarity.shape[0],
+        "patches": similarity.shape[1],
+        "seconds": median_seconds(similarity, repeats),
+        "operators": operators,
+        "syncs": syncs,
+        "tree_height": {"mean": heights.mean().item(), "max": int(heights.max())},
+    }
 
 
 def main(argv=None):
@@ -132,17 +125,12 @@ def main(argv=None):
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     result.update(device=name, torch=torch.__version__, source=args.checkpoint or "random")
-    print(f"{result['source']} similarities, batch {result['batch_size']}, {result['patches']} patches; {name}")
-    height = result["tree_height"]
-    print(f"tree height: mean {height['mean']:.1f}, max {height['max']}; rounds: {result['rounds']['rounds']}")
-    print(f"{'implementation':<15} {'ms':>10} {'operators':>10} {'syncs':>6}")
-    for impl in IMPLEMENTATIONS:
-        r = result[impl]
-        print(f"{impl:<15} {r['seconds'] * 1e3:>10.1f} {r['operators']:>10} {r['syncs']:>6}")
-    seq, rounds = result["sequential"], result["rounds"]
+    n, height = result["patches"], result["tree_height"]
+    print(f"{result['source']} similarities, batch {result['batch_size']}, {n} patches; {name}")
+    print(f"tree: {result['seconds'] * 1e3:.1f} ms, {result['operators']} operators, {result['syncs']} host syncs")
     print(
-        f"rounds / sequential: time {rounds['seconds'] / seq['seconds']:.3f}, "
-        f"operators {rounds['operators'] / seq['operators']:.3f}; same trees: {result['same_trees']}"
+        f"tree height: mean {height['mean']:.1f}, max {height['max']} of at most {n - 1}: a parallel route needs "
+        f">= {height['max']} rounds per batch against {n - 1} sequential steps"
     )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -436,49 +436,23 @@ class MergeTree:
         return self.merges.shape[1] + 1
 
 
-def _check_similarity(similarity: torch.Tensor) -> None:
-    if not isinstance(similarity, torch.Tensor) or similarity.dim() != 3 or similarity.shape[1] != similarity.shape[2]:
-        shape = list(similarity.shape) if isinstance(similarity, torch.Tensor) else type(similarity).__name__
-        raise ValueError(f"similarity must be a square [B, N, N] tensor, got {shape}")
-    if similarity.shape[0] < 1 or similarity.shape[1] < 1:
-        raise ValueError(f"similarity needs at least one image and one patch, got shape {list(similarity.shape)}")
-    if not similarity.is_floating_point():
-        raise ValueError(f"similarity must be a floating-point tensor, got {similarity.dtype}")
-    # NaN would make the maxima meaningless and +-inf would turn the weighted averages into NaN.
-    if not torch.isfinite(similarity).all():
-        raise ValueError("similarity must be finite, got NaN or inf entries")
-
-
 def build_merge_tree(similarity: torch.Tensor) -> MergeTree:
     """Average-linkage agglomerative clustering of patches, batched over images (EHM Eqs. 7-13).
 
-    The definition is sequential: N-1 times, merge the most similar pair of active clusters ``a, b``; the merged
-    cluster's similarity to any other cluster k is the leaf-count-weighted average
-    ``(n_a S[a,k] + n_b S[b,k]) / (n_a + n_b)`` (Eq. 7), the mean leaf-to-leaf similarity (UPGMA).
+    Each of the N-1 steps merges the most similar pair of active clusters ``a, b``; the merged cluster's similarity
+    to any other cluster k is the leaf-count-weighted average ``(n_a S[a,k] + n_b S[b,k]) / (n_a + n_b)`` (Eq. 7),
+    which equals the mean leaf-to-leaf similarity (UPGMA).
 
-    The computation runs in rounds instead (reciprocal nearest neighbours): every active cluster finds its most
-    similar active cluster, and every pair of clusters that are each other's nearest neighbour merges in the same
-    round. Average linkage is reducible (a merged cluster is never more similar to a third cluster than the closer
-    of its two parts), so such a pair would also be merged together by the sequential definition and merging it
-    early changes nothing else: the clusters and levels are the sequential ones (Murtagh 1983). Rounds number a
-    little more than the tree's height instead of N - 1, which is what makes the tree cheap on a GPU, where each
-    step is a handful of kernel launches: within a round no host synchronisation happens, and one per round decides
-    whether another is needed.
-
-    Node ids follow the sequential order: the k-th merge creates node ``N + k``, merges sorted by decreasing
-    merge similarity (average linkage never merges at a higher similarity later). To keep that order a valid
-    creation order under float rounding, a merge's sort key is its similarity capped by its children's keys.
-
-    Ties (deterministic): a cluster's nearest neighbour is the lowest *slot* among its most similar clusters, where
-    a cluster's slot is its lowest patch index; merges of equal similarity are numbered by round, then by slot. With
-    no ties this is the sequential definition exactly; with ties it is one valid greedy order of it (each merge
-    joins a most similar pair), not necessarily the one a one-pair-at-a-time scan would pick.
-
-    Computed in float64 whatever the input dtype, so float rounding cannot reorder merges whose similarities differ
-    by more than ~1e-15 relative (half precision would create spurious ties).
+    Implementation: an ``[B, N, N]`` working matrix with one slot per active cluster. The merged cluster reuses the
+    lower of its children's slots and the other slot is retired, so the matrix never grows past N x N (a slot per
+    node, 2N-1, would make every argmax ~4x more expensive). Retired rows/columns and the diagonal hold -inf so
+    argmax never picks them. Ties are broken by the lowest flat index ``row * N + col`` of the slots (torch.argmax
+    returns the first maximum), which makes the tree deterministic. Images run in parallel on ``similarity``'s
+    device; only the N-1 merge steps are a Python loop, each one argmax over ``B * N**2`` entries plus O(B N)
+    updates (its share of a step is measured by `benchmarks/evolved_overhead.py`).
 
     Only the symmetric part ``(S + S^T) / 2`` is used (the diagonal is ignored), so similarities computed with
-    slightly asymmetric rounding are fine.
+    slightly asymmetric rounding are fine. Half-precision input is promoted to float32 to avoid spurious ties.
 
     Args:
         similarity: ``[B, N, N]`` float, finite, larger = more similar.
@@ -486,98 +460,53 @@ def build_merge_tree(similarity: torch.Tensor) -> MergeTree:
     Returns:
         MergeTree on ``similarity``'s device.
     """
-    _check_similarity(similarity)
+    if not isinstance(similarity, torch.Tensor) or similarity.dim() != 3 or similarity.shape[1] != similarity.shape[2]:
+        shape = list(similarity.shape) if isinstance(similarity, torch.Tensor) else type(similarity).__name__
+        raise ValueError(f"similarity must be a square [B, N, N] tensor, got {shape}")
     batch, n = similarity.shape[0], similarity.shape[1]
+    if batch < 1 or n < 1:
+        raise ValueError(f"similarity needs at least one image and one patch, got shape {list(similarity.shape)}")
+    if not similarity.is_floating_point():
+        raise ValueError(f"similarity must be a floating-point tensor, got {similarity.dtype}")
+    # NaN would make argmax meaningless and +-inf would turn the weighted averages into NaN.
+    if not torch.isfinite(similarity).all():
+        raise ValueError("similarity must be finite, got NaN or inf entries")
+
     device = similarity.device
-    # total[i, j]: the sum of leaf-to-leaf similarities between the clusters in slots i and j, so Eq. 7 is one
-    # addition, total / (n_i n_j) is the average linkage, and similarities on a dyadic grid (ties) stay exact. A
-    # cluster's slot is its lowest patch index; the diagonal and retired slots hold -inf, which no maximum picks and
-    # every sum keeps.
-    total = similarity.to(torch.float64)
-    total = (total + total.transpose(1, 2)) / 2
-    total.diagonal(dim1=1, dim2=2).fill_(-math.inf)
-    flat = total.view(-1)
-    slots = torch.arange(n, device=device)
+    dtype = torch.promote_types(similarity.dtype, torch.float32)
+    work = ((similarity + similarity.transpose(1, 2)) / 2).to(dtype).contiguous()
+    work.diagonal(dim1=1, dim2=2).fill_(-math.inf)
 
-    # Per slot, packed so that one gather and one select update them all: the node it holds (discovery numbering:
-    # leaves 0..N-1, the j-th merge found N + j), its level, its leaf count and its sort key (+inf for leaves).
-    ones = torch.ones(n, dtype=torch.float64, device=device)
-    state = torch.stack([slots.double(), ones * 0, ones, ones * math.inf], dim=1)
-    state = state.expand(batch, n, _STATE_FIELDS).contiguous()
-    # Per merge, in discovery order: (child, child, level, size, key); row N-1 takes the writes of slots that merge
-    # nothing this round.
-    found = torch.zeros(batch, n, _STATE_FIELDS + 1, dtype=torch.float64, device=device)
-    num_found = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    rows = torch.arange(batch, device=device)
+    slot_node = torch.arange(n, device=device).repeat(batch, 1)  # [B, N] node id held by each slot
+    merges = torch.empty(batch, n - 1, 2, dtype=torch.long, device=device)
+    levels = torch.zeros(batch, 2 * n - 1, dtype=torch.long, device=device)
+    sizes = torch.ones(batch, 2 * n - 1, dtype=torch.long, device=device)
 
-    while True:
-        size = state[..., _SIZE]
-        # The average linkage of slots i and j is total[i, j] / (n_i n_j); within row i the factor 1 / n_i changes
-        # no comparison, so the nearest neighbours come from total / n_j, one pass over the matrix.
-        nearest = (total / size.unsqueeze(1)).argmax(dim=2)  # [B, N]; argmax returns the lowest index among equals
-        # The linkage to the nearest, rounded once so that equal linkages compare equal in the sort key.
-        best = total.gather(2, nearest.unsqueeze(2)).squeeze(2) / (size * size.gather(1, nearest))
-        # Slot i merges with its nearest neighbour when that one's nearest is i; the pair is found from its lower
-        # slot, `keep`, which the merged cluster takes. best > -inf excludes retired slots and an image's last cluster.
-        keep = (nearest.gather(1, nearest) == slots) & (best > -math.inf) & (slots < nearest)
-        pairs = keep.nonzero()  # [M, 2] (image, keep slot): the round's one host synchronisation
-        if pairs.shape[0] == 0:
-            break
-        _merge_slots(flat, n, pairs, nearest)
+    for k in range(n - 1):
+        # The matrix is symmetric, so the lowest flat index of a maximum has row < column: the merged cluster goes
+        # to slot `keep` < `drop`. No host synchronisation happens in this loop, so on a GPU it runs asynchronously.
+        flat = work.view(batch, n * n).argmax(dim=1)
+        keep, drop = flat // n, flat % n
+        node_a, node_b = slot_node[rows, keep], slot_node[rows, drop]
+        size_a, size_b = sizes[rows, node_a], sizes[rows, node_b]
 
-        partner = state.gather(1, nearest.unsqueeze(2).expand(-1, -1, _STATE_FIELDS))
-        position = keep.cumsum(dim=1) + (num_found - 1)  # the j-th merge found in an image is node N + j
-        level = torch.maximum(state[..., _LEVEL], partner[..., _LEVEL]) + 1
-        merged_size = size + partner[..., _SIZE]
-        key = torch.minimum(best, torch.minimum(state[..., _KEY], partner[..., _KEY]))
-        record = torch.stack([state[..., _NODE], partner[..., _NODE], level, merged_size, key], dim=2)
-        row = torch.where(keep, position, n - 1).unsqueeze(2).expand(-1, -1, _STATE_FIELDS + 1)
-        found.scatter_(1, row, record)
-        merged = torch.stack([(position + n).double(), level, merged_size, key], dim=2)
-        state = torch.where(keep.unsqueeze(2), merged, state)
-        num_found += keep.sum(dim=1, keepdim=True)
+        # Eq. 7. Retired slots stay -inf (-inf times a positive weight); the entries at `keep` and `drop` come out
+        # -inf too because each child row has -inf on its own diagonal.
+        weight_a = (size_a.to(dtype) / (size_a + size_b).to(dtype)).unsqueeze(1)
+        merged = weight_a * work[rows, keep] + (1 - weight_a) * work[rows, drop]
+        work[rows, keep] = merged
+        work[rows, :, keep] = merged
+        work[rows, drop] = -math.inf
+        work[rows, :, drop] = -math.inf
 
-    found = found[:, : n - 1]
-    return _number_merges(found[..., :2].long(), found[..., 2].long(), found[..., 3].long(), found[..., 4])
+        node = n + k
+        merges[:, k, 0] = torch.minimum(node_a, node_b)
+        merges[:, k, 1] = torch.maximum(node_a, node_b)
+        levels[:, node] = torch.maximum(levels[rows, node_a], levels[rows, node_b]) + 1
+        sizes[:, node] = size_a + size_b
+        slot_node[rows, keep] = node
 
-
-# Fields of the per-slot state in build_merge_tree.
-_NODE, _LEVEL, _SIZE, _KEY = range(4)
-_STATE_FIELDS = 4
-
-
-def _merge_slots(flat: torch.Tensor, n: int, pairs: torch.Tensor, nearest: torch.Tensor) -> None:
-    """Eq. 7 for every pair of a round at once, in place on the summed linkages. flat: ``[B * N * N]`` view of
-    ``total``; pairs: ``[M, 2]`` (image, keep slot); nearest: ``[B, N]``, the drop slot of each keep slot.
-
-    Rows before columns, so two clusters merged in the same round sum all four cross terms; the drop slot's row and
-    column are retired (-inf). Flat indices let each step be one indexed add or fill; they are distinct within each
-    call, so the adds are deterministic on every device."""
-    image, keep = pairs.unbind(1)
-    ends = torch.stack([keep, nearest[image, keep]])  # [2, M]: keep slots, drop slots
-    start = image * (n * n)  # [M], where each pair's image begins
-    slots = torch.arange(n, device=flat.device)
-    rows = (start + ends * n).unsqueeze(2) + slots  # [2, M, N]: the entries of each slot's row
-    columns = (start + ends).unsqueeze(2) + slots * n  # [2, M, N]: the entries of each slot's column
-    for keep_entries, drop_entries in (rows.view(2, -1), columns.view(2, -1)):
-        flat.index_add_(0, keep_entries, flat.index_select(0, drop_entries))
-        flat.index_fill_(0, drop_entries, -math.inf)
-
-
-def _number_merges(children: torch.Tensor, level: torch.Tensor, size: torch.Tensor, key: torch.Tensor) -> MergeTree:
-    """The MergeTree of merges found in rounds, renumbered in the sequential order (decreasing key, then found
-    first). children: ``[B, N-1, 2]`` in discovery numbering; level, size, key: ``[B, N-1]``."""
-    batch, n = children.shape[0], children.shape[1] + 1
-    device = children.device
-    # order[k] = the merge found order[k]-th is the k-th in sequential order; a stable sort keeps discovery order
-    # (round, then slot) among equal keys.
-    order = torch.sort(-key, dim=1, stable=True).indices
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n - 1, device=device).expand(batch, -1))
-    renumber = torch.cat([torch.arange(n, device=device).expand(batch, -1), n + rank], dim=1)  # [B, 2N-1]
-    sorted_children = children.gather(1, order.unsqueeze(2).expand(-1, -1, 2))
-    merges = renumber.gather(1, sorted_children.reshape(batch, -1)).view(batch, n - 1, 2).sort(dim=2).values
-    leaves = torch.zeros(batch, n, dtype=torch.long, device=device)
-    levels = torch.cat([leaves, level.gather(1, order)], dim=1)
-    sizes = torch.cat([leaves + 1, size.gather(1, order)], dim=1)
     return MergeTree(merges=merges, levels=levels, sizes=sizes, heights=levels[:, -1].clone())
 
 

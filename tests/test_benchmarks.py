@@ -251,3 +251,18 @@ def test_mto_cost_counts_operators_without_host_reads_and_times_checkpoints(tmp_
     for row in report.values():
         assert row["mto_ms"] > 0 and row["logit_span"] >= 0 and 0 <= row["below_normal"] <= 1
     assert "p < normal" in capsys.readouterr().out
+
+
+def test_merge_tree_counts_the_trees_operators_and_heights(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import merge_tree
+
+    result = merge_tree.main(
+        ["--batch_size", "2", "--num_patches", "8", "--repeats", "1", "--json", str(tmp_path / "r")]
+    )
+    assert result == json.loads((tmp_path / "r").read_text())
+    assert result["patches"] == 8 and result["seconds"] > 0
+    # The sequential loop: N - 1 = 7 merges of several operators each, and the input check's one host read.
+    assert result["operators"] > 7 and result["syncs"] == 1
+    assert 3 <= result["tree_height"]["max"] <= 7  # a binary tree over 8 leaves is 3 to 7 levels high
+    assert "a parallel route needs >=" in capsys.readouterr().out
