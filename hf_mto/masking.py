@@ -449,7 +449,9 @@ def build_merge_tree(similarity: torch.Tensor) -> MergeTree:
     argmax never picks them. Ties are broken by the lowest flat index ``row * N + col`` of the slots (torch.argmax
     returns the first maximum), which makes the tree deterministic. Images run in parallel on ``similarity``'s
     device; only the N-1 merge steps are a Python loop, each one argmax over ``B * N**2`` entries plus O(B N)
-    updates (its share of a step is measured by `benchmarks/evolved_overhead.py`).
+    updates in about 22 operators (one gather and one scatter for the per-slot state, one gather for both rows, four
+    scatters for the rows and columns; on a GPU the loop is bound by their launches: `benchmarks/merge_tree.py` counts
+    them, `benchmarks/evolved_overhead.py` measures the tree's share of a step).
 
     Only the symmetric part ``(S + S^T) / 2`` is used (the diagonal is ignored), so similarities computed with
     slightly asymmetric rounding are fine. Half-precision input is promoted to float32 to avoid spurious ties.
@@ -477,36 +479,46 @@ def build_merge_tree(similarity: torch.Tensor) -> MergeTree:
     work = ((similarity + similarity.transpose(1, 2)) / 2).to(dtype).contiguous()
     work.diagonal(dim1=1, dim2=2).fill_(-math.inf)
 
-    rows = torch.arange(batch, device=device)
-    slot_node = torch.arange(n, device=device).repeat(batch, 1)  # [B, N] node id held by each slot
-    merges = torch.empty(batch, n - 1, 2, dtype=torch.long, device=device)
-    levels = torch.zeros(batch, 2 * n - 1, dtype=torch.long, device=device)
-    sizes = torch.ones(batch, 2 * n - 1, dtype=torch.long, device=device)
+    # Per slot, packed so that one gather reads both merged clusters and one scatter writes the result: the node it
+    # holds, its level and its leaf count.
+    slots = torch.arange(n, device=device)
+    slot_state = torch.stack([slots, torch.zeros_like(slots), torch.ones_like(slots)], dim=1).repeat(batch, 1, 1)
+    node_ids = torch.arange(n, 2 * n - 1, device=device).unsqueeze(1).expand(-1, batch)  # [N-1, B]
+    children, made = [], []  # per step: [B, 2] nodes merged, [B, 3] (node, level, size) made
 
     for k in range(n - 1):
         # The matrix is symmetric, so the lowest flat index of a maximum has row < column: the merged cluster goes
         # to slot `keep` < `drop`. No host synchronisation happens in this loop, so on a GPU it runs asynchronously.
         flat = work.view(batch, n * n).argmax(dim=1)
-        keep, drop = flat // n, flat % n
-        node_a, node_b = slot_node[rows, keep], slot_node[rows, drop]
-        size_a, size_b = sizes[rows, node_a], sizes[rows, node_b]
+        pair = torch.stack([flat // n, flat % n], dim=1)  # [B, 2]: keep, drop
+        held = slot_state.gather(1, pair.unsqueeze(2).expand(-1, -1, 3))  # [B, 2, 3]
+        size = held[:, :, 2].to(dtype)
 
         # Eq. 7. Retired slots stay -inf (-inf times a positive weight); the entries at `keep` and `drop` come out
         # -inf too because each child row has -inf on its own diagonal.
-        weight_a = (size_a.to(dtype) / (size_a + size_b).to(dtype)).unsqueeze(1)
-        merged = weight_a * work[rows, keep] + (1 - weight_a) * work[rows, drop]
-        work[rows, keep] = merged
-        work[rows, :, keep] = merged
-        work[rows, drop] = -math.inf
-        work[rows, :, drop] = -math.inf
+        weight_a = (size[:, 0] / size.sum(dim=1)).unsqueeze(1)
+        rows = work.gather(1, pair.unsqueeze(2).expand(-1, -1, n))  # [B, 2, N]
+        merged = weight_a * rows[:, 0] + (1 - weight_a) * rows[:, 1]
+        keep, drop = pair[:, :1], pair[:, 1:]
+        work.scatter_(1, keep.unsqueeze(2).expand(-1, 1, n), merged.unsqueeze(1))
+        work.scatter_(2, keep.unsqueeze(1).expand(-1, n, 1), merged.unsqueeze(2))
+        work.scatter_(1, drop.unsqueeze(2).expand(-1, 1, n), -math.inf)
+        work.scatter_(2, drop.unsqueeze(1).expand(-1, n, 1), -math.inf)
 
-        node = n + k
-        merges[:, k, 0] = torch.minimum(node_a, node_b)
-        merges[:, k, 1] = torch.maximum(node_a, node_b)
-        levels[:, node] = torch.maximum(levels[rows, node_a], levels[rows, node_b]) + 1
-        sizes[:, node] = size_a + size_b
-        slot_node[rows, keep] = node
+        new = torch.stack([node_ids[k], held[:, :, 1].amax(dim=1) + 1, held[:, :, 2].sum(dim=1)], dim=1)  # [B, 3]
+        slot_state.scatter_(1, keep.unsqueeze(2).expand(-1, 1, 3), new.unsqueeze(1))
+        children.append(held[:, :, 0])
+        made.append(new)
 
+    leaves = slot_state.new_zeros(batch, n)
+    if n == 1:
+        merges = slot_state.new_zeros(batch, 0, 2)
+        levels, sizes = leaves, leaves + 1
+    else:
+        merges = torch.stack(children, dim=1).sort(dim=2).values  # [B, N-1, 2], smaller id first
+        made = torch.stack(made, dim=1)  # [B, N-1, 3]
+        levels = torch.cat([leaves, made[:, :, 1]], dim=1)
+        sizes = torch.cat([leaves + 1, made[:, :, 2]], dim=1)
     return MergeTree(merges=merges, levels=levels, sizes=sizes, heights=levels[:, -1].clone())
 
 
