@@ -479,10 +479,12 @@ def markdown(report: dict) -> str:
             )
     if report.get("evolved"):
         lines += ["", "## Evolved masking: shares of a step", ""]
-        lines += ["| model | patches | attention layers | " + " | ".join(evolved_overhead.PARTS) + " |"]
-        lines += ["|---|---|---|---|---|---|"]
+        header = " | ".join(evolved_overhead.PARTS)
+        lines += [f"| model | patches | attention layers | {header} | attention pass's FLOP share (floor) |"]
+        lines += ["|---|---|---|---|---|---|---|"]
         for model_name, r in report["evolved"].items():
             cells = [f"{r[part] * 1e3:.2f} ms ({r['shares'][part]:.1%})" for part in evolved_overhead.PARTS]
+            cells.append(f"{r['attention_flop_share']:.1%}")
             lines.append(f"| {model_name} | {r['patches']} | {r['attention_layers']} | " + " | ".join(cells) + " |")
     if report.get("convergence"):
         c = report["convergence"]

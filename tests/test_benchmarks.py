@@ -76,9 +76,11 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
     assert bootmae["batch_size"] == 4 and bootmae["precision"] == "fp32"
     assert set(bootmae["variants"]) == {"mto_off", "mto_on"} and bootmae["variants"]["mto_off"]["ratio"] == 1.0
     assert all(0 < v["teacher_share"] and v["peak_bytes"] > 0 for v in bootmae["variants"].values())
-    for shares in (report["evolved"][model]["shares"] for model in ("mae", "simmim")):
-        assert set(shares) == {"attention pass", "tree + mask", "training step"}
-        assert sum(shares.values()) == pytest.approx(1.0)
+    for evolved in (report["evolved"][model] for model in ("mae", "simmim")):
+        assert set(evolved["shares"]) == {"attention pass", "tree + mask", "training step"}
+        assert sum(evolved["shares"].values()) == pytest.approx(1.0)
+        # A no-grad pass through some of the encoder's blocks does less than a training step's forward and backward.
+        assert 0 < evolved["attention_flop_share"] < 0.5
     convergence = report["convergence"]
     assert convergence["pretrain_steps"] >= 1 and convergence["finetune_steps"] >= 1
     assert set(convergence["arms"]) == {"mae", "mae_mto"}
