@@ -4,7 +4,7 @@ Sized to fit in 8 minutes of a 15-minute GPU slot: the default `--time_budget_s 
 clock starts (a few seconds). Each part runs in turn in a worker process and may use its share of the budget
 (`PART_SHARES`), reserved when it starts; a part still running at its deadline is cut (its process killed, a new
 one started for the parts after it), so the run never exceeds the budget and the convergence part always gets its
-share. `gpu_check.json` and `gpu_check.md` are written to `--output_dir` after every part and at the end, with each
+share (it runs before the compiled step times, the parts likeliest to be cut, so a restart never costs it time). `gpu_check.json` and `gpu_check.md` are written to `--output_dir` after every part and at the end, with each
 part's share, allotted and used seconds and status (done, failed, cut), and what a cut part reported before:
 
 1. Step time and peak memory of ours (MTO off, MTO on) as ratios to upstream, `benchmarks/step_time.py` at ViT-B/16,
@@ -124,7 +124,7 @@ FINETUNE = dict(base_lr=4e-3, layer_decay=0.75, weight_decay=0.05, drop_path_rat
 POOLING = "mean"
 # Of the time left for the convergence check, the share each arm's pre-training and fine-tuning get (the rest is for
 # evaluation, the checkpoint exported between them, and the calibration steps).
-PRETRAIN_SHARE, FINETUNE_SHARE = 0.36, 0.09
+PRETRAIN_SHARE, FINETUNE_SHARE = 0.30, 0.075
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -555,6 +555,14 @@ PARTS = {
     ),
     "bootmae": (lambda run: bootmae_times(run.sizes, run.device, run.autocast_dtype), ("bootmae",)),
     "evolved": (lambda run: evolved_shares(run.sizes, run.device, run.autocast_dtype), ("evolved",)),
+    # Before the compiled parts, the likeliest to be cut: a worker restarted after a cut takes its start-up out of
+    # the parts after the cut, and that must not be the convergence check's promised time.
+    "convergence": (
+        lambda run: convergence(
+            run.sizes, run.smoke, run.deadline - time.time(), run.seed, run.device, run.autocast_dtype, run.progress
+        ),
+        ("convergence",),
+    ),
     **{
         f"step_time_compiled_{model}": (
             lambda run, model=model: step_times(
@@ -564,25 +572,19 @@ PARTS = {
         )
         for model in MODELS
     },
-    "convergence": (
-        lambda run: convergence(
-            run.sizes, run.smoke, run.deadline - time.time(), run.seed, run.device, run.autocast_dtype, run.progress
-        ),
-        ("convergence",),
-    ),
 }
 # Each part's share of the budget, sized from the H200 run of docs/gpu_check_h200.json (in one process, no per-part
 # budget): eager step times took 17 s, BootMAE 10, evolved masking 5, the compiled step times 282 (both models, cold
 # compile caches, mostly compilation) and the convergence check the 99 s it was given. At the default 420 s that is
-# 25, 15, 10, 139 + 139 and 92 s (less the worker's start-up, pro rata): the compiled parts just fit on an H200 and are
+# 25, 15, 10, 92 and 139 + 139 s (less the worker's start-up, pro rata): the compiled parts just fit on an H200 and are
 # the first to be cut on a slower GPU; `--time_budget_s 600` gives them room.
 PART_SHARES = {
     "step_time_eager": 0.06,
     "bootmae": 0.035,
     "evolved": 0.025,
+    "convergence": 0.22,
     "step_time_compiled_mae": 0.33,
     "step_time_compiled_simmim": 0.33,
-    "convergence": 0.22,
 }
 # Kept free at the end of the budget: killing the last part's process and writing the report.
 REPORT_RESERVE_S = 2.0
@@ -695,7 +697,7 @@ def run_parts(report: dict, settings: dict, start: float, save: Callable[[], Non
                 pending.remove(name)
                 running, deadline = None, end
                 save()
-        process.join(timeout=5)
+        process.join(timeout=REPORT_RESERVE_S / 2)
         if process.is_alive():
             process.kill()
 

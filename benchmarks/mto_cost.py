@@ -30,6 +30,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from hf_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining
+from hf_mto.data import DEFAULT_FASHION_MNIST_DIR
 from hf_mto.mto import affinity_logits, mto_terms, mto_terms_visible_first
 
 # (states = blocks + 1, patches, width, masked patches) of the MTO stack at the ViT-B presets: MAE's 512-d, 8-block
@@ -125,7 +126,7 @@ def _fashion_like_batch(image_size: int, batch_size: int = 128) -> torch.Tensor:
     import gzip
     from pathlib import Path
 
-    path = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+    path = Path(DEFAULT_FASHION_MNIST_DIR) / "train-images-idx3-ubyte.gz"
     if not path.exists():
         return torch.randn(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     raw = torch.frombuffer(bytearray(gzip.open(path).read()[16 : 16 + batch_size * 784]), dtype=torch.uint8)

@@ -357,6 +357,10 @@ def _load_hub_dataset(
         ) from None
 
 
+# Names datasets' data-file patterns pass over (hidden files, and `__MACOSX`-style folders).
+_SKIPPED_PREFIXES = (".", "__")
+
+
 def _check_image_folder(flag: str, folder: str) -> None:
     """Stop with a message naming `folder` (the value of `--flag`) when it is missing or holds no image file that
     datasets' imagefolder reads; imagefolder itself says only 'Instruction "train" corresponds to no data!'.
@@ -371,8 +375,8 @@ def _check_image_folder(flag: str, folder: str) -> None:
         raise ValueError(f"--{flag} {folder!r} is a file, not a folder of images.")
     extensions = set(ImageFolder.EXTENSIONS)
     for _, subfolders, files in os.walk(path):
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-        if any(not name.startswith(".") and Path(name).suffix.lower() in extensions for name in files):
+        subfolders[:] = [name for name in subfolders if not name.startswith(_SKIPPED_PREFIXES)]
+        if any(not name.startswith(_SKIPPED_PREFIXES) and Path(name).suffix.lower() in extensions for name in files):
             return
     raise ValueError(
         f"--{flag} {folder!r} holds no images: no file in it or its subfolders has an image extension "

@@ -153,7 +153,10 @@ def unsharded_model(model: torch.nn.Module, main_process_only: bool = False) -> 
         return None
     # fully_shard gives the module a class of its own, FSDP<Name>(FSDPModule, <Name>): the copy takes <Name>.
     plain_class = next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
-    copy = plain_class(model.config)
+    # The copy's random initialisation (overwritten at once) must not advance the training's random state, or turning
+    # evaluation on would change the masks and augmentations that follow.
+    with torch.random.fork_rng(devices=[]):
+        copy = plain_class(model.config)
     copy.load_state_dict(state)
     device = next(model.parameters()).device  # the device of this process's shards
     return copy.to(device).train(model.training)

@@ -96,9 +96,9 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
         "step_time_eager",
         "bootmae",
         "evolved",
+        "convergence",
         "step_time_compiled_mae",
         "step_time_compiled_simmim",
-        "convergence",
     ]
 
 
@@ -155,8 +155,9 @@ def test_gpu_check_allots_each_part_its_share_of_the_time_left(monkeypatch):
 
 
 def test_gpu_check_cuts_a_part_at_its_deadline_and_still_writes_the_report(tmp_path, monkeypatch):
-    """A tiny budget: the part that overruns its share is cut (its process killed) and recorded, the parts after it
-    run, and the last part, cut at the end of the budget, keeps what it reported before."""
+    """A small budget: the parts that overrun their shares are cut (their processes killed) and recorded, the parts
+    after them run, and a cut part keeps what it reported before. (The budget leaves the parts that return at once far
+    from their deadlines, so a busy machine does not cut them.)"""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import gpu_check
 
@@ -174,7 +175,7 @@ def test_gpu_check_cuts_a_part_at_its_deadline_and_still_writes_the_report(tmp_p
     monkeypatch.setattr(gpu_check, "bootmae_times", lambda *args: {})
     monkeypatch.setattr(gpu_check, "evolved_shares", overrun)
     monkeypatch.setattr(gpu_check, "convergence", convergence)
-    budget = 8.0
+    budget = 20.0
     report = gpu_check.main(["--smoke", "--time_budget_s", str(budget), "--output_dir", str(tmp_path)])
     assert json.loads((tmp_path / "gpu_check.json").read_text()) == json.loads(json.dumps(report))
     parts = report["parts"]
@@ -183,16 +184,15 @@ def test_gpu_check_cuts_a_part_at_its_deadline_and_still_writes_the_report(tmp_p
         "step_time_eager": "done",
         "bootmae": "done",
         "evolved": "cut",
+        "convergence": "cut",
         "step_time_compiled_mae": "done",
         "step_time_compiled_simmim": "done",
-        "convergence": "cut",
     }
     assert report["errors"] == {}  # a cut is not a failure
     assert "evolved" not in report  # cut before it reported anything
     assert report["step_time"] == {"compile_off": {}, "compile_on": {}} and report["bootmae"] == {}
     assert list(report["convergence"]["arms"]) == ["mae"]  # what it reported before its cut
-    # Its deadline was the end of the budget, less the reserve for the report, and what it was told to plan for.
-    assert parts["convergence"]["deadline_s"] <= budget - gpu_check.REPORT_RESERVE_S
+    # It was told to plan for what it was allotted; no part's deadline reaches into the reserve for the report.
     assert report["convergence"]["seconds_left_at_start"] == pytest.approx(parts["convergence"]["allotted_s"], abs=0.5)
     assert all(part["deadline_s"] <= budget - gpu_check.REPORT_RESERVE_S for part in parts.values())
     text = (tmp_path / "gpu_check.md").read_text()

@@ -203,7 +203,7 @@ def test_load_datasets_no_split_when_ratio_zero(tmp_path):
 
 
 def _folder_without_images(root: Path, content: str) -> Path:
-    """A folder holding nothing imagefolder reads: empty, text files only, or an image only in a hidden folder."""
+    """A folder holding nothing imagefolder reads: empty, text files only, or an image only in a hidden or `__` folder."""
     if content == "missing":
         return root / "nowhere"
     if content == "a file":
@@ -218,6 +218,9 @@ def _folder_without_images(root: Path, content: str) -> Path:
     elif content == "hidden image":
         (folder / ".thumbnails").mkdir()
         Image.new("RGB", (8, 8)).save(folder / ".thumbnails" / "0.png")
+    elif content == "image in __MACOSX":  # datasets' patterns pass over "__" names too
+        (folder / "__MACOSX").mkdir()
+        Image.new("RGB", (8, 8)).save(folder / "__MACOSX" / "0.png")
     return folder
 
 
@@ -229,6 +232,7 @@ def _folder_without_images(root: Path, content: str) -> Path:
         ("empty", "holds no images"),
         ("text only", "holds no images"),
         ("hidden image", "holds no images"),
+        ("image in __MACOSX", "holds no images"),
     ],
 )
 @pytest.mark.parametrize("flag", ["train_dir", "validation_dir"])

@@ -50,9 +50,11 @@ def differences(copy):
     expected = reference.state_dict()
     return sorted(k for k, v in copy.state_dict().items() if not torch.allclose(v, expected[k], atol=1e-6))
 
+rng = torch.get_rng_state()
 everywhere = unsharded_model(model)
 main_only = unsharded_model(model, main_process_only=True)
 result = dict(
+    rng_kept=torch.equal(rng, torch.get_rng_state()),
     every_class=type(everywhere).__name__,
     every_differences=differences(everywhere),
     main_only=None if main_only is None else differences(main_only),
@@ -91,6 +93,7 @@ def test_reconstructions_and_encoder_eval_run_on_the_gathered_weights_under_fsdp
         # a plain copy of the model's own class, holding the trained weights, in the model's mode (train)
         assert result["every_class"] == "ViTMAEMTOForPreTraining" and result["training"] is True
         assert result["every_differences"] == []
+        assert result["rng_kept"]  # the copy's initialisation leaves the training's random draws as they were
         # the same accuracy as the unsharded model's, on every process
         assert result["knn"] == result["reference_knn"]
     assert ranks[0]["main_only"] == [] and ranks[1]["main_only"] is None  # gathered onto the main process only

@@ -152,7 +152,8 @@ def affinity_logits(hidden: torch.Tensor, affinity: str = "scaled", temperature:
 
 
 def _clamp_log_probs(log_p: torch.Tensor) -> torch.Tensor:
-    """``log_p`` raised to at least 1 + the log of its dtype's smallest normal number (-86.3 in float32).
+    """``log_p`` raised to at least 1 + the log of the smallest normal number of its dtype, float32 at least (-86.3;
+    a half-precision bound, -8.7 for float16, would shift the entropies).
 
     Once training spreads the affinity logits over more than ~87 nats, many probabilities fall below float32's normal
     range; on a CPU, `exp` of such a log-probability and every product with the subnormal numbers it returns take a
@@ -160,7 +161,7 @@ def _clamp_log_probs(log_p: torch.Tensor) -> torch.Tensor:
     p = 3.2e-38, adding < 3e-36 to its row's entropy, where its float32 value would have been subnormal or 0; the
     clamp's gradient (0 below the bound) is the entry's, up to the same amount.
     """
-    return log_p.clamp(min=math.log(torch.finfo(log_p.dtype).tiny) + 1.0)
+    return log_p.clamp(min=math.log(torch.finfo(torch.promote_types(log_p.dtype, torch.float32)).tiny) + 1.0)
 
 
 def mean_row_entropy(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -372,8 +373,9 @@ def mto_terms(
 
 
 def _scaled_bmm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """``scale * a @ b`` in one kernel (with ``beta=0`` the input is never read, so an empty one will do)."""
-    return torch.baddbmm(a.new_empty(()), a, b, beta=0.0, alpha=scale)
+    """``scale * a @ b`` in one kernel. The input is a zero, not an empty tensor: eager ignores it at ``beta=0``, but a
+    compiled epilogue may compute ``beta * input`` and uninitialised memory could hold NaN or inf."""
+    return torch.baddbmm(a.new_zeros(()), a, b, beta=0.0, alpha=scale)
 
 
 def _softmax_entropy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
