@@ -11,6 +11,27 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: unknown where xdist is not installed
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject's default): one worker per core, at most 4. The tiny models leave a core mostly idle
+    between small kernels, so processes side by side pay where intra-op threads do not; more than a few workers each
+    spend their own ~10 s collecting the suite (transformers' generic tests included) for little gain."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, 4) if cores > 1 else 0
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, each worker (and the subprocesses its tests start) gets an equal share of the cores as
+    torch threads, instead of every worker spinning up one thread per core."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 # The encoder every tiny model shares; SimMIM's head reconstructs one patch per position (encoder_stride = patch_size).
 TINY_VIT = dict(
     image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64

@@ -200,7 +200,6 @@ def test_gpu_check_cuts_a_part_at_its_deadline_and_still_writes_the_report(tmp_p
     assert "| mae | 0.5000 | 0.2500 |" in text  # the convergence arm it finished
 
 
-@pytest.mark.slow  # two BootMAE models timed in-process: ~40 s on 2 busy cores
 def test_bootmae_step_time_reports_both_variants_and_the_teachers_share(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import bootmae_step_time
