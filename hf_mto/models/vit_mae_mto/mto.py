@@ -464,8 +464,9 @@ class _VisibleFirstEntropies(torch.autograd.Function):
             grad_features = torch.empty_like(features)
             grad_features[:, :num_prefix_tokens].zero_()
             grad_patches = grad_features[:, num_prefix_tokens:]
-            torch.mul(torch.bmm(grad_het_logits.transpose(1, 2), masked), het_scale, out=grad_patches[:, :num_visible])
-            torch.mul(torch.bmm(grad_het_logits, visible), het_scale, out=grad_patches[:, num_visible:])
+            # (slice assignment, not `out=`: torch.compile cannot write into a non-contiguous `out` view)
+            grad_patches[:, :num_visible] = torch.bmm(grad_het_logits.transpose(1, 2), masked).mul_(het_scale)
+            grad_patches[:, num_visible:] = torch.bmm(grad_het_logits, visible).mul_(het_scale)
             if len(saved) > 3:
                 # Eq. 3's logits are visible @ patchesᵀ, [B, V, N]; its own per-image factor, hence its own products.
                 spa_entropy, spa_p, spa_log_p = saved[3:]
