@@ -281,6 +281,7 @@ def test_rerun_into_another_methods_output_dir_names_it_and_how_to_start_fresh(t
     """Without the check, resuming fails inside `from_pretrained` with a message naming neither model."""
     out = tmp_path / "run"
     ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**TINY_MAE)).save_pretrained(out / "checkpoint-3")
+    saved = {path.name: path.read_bytes() for path in (out / "checkpoint-3").iterdir()}
     args = MTOTrainingArguments(output_dir=str(out), max_steps=1, report_to=[], use_cpu=True, reconstruction_images=0)
     simmim = SimMIMMTOForMaskedImageModeling(SimMIMMTOConfig(**TINY_SIMMIM))
     trainer = MTOTrainer(model=simmim, args=args, train_dataset=RandomImages(4))
@@ -290,7 +291,9 @@ def test_rerun_into_another_methods_output_dir_names_it_and_how_to_start_fresh(t
     assert message.startswith(f"--output_dir {str(out)!r} holds {str(out / 'checkpoint-3')!r}, a checkpoint of ")
     assert "ViTMAEMTOForPreTraining (model_type 'vit_mae_mto'), which this run of 'simmim_mto' cannot" in message
     assert message.endswith(f"train into another --output_dir, or delete {str(out)!r} to start over there.")
-    assert trainer.state.global_step == 0  # stopped before training
+    # stopped before training: the other method's checkpoint is all the folder holds, untouched
+    assert sorted(path.name for path in out.iterdir()) == ["checkpoint-3"]
+    assert {path.name: path.read_bytes() for path in (out / "checkpoint-3").iterdir()} == saved
 
     # named explicitly: the advice is about that flag
     args.resume_from_checkpoint = str(out / "checkpoint-3")
