@@ -449,9 +449,9 @@ def build_merge_tree(similarity: torch.Tensor) -> MergeTree:
     argmax never picks them. Ties are broken by the lowest flat index ``row * N + col`` of the slots (torch.argmax
     returns the first maximum), which makes the tree deterministic. Images run in parallel on ``similarity``'s
     device; only the N-1 merge steps are a Python loop, each one argmax over ``B * N**2`` entries plus O(B N)
-    updates in about 22 operators (one gather and one scatter for the per-slot state, one gather for both rows, four
-    scatters for the rows and columns; on a GPU the loop is bound by their launches: `benchmarks/merge_tree.py` counts
-    them, `benchmarks/evolved_overhead.py` measures the tree's share of a step).
+    updates in about 22 operators (one gather and one indexed write for the per-slot state, one gather for both rows,
+    four indexed writes for the rows and columns; on a GPU the loop is bound by their launches:
+    `benchmarks/merge_tree.py` counts them, `benchmarks/evolved_overhead.py` measures the tree's share of a step).
 
     Only the symmetric part ``(S + S^T) / 2`` is used (the diagonal is ignored), so similarities computed with
     slightly asymmetric rounding are fine. Half-precision input is promoted to float32 to avoid spurious ties.
@@ -479,9 +479,9 @@ def build_merge_tree(similarity: torch.Tensor) -> MergeTree:
     work = ((similarity + similarity.transpose(1, 2)) / 2).to(dtype).contiguous()
     work.diagonal(dim1=1, dim2=2).fill_(-math.inf)
 
-    # Per slot, packed so that one gather reads both merged clusters and one scatter writes the result: the node it
-    # holds, its level and its leaf count.
-    slots = torch.arange(n, device=device)
+    # Per slot, packed so that one gather reads both merged clusters and one indexed write stores the result: the
+    # node it holds, its level and its leaf count.
+    images, slots = torch.arange(batch, device=device), torch.arange(n, device=device)
     slot_state = torch.stack([slots, torch.zeros_like(slots), torch.ones_like(slots)], dim=1).repeat(batch, 1, 1)
     node_ids = torch.arange(n, 2 * n - 1, device=device).unsqueeze(1).expand(-1, batch)  # [N-1, B]
     children, made = [], []  # per step: [B, 2] nodes merged, [B, 3] (node, level, size) made
@@ -499,14 +499,14 @@ def build_merge_tree(similarity: torch.Tensor) -> MergeTree:
         weight_a = (size[:, 0] / size.sum(dim=1)).unsqueeze(1)
         rows = work.gather(1, pair.unsqueeze(2).expand(-1, -1, n))  # [B, 2, N]
         merged = weight_a * rows[:, 0] + (1 - weight_a) * rows[:, 1]
-        keep, drop = pair[:, :1], pair[:, 1:]
-        work.scatter_(1, keep.unsqueeze(2).expand(-1, 1, n), merged.unsqueeze(1))
-        work.scatter_(2, keep.unsqueeze(1).expand(-1, n, 1), merged.unsqueeze(2))
-        work.scatter_(1, drop.unsqueeze(2).expand(-1, 1, n), -math.inf)
-        work.scatter_(2, drop.unsqueeze(1).expand(-1, n, 1), -math.inf)
+        keep, drop = pair.unbind(1)
+        work[images, keep] = merged
+        work[images, :, keep] = merged
+        work[images, drop] = -math.inf
+        work[images, :, drop] = -math.inf
 
         new = torch.stack([node_ids[k], held[:, :, 1].amax(dim=1) + 1, held[:, :, 2].sum(dim=1)], dim=1)  # [B, 3]
-        slot_state.scatter_(1, keep.unsqueeze(2).expand(-1, 1, 3), new.unsqueeze(1))
+        slot_state[images, keep] = new
         children.append(held[:, :, 0])
         made.append(new)
 
