@@ -151,6 +151,11 @@ def affinity_logits(hidden: torch.Tensor, affinity: str = "scaled", temperature:
         return torch.bmm(x, x.transpose(1, 2)).mul_(scale)
 
 
+# 1 + the log of the smallest normal float32 / float64 (constants: computing them per call would be operators too).
+_LOG_TINY_FLOAT32 = math.log(torch.finfo(torch.float32).tiny) + 1.0
+_LOG_TINY_FLOAT64 = math.log(torch.finfo(torch.float64).tiny) + 1.0
+
+
 def _clamp_log_probs(log_p: torch.Tensor) -> torch.Tensor:
     """``log_p`` raised to at least 1 + the log of the smallest normal number of its dtype, float32 at least (-86.3;
     a half-precision bound, -8.7 for float16, would shift the entropies).
@@ -161,7 +166,7 @@ def _clamp_log_probs(log_p: torch.Tensor) -> torch.Tensor:
     p = 3.2e-38, adding < 3e-36 to its row's entropy, where its float32 value would have been subnormal or 0; the
     clamp's gradient (0 below the bound) is the entry's, up to the same amount.
     """
-    return log_p.clamp(min=math.log(torch.finfo(torch.promote_types(log_p.dtype, torch.float32)).tiny) + 1.0)
+    return log_p.clamp(min=_LOG_TINY_FLOAT64 if log_p.dtype == torch.float64 else _LOG_TINY_FLOAT32)
 
 
 def mean_row_entropy(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -373,9 +378,10 @@ def mto_terms(
 
 
 def _scaled_bmm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """``scale * a @ b`` in one kernel. The input is a zero, not an empty tensor: eager ignores it at ``beta=0``, but a
-    compiled epilogue may compute ``beta * input`` and uninitialised memory could hold NaN or inf."""
-    return torch.baddbmm(a.new_zeros(()), a, b, beta=0.0, alpha=scale)
+    """``scale * a @ b`` in one kernel. Eager ignores the input at ``beta=0``, but a compiled epilogue may compute
+    ``beta * input``: it is a view of `a`'s first column (finite, broadcast to the output, no allocation), never
+    uninitialised memory, which could hold NaN or inf."""
+    return torch.baddbmm(a[:, :, :1], a, b, beta=0.0, alpha=scale)
 
 
 def _softmax_entropy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -460,13 +466,15 @@ class _VisibleFirstEntropies(torch.autograd.Function):
             het_entropy, het_p, het_log_p = saved[:3]
             grad_het_logits = _entropy_grad_logits(het_entropy, het_p, het_log_p)  # [B, M, V], unscaled
             het_scale = _per_image_scale(grad_het, het_p.shape[1], ctx.logit_scale)
-            # each block written once, scaled on the way in
-            grad_features = torch.empty_like(features)
-            grad_features[:, :num_prefix_tokens].zero_()
+            # each block scaled as it comes out of its product, then one concatenation
+            parts = [
+                torch.bmm(grad_het_logits.transpose(1, 2), masked).mul_(het_scale),
+                torch.bmm(grad_het_logits, visible).mul_(het_scale),
+            ]
+            if num_prefix_tokens:
+                parts.insert(0, features.new_zeros(features.shape[0], num_prefix_tokens, features.shape[2]))
+            grad_features = torch.cat(parts, dim=1)
             grad_patches = grad_features[:, num_prefix_tokens:]
-            # (slice assignment, not `out=`: torch.compile cannot write into a non-contiguous `out` view)
-            grad_patches[:, :num_visible] = torch.bmm(grad_het_logits.transpose(1, 2), masked).mul_(het_scale)
-            grad_patches[:, num_visible:] = torch.bmm(grad_het_logits, visible).mul_(het_scale)
             if len(saved) > 3:
                 # Eq. 3's logits are visible @ patchesᵀ, [B, V, N]; its own per-image factor, hence its own products.
                 spa_entropy, spa_p, spa_log_p = saved[3:]
