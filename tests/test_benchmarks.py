@@ -267,3 +267,20 @@ def test_merge_tree_counts_the_trees_operators_and_heights(tmp_path, monkeypatch
     assert result["operators"] > 7 and result["syncs"] == 1
     assert 3 <= result["tree_height"]["max"] <= 7  # a binary tree over 8 leaves is 3 to 7 levels high
     assert "a parallel route needs >=" in capsys.readouterr().out
+
+
+def test_data_throughput_times_each_stage_and_the_loader(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import data_throughput
+
+    args = ["--num_images", "12", "--batch_size", "4", "--workers", "0", "--json", str(tmp_path / "r.json")]
+    result = data_throughput.main(args)
+    assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(result))
+    assert set(result["stage_ms"]) == {"read", "decode", "augment"} and all(v > 0 for v in result["stage_ms"].values())
+    assert result["images_per_second_per_core"] == result["images_per_second"]["0"] > 0
+    assert result["file_kb"] > 10  # a 500 x 375 JPEG of smooth content, not a flat one of a few kB
+    # the rates the GPU steps recorded in docs/ consume, which the loader is compared against
+    assert all(rate > 0 for rate in result["gpu_images_per_second"].values())
+    assert "loader cores" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        data_throughput.main(["--num_images", "4", "--batch_size", "4"])  # fewer than two batches
