@@ -1,8 +1,8 @@
 """Cost of evolved masking's merge tree (`hf_mto.masking.build_merge_tree`), and how deep its trees are.
 
-Prints the tree's median time, the torch operators it calls per tree (`torch.profiler`, operators called from Python,
-views aside: each is a kernel launch or more on a GPU, where the tree is launch-bound) and the host synchronisations
-among them, with the trees' heights. The height bounds any parallel route: a node can only be made after its
+Prints the tree's median time, the torch operators it calls per tree (`step_time.count_operators`: operators that do
+work, views and allocations aside; each is a kernel launch or more on a GPU, where the tree is launch-bound) and its
+host reads of a tensor's value (host synchronisations), with the trees' heights. The height bounds any parallel route: a node can only be made after its
 children, so an algorithm that merges in rounds (every pair of reciprocal nearest neighbours at once, say) needs at
 least `max height` rounds per batch, against the N - 1 steps of the sequential merge loop. The similarities are random
 (no ties) or, with `--checkpoint`, the attention of a pre-trained model on Fashion-MNIST test images, as evolved
@@ -22,28 +22,9 @@ import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from step_time import count_operators
 
 from hf_mto.masking import build_merge_tree
-
-# Operators that only make views launch no kernel and are not counted.
-VIEW_OPERATORS = {
-    "aten::alias",
-    "aten::as_strided",
-    "aten::detach",
-    "aten::diagonal",
-    "aten::expand",
-    "aten::lift_fresh",
-    "aten::reshape",
-    "aten::select",
-    "aten::slice",
-    "aten::transpose",
-    "aten::unbind",
-    "aten::unsqueeze",
-    "aten::view",
-}
-# Operators that wait for the device: the tree's host synchronisations.
-SYNC_OPERATORS = ("aten::nonzero", "aten::item", "aten::_local_scalar_dense", "aten::is_nonzero")
 
 
 def random_similarity(batch_size: int, num_patches: int, seed: int = 0) -> torch.Tensor:
@@ -68,19 +49,6 @@ def checkpoint_similarity(checkpoint: str, batch_size: int) -> torch.Tensor:
     return encoder_similarity(model, pixels, max(1, model.config.num_hidden_layers // 2))
 
 
-def count_operators(similarity: torch.Tensor) -> tuple[int, int]:
-    """(operators called from Python that compute, host synchronisations among them) in one tree."""
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if similarity.is_cuda else [])
-    with profile(activities=activities) as prof:
-        build_merge_tree(similarity)
-    top_level = [
-        event
-        for event in prof.events()
-        if event.cpu_parent is None and event.name.startswith("aten::") and event.name not in VIEW_OPERATORS
-    ]
-    return len(top_level), sum(event.name in SYNC_OPERATORS for event in top_level)
-
-
 def median_seconds(similarity: torch.Tensor, repeats: int) -> float:
     times = []
     for _ in range(repeats + 1):  # the first call warms up
@@ -96,13 +64,13 @@ def median_seconds(similarity: torch.Tensor, repeats: int) -> float:
 
 def measure(similarity: torch.Tensor, repeats: int) -> dict:
     heights = build_merge_tree(similarity).heights.float()
-    operators, syncs = count_operators(similarity)
+    counts = count_operators(lambda: build_merge_tree(similarity), similarity.is_cuda, allow_syncs=True)
     return {
         "batch_size": similarity.shape[0],
         "patches": similarity.shape[1],
         "seconds": median_seconds(similarity, repeats),
-        "operators": operators,
-        "syncs": syncs,
+        "operators": counts["operators"],
+        "syncs": counts["host_reads"],
         "tree_height": {"mean": heights.mean().item(), "max": int(heights.max())},
     }
 

@@ -30,6 +30,8 @@ import statistics
 import time
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 from transformers import ViTConfig, ViTForMaskedImageModeling, ViTMAEConfig, ViTMAEForPreTraining
 
 from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling, ViTMAEMTOConfig, ViTMAEMTOForPreTraining
@@ -179,6 +181,51 @@ def timed_rounds(runs: dict, rounds: int, steps_per_round: int, device) -> dict[
             sync(device)
             times[name].append((time.perf_counter() - start) / steps_per_round)
     return times
+
+
+# Operators that do no arithmetic: views, allocations, and the wrappers whose work is counted in their callees.
+NOT_WORK = {
+    "aten::view", "aten::slice", "aten::transpose", "aten::as_strided", "aten::expand", "aten::select",
+    "aten::unsqueeze", "aten::squeeze", "aten::t", "aten::permute", "aten::alias", "aten::detach", "aten::empty",
+    "aten::empty_strided", "aten::empty_like", "aten::to", "aten::lift_fresh", "aten::result_type", "aten::resize_",
+    "aten::is_nonzero", "aten::_unsafe_view", "aten::reshape", "aten::split", "aten::narrow", "aten::unbind",
+    "aten::_reshape_alias", "aten::resolve_conj", "aten::resolve_neg", "aten::zeros_like", "aten::ones_like", "aten::new_zeros", "aten::new_empty",
+}  # fmt: skip
+
+
+def count_operators(run, cuda: bool = False, allow_syncs: bool = False) -> dict[str, int]:
+    """Operators ``run()`` calls that do work, counted where they are called (an operator's own calls of others, as
+    log_softmax's of _log_softmax, are part of it), and its host reads of a tensor's value; with ``cuda``, also the
+    CUDA kernels it launches, and a synchronising call raises unless ``allow_syncs`` (then only the count says)."""
+    run()  # warm-up: one-off initialisations (cuBLAS handles, allocator) are not the terms' launches
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn" if allow_syncs else "error")
+        try:
+            run()
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+
+    def is_called_by_an_operator(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                return True
+            parent = parent.cpu_parent
+        return False
+
+    def does_work(event) -> bool:
+        return event.name not in NOT_WORK or any(does_work(child) for child in event.cpu_children)
+
+    counts = {
+        "operators": sum(does_work(e) for e in events if not is_called_by_an_operator(e)),
+        "host_reads": sum(e.name == "aten::_local_scalar_dense" for e in events),
+    }
+    if cuda:
+        counts["cuda_kernels"] = sum(e.device_type == DeviceType.CUDA for e in prof.events())
+    return counts
 
 
 def step_memory(step_fn, model, optimizer, device) -> int:
