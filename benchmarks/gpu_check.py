@@ -4,8 +4,9 @@ Sized to fit in 8 minutes of a 15-minute GPU slot: the default `--time_budget_s 
 clock starts (a few seconds). Each part runs in turn in a worker process and may use its share of the budget
 (`PART_SHARES`), reserved when it starts; a part still running at its deadline is cut (its process killed, a new
 one started for the parts after it), so the run never exceeds the budget and the convergence part always gets its
-share (it runs before the compiled step times, the parts likeliest to be cut, so a restart never costs it time). `gpu_check.json` and `gpu_check.md` are written to `--output_dir` after every part and at the end, with each
-part's share, allotted and used seconds and status (done, failed, cut), and what a cut part reported before:
+share (it runs before the compiled step times, the parts likeliest to be cut, so a restart never costs it time).
+`gpu_check.json` and `gpu_check.md` are written to `--output_dir` after every part and at the end, with each part's
+share, allotted and used seconds and status (done, failed, cut), and what a cut part reported before:
 
 1. Step time and peak memory of ours (MTO off, MTO on) as ratios to upstream, `benchmarks/step_time.py` at ViT-B/16,
    224 px, batch 128, bf16 autocast, for MAE and SimMIM, eager and under `torch.compile` (inductor; the upstream
