@@ -42,8 +42,8 @@ PRESET_WORKERS = 10
 
 
 def write_jpegs(folder: Path, count: int, seed: int = 0) -> list[Path]:
-    """`count` JPEGs of IMAGE_SIZE in `folder`: low-frequency random colour fields plus a little noise, which compress
-    to about ImageNet's typical file size rather than to the tiny files of flat or the huge ones of white-noise images."""
+    """`count` JPEGs of IMAGE_SIZE in `folder`: low-frequency random colour fields plus a little noise, which
+    compress to about ImageNet's typical file size, not to the tiny files of flat images or the huge ones of noise."""
     rng = np.random.default_rng(seed)
     width, height = IMAGE_SIZE
     paths = []
@@ -78,7 +78,8 @@ def stage_seconds(paths: list[Path]) -> dict[str, float]:
 
 
 def loader_images_per_second(dataset, workers: int, batch_size: int, batches: int) -> float:
-    """Images per second the DataLoader delivers over `batches` batches, after one warm-up batch (the workers' start)."""
+    """Images per second the DataLoader delivers over `batches` batches, after one warm-up batch (the workers'
+    start)."""
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=PixelCollator()
     )
@@ -150,9 +151,8 @@ def main(argv=None):
         for name, rate in consumed.items():
             cores = rate / per_core
             verdict = "fed" if cores <= PRESET_WORKERS else "data-bound"
-            print(
-                f"  {name:<24} {rate:7.0f} images/s: {cores:5.1f} loader cores ({PRESET_WORKERS} in the presets: {verdict})"
-            )
+            presets = f"{PRESET_WORKERS} in the presets: {verdict}"
+            print(f"  {name:<24} {rate:7.0f} images/s: {cores:5.1f} loader cores ({presets})")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return result

@@ -73,7 +73,8 @@ def measure(model_name, config, batch_size, mask_patch_size, device, autocast_dt
 
 
 def count_flops(fn) -> int:
-    """Floating-point operations of one call of `fn` (matrix products and attention; elementwise work is not counted)."""
+    """Floating-point operations of one call of `fn` (matrix products and attention; elementwise work is not
+    counted)."""
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()

@@ -2,11 +2,11 @@
 
 Prints the tree's median time, the torch operators it calls per tree (`step_time.count_operators`: operators that do
 work, views and allocations aside; each is a kernel launch or more on a GPU, where the tree is launch-bound) and its
-host reads of a tensor's value (host synchronisations), with the trees' heights. The height bounds any parallel route: a node can only be made after its
-children, so an algorithm that merges in rounds (every pair of reciprocal nearest neighbours at once, say) needs at
-least `max height` rounds per batch, against the N - 1 steps of the sequential merge loop. The similarities are random
-(no ties) or, with `--checkpoint`, the attention of a pre-trained model on Fashion-MNIST test images, as evolved
-masking computes them during training.
+host reads of a tensor's value (host synchronisations), with the trees' heights. The height bounds any parallel
+route: a node can only be made after its children, so an algorithm that merges in rounds (every pair of reciprocal
+nearest neighbours at once, say) needs at least `max height` rounds per batch, against the N - 1 steps of the
+sequential merge loop. The similarities are random (no ties) or, with `--checkpoint`, the attention of a pre-trained
+model on Fashion-MNIST test images, as evolved masking computes them during training.
 
     python benchmarks/merge_tree.py                                   # CPU proxy: ViT-B/16's 196 patches, batch 128
     python benchmarks/merge_tree.py --checkpoint outputs/vit-mae-mto-tiny   # real attention, 64 patches, batch 128

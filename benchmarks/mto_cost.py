@@ -5,10 +5,10 @@
     python benchmarks/mto_cost.py trained CKPT_DIR [CKPT_DIR ...]  # MTO time per checkpoint (and fresh weights)
 
 `launches` runs `mto_terms_visible_first` (the eager path of MAE's decoder and SimMIM's encoder) and `mto_terms` (the
-mask-based path `torch.compile` takes) on random states (on `--device`) at the ViT-B presets' widths, forward and backward, under
-`torch.profiler`, and counts the operators that do work (views and allocations left out), and the host reads of a
-tensor's value (`.item()`, `int()` or `bool()` of one: `aten::_local_scalar_dense`, a device sync on a GPU). The
-counts do not depend on the batch size. On CUDA it also counts the kernels launched, under
+mask-based path `torch.compile` takes) on random states (on `--device`) at the ViT-B presets' widths, forward and
+backward, and counts (`step_time.count_operators`) the operators that do work (views and allocations left out), and
+the host reads of a tensor's value (`.item()`, `int()` or `bool()` of one: `aten::_local_scalar_dense`, a device
+sync on a GPU). The counts do not depend on the batch size. On CUDA it also counts the kernels launched, under
 `torch.cuda.set_sync_debug_mode("error")`, so a synchronising call in the MTO terms fails the run.
 
 `trained` loads each MAE + MTO checkpoint (e.g. the `checkpoint-*` folders of a short `recipes/pretrain.py` run),

@@ -189,7 +189,8 @@ NOT_WORK = {
     "aten::unsqueeze", "aten::squeeze", "aten::t", "aten::permute", "aten::alias", "aten::detach", "aten::empty",
     "aten::empty_strided", "aten::empty_like", "aten::to", "aten::lift_fresh", "aten::result_type", "aten::resize_",
     "aten::is_nonzero", "aten::_unsafe_view", "aten::reshape", "aten::split", "aten::narrow", "aten::unbind",
-    "aten::_reshape_alias", "aten::resolve_conj", "aten::resolve_neg", "aten::zeros_like", "aten::ones_like", "aten::new_zeros", "aten::new_empty",
+    "aten::_reshape_alias", "aten::resolve_conj", "aten::resolve_neg", "aten::zeros_like", "aten::ones_like",
+    "aten::new_zeros", "aten::new_empty",
 }  # fmt: skip
 
 
