@@ -419,7 +419,7 @@ class _VisibleFirstEntropies(torch.autograd.Function):
 
     Autograd through ``slice -> split -> bmm -> log_softmax -> exp -> mul -> sum`` keeps five intermediates per term,
     zero-fills a buffer per slice and concatenates the split's gradients; here the closed form of the entropy's
-    gradient needs only ``p`` and ``log p``, each block of the layer's gradient is written once, and a layer with
+    gradient needs only ``p`` and ``log p``, the layer's gradient is assembled by one concatenation, and a layer with
     both terms computes one ``visible @ patchesᵀ`` (Eq. 2's logits are its transposed visible-by-masked block; the
     saving is measured by `benchmarks/step_time.py`, figures in the README). The backward scales the ``[B, N, D]``
     gradient rather than the logits' (see `_entropy_grad_logits`), so each term's logits take two ``bmm``.
