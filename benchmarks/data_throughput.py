@@ -25,7 +25,7 @@ MAE ViT-B/16 (`--preset vit-b16`, batch 128, bf16, upstream `ViTMAEForPreTrainin
 `--compile`, under torch.compile) alone on a fixed batch, and the two together (the step fed by the loader). The
 loader's rate over the step's is the margin (the issue's target: >= 1.3). On a 16-core H200 machine, ~3 minutes:
 
-    python benchmarks/data_throughput.py --device cuda --workers 10 --compile --json data_gpu.json
+    python benchmarks/data_throughput.py --device cuda --workers 10 --compile --batches 40 --json data_gpu.json
 """
 
 from __future__ import annotations
@@ -207,9 +207,7 @@ def cpu_report(args, folder: str, paths: list[Path]) -> dict:
         ms = figures["stage_ms"]
         print(f"  {name:<16} {ms['read']:6.2f} {ms['decode']:7.2f} {ms['augment']:8.2f}")
     normalise = result["pipelines"][DEFAULT]["stage_ms"]["normalise_on_cpu"]
-    print(
-        f"  ({DEFAULT}'s per-batch normalisation, done on the device in training: {normalise:.2f} ms/image on this CPU)"
-    )
+    print(f"  ({DEFAULT}'s per-batch normalisation, on the device in training: {normalise:.2f} ms/image on this CPU)")
     print(f"DataLoader images/s (median of {args.rounds} interleaved rounds):")
     print(f"  {'pipeline':<16} " + " ".join(f"{f'{count} workers':>11}" for count in workers))
     for name, figures in result["pipelines"].items():
@@ -224,7 +222,8 @@ def cpu_report(args, folder: str, paths: list[Path]) -> dict:
             cores = rate / per_core
             verdict = "fed" if cores <= PRESET_WORKERS else "data-bound"
             print(
-                f"  {name:<24} {rate:7.0f} images/s: {cores:5.1f} loader cores ({PRESET_WORKERS} in the presets: {verdict})"
+                f"  {name:<24} {rate:7.0f} images/s: {cores:5.1f} loader cores "
+                f"({PRESET_WORKERS} in the presets: {verdict})"
             )
     return result
 

@@ -9,8 +9,14 @@ Three sources give a `datasets.DatasetDict` with "train" and "validation" splits
   pre-training run works offline with no download.
 
 The transforms follow transformers' `run_mae.py` example: random resized crops and flips for pre-training, resize
-and centre crop for evaluation, both ending in `ToTensor` + `Normalize` and giving `pixel_values` of shape
-[3, H, W]. `PixelCollator` stacks them into the [B, 3, H, W] batch the models take.
+and centre crop for evaluation, giving `pixel_values` of shape [3, H, W]. `PixelCollator` stacks them into the
+[B, 3, H, W] batch the models take. Evaluation ends in `ToTensor` + `Normalize` (float32). Pre-training, where the
+loader must keep up with the GPU, works on 8-bit images (`PretrainingTransform`): JPEGs are decoded by torchvision's
+`decode_jpeg` (libjpeg-turbo) straight into uint8 tensors, everything else by PIL (`decode_image_tensor`); crop and
+flip act on uint8 tensors, with torchvision's random draws, so the crops are those of the PIL pipeline
+(`build_pil_pretraining_transform`) for the same random state; and the float conversion and normalisation happen
+once per batch on the device (`PixelCollator.on_device`, which `MTOTrainer` calls). About 2x the images per second
+per core of the PIL pipeline (`benchmarks/data_throughput.py`).
 
 Unusual and unreadable images (what a real image folder or Hub dataset contains sooner or later):
 
@@ -660,7 +666,7 @@ class PretrainingTransform:
     The distribution of `build_pil_pretraining_transform`, and the same draws: for the same torch random state both
     crop the same box and flip alike. Pixels agree within 2 levels of 255 (torch's antialiased bicubic computes in
     float, PIL's in fixed point; `tests/test_data.py` measures it). Working on uint8 tensors and leaving the float
-    conversion and normalisation to the batch (`PixelCollator.on_device`) makes the augmentation ~4x cheaper per
+    conversion and normalisation to the batch (`PixelCollator.on_device`) makes the augmentation ~3.5x cheaper per
     image (`benchmarks/data_throughput.py`).
     """
 
