@@ -833,7 +833,7 @@ class PixelCollator:
             return batch
         out = dict(batch)
         for name, value in batch.items():
-            if name not in _LABELS and value.dtype == torch.uint8:
+            if name not in _LABELS and isinstance(value, torch.Tensor) and value.dtype == torch.uint8:
                 mean = torch.tensor(self.image_mean, device=value.device).view(-1, 1, 1)
                 std = torch.tensor(self.image_std, device=value.device).view(-1, 1, 1)
                 out[name] = value.float().div_(255).sub_(mean).div_(std)
