@@ -99,9 +99,10 @@ class PreTrainingMethod:
     def pretraining_transform(cls, image_size: int, image_mean, image_std) -> Callable:
         """PIL image -> what one training example gives the model: a ``[3, H, W]`` tensor (`pixel_values`), or a dict
         with one ``[...]`` tensor per forward argument for a method that needs more than one view of an image (a
-        second augmented view, a tokenizer's input); `hf_mto.data.PixelCollator` stacks every entry. Default: MAE's
-        augmentation (random resized crop + flip)."""
-        return build_pretraining_transform(image_size, image_mean, image_std)
+        second augmented view, a tokenizer's input); `hf_mto.data.PixelCollator` stacks every entry, and normalises
+        the uint8 ones with ``image_mean``/``image_std`` once per batch. Default: MAE's augmentation (random resized
+        crop + flip) on uint8 tensors, `hf_mto.data.PretrainingTransform`."""
+        return build_pretraining_transform(image_size)
 
     @classmethod
     def evaluation_transform(cls, image_size: int, image_mean, image_std) -> Callable:

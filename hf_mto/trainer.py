@@ -127,6 +127,13 @@ class MTOTrainer(ConvertedCheckpointsMixin, ModelCardMixin, ResilientHubMixin, T
             raise ValueError(f"{strategy} masking: {error}") from None
         return generator
 
+    def _prepare_inputs(self, inputs: dict) -> dict:
+        inputs = super()._prepare_inputs(inputs)
+        # A collator may leave per-batch work for the device: PixelCollator normalises 8-bit images there, once per
+        # batch, instead of per image in the loader workers.
+        on_device = getattr(self.data_collator, "on_device", None)
+        return inputs if on_device is None else on_device(inputs)
+
     def _with_masks(self, model, inputs: dict) -> dict:
         if self.mask_generator is None or self.method.mask_input_name in inputs:
             return inputs

@@ -120,7 +120,7 @@ def main(argv=None):
         train_dataset=train_dataset if training_args.do_train else None,
         eval_dataset=eval_dataset if training_args.do_eval else None,
         processing_class=image_processor,
-        data_collator=PixelCollator(),
+        data_collator=PixelCollator(image_mean=mean, image_std=std),  # normalises 8-bit views on the device
         model_card_kwargs={"data_args": data_args},  # the card in every checkpoint (and on the Hub) names the data
     )
     fsdp1 = trainer.is_fsdp_enabled and not trainer.accelerator.is_fsdp2

@@ -27,8 +27,10 @@ from hf_mto.data import (
     PixelCollator,
     apply_transform,
     build_eval_transform,
+    build_pil_pretraining_transform,
     build_pretraining_transform,
     decode_image,
+    decode_image_tensor,
     load_datasets,
     skipped_images,
     to_rgb,
@@ -106,7 +108,13 @@ def _load(folder: Path, tmp_path: Path, **kwargs) -> datasets.Dataset:
     return load_datasets(args, cache_dir=str(tmp_path / "cache"))["train"]
 
 
-@pytest.mark.parametrize("build", [build_pretraining_transform, build_eval_transform])
+def _uint8_pretraining_transform(size, mean, std):
+    return build_pretraining_transform(size)  # its 8-bit views are normalised by the collator (below)
+
+
+@pytest.mark.parametrize(
+    "build", [_uint8_pretraining_transform, build_pil_pretraining_transform, build_eval_transform]
+)
 def test_pipeline_converts_the_convertible_and_skips_the_unreadable(bad_folder, tmp_path, caplog, build):
     raw = _load(bad_folder, tmp_path)
     names = _names(raw)
@@ -114,7 +122,12 @@ def test_pipeline_converts_the_convertible_and_skips_the_unreadable(bad_folder, 
 
     caplog.set_level(logging.WARNING, logger="hf_mto.data")
     dataset = apply_transform(raw, build(SIZE, MEAN, STD))
-    examples = [dataset[i] for i in range(len(dataset))]
+    collator = PixelCollator(image_mean=MEAN, image_std=STD)
+    # the uint8 pipeline's views, normalised as the trainer has the collator do per batch (floats pass unchanged)
+    examples = [
+        {"pixel_values": None if x is None else collator.on_device({"pixel_values": x[None]})["pixel_values"][0]}
+        for x in (dataset[i]["pixel_values"] for i in range(len(dataset)))
+    ]
     by_name = dict(zip(names, examples, strict=True))
 
     for name in UNREADABLE:
@@ -137,7 +150,7 @@ def test_pipeline_converts_the_convertible_and_skips_the_unreadable(bad_folder, 
     assert by_name["mid16.png"]["pixel_values"][0].mean() < _normalised((200, 200, 200))[0]  # grey, not white
 
     # The collator over the whole dataset: exactly the readable images, in order, nothing else.
-    batch = PixelCollator()(examples)
+    batch = collator(examples)
     good = [example["pixel_values"] for example in examples if example["pixel_values"] is not None]
     assert batch["pixel_values"].shape == (len(names) - len(UNREADABLE), 3, SIZE, SIZE)
     assert torch.isfinite(batch["pixel_values"]).all()
@@ -163,11 +176,14 @@ def test_each_unreadable_file_is_named_in_a_warning(tmp_path, caplog):
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
-def test_truncated_file_is_not_silently_grey_filled():
+@pytest.mark.parametrize("decode", [decode_image, decode_image_tensor])
+def test_truncated_file_is_not_silently_grey_filled(decode):
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # nothing we import switches it on globally
     payload = _encoded(Image.new("RGB", (64, 64), (200, 10, 10)), "JPEG")
-    assert decode_image({"bytes": payload[: len(payload) // 2], "path": "half.jpg"}) is None
-    assert decode_image({"bytes": payload, "path": "whole.jpg"}).size == (64, 64)
+    assert decode({"bytes": payload[: len(payload) // 2], "path": f"half-{decode.__name__}.jpg"}) is None
+    assert f"half-{decode.__name__}.jpg" in skipped_images()
+    whole = decode({"bytes": payload, "path": "whole.jpg"})
+    assert (whole.size if decode is decode_image else tuple(whole.shape)) in ((64, 64), (3, 64, 64))
 
 
 def test_load_truncated_images_switched_on_is_warned_about(bad_folder, tmp_path, caplog, monkeypatch):

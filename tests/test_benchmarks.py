@@ -269,18 +269,41 @@ def test_merge_tree_counts_the_trees_operators_and_heights(tmp_path, monkeypatch
     assert "a parallel route needs >=" in capsys.readouterr().out
 
 
-def test_data_throughput_times_each_stage_and_the_loader(tmp_path, monkeypatch, capsys):
+def test_data_throughput_times_both_pipelines_and_the_loader(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import data_throughput
 
-    args = ["--num_images", "12", "--batch_size", "4", "--workers", "0", "--json", str(tmp_path / "r.json")]
-    result = data_throughput.main(args)
+    args = ["--num_images", "6", "--batch_size", "4", "--batches", "1", "--rounds", "2", "--workers", "1"]
+    result = data_throughput.main([*args, "--json", str(tmp_path / "r.json")])
     assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(result))
-    assert set(result["stage_ms"]) == {"read", "decode", "augment"} and all(v > 0 for v in result["stage_ms"].values())
-    assert result["images_per_second_per_core"] == result["images_per_second"]["0"] > 0
+    assert set(result["pipelines"]) == {"uint8", "pil"} and result["default_pipeline"] == "uint8"
+    for figures in result["pipelines"].values():
+        assert {"read", "decode", "augment"} <= set(figures["stage_ms"]) and all(
+            v > 0 for v in figures["stage_ms"].values()
+        )
+        assert set(figures["images_per_second"]) == {"0", "1"} and all(
+            v > 0 for v in figures["images_per_second"].values()
+        )
+    assert result["images_per_second_per_core"] == result["pipelines"]["uint8"]["images_per_second"]["0"]
+    assert result["per_core_ratio"] > 0
     assert result["file_kb"] > 10  # a 500 x 375 JPEG of smooth content, not a flat one of a few kB
     # the rates the GPU steps recorded in docs/ consume, which the loader is compared against
     assert all(rate > 0 for rate in result["gpu_images_per_second"].values())
-    assert "loader cores" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "loader cores" in out and "uint8 / pil" in out
     with pytest.raises(SystemExit):
-        data_throughput.main(["--num_images", "4", "--batch_size", "4"])  # fewer than two batches
+        data_throughput.main(["--batches", "0"])
+
+
+def test_data_throughput_device_mode_compares_the_loader_with_the_step(tmp_path, monkeypatch, capsys):
+    """The CPU smoke of `--device cuda`: the tiny MAE preset at batch 4, on the CPU."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import data_throughput
+
+    args = ["--device", "cpu", "--preset", "tiny", "--batch_size", "4", "--num_images", "6", "--workers", "1"]
+    result = data_throughput.main([*args, "--batches", "2", "--rounds", "1", "--warmup", "1"])
+    rates = ("loader_images_per_second", "step_images_per_second", "fed_step_images_per_second")
+    assert all(result[name] > 0 for name in rates)
+    assert result["loader_over_step"] == pytest.approx(result[rates[0]] / result[rates[1]])
+    assert result["bound"] == ("data" if result["loader_over_step"] < 1 else "compute")
+    assert f"-> {result['bound']}-bound" in capsys.readouterr().out

@@ -7,6 +7,7 @@ that read the real Fashion-MNIST files skip when it is not installed.
 from __future__ import annotations
 
 import gzip
+import io
 import pickle
 import struct
 from pathlib import Path
@@ -18,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms.functional import pil_to_tensor
 from transformers import HfArgumentParser
 
 from hf_mto import data as data_mod
@@ -28,8 +31,11 @@ from hf_mto.data import (
     PixelCollator,
     apply_transform,
     build_eval_transform,
+    build_pil_pretraining_transform,
     build_pretraining_transform,
     collate_pixel_values,
+    decode_image,
+    decode_image_tensor,
     load_datasets,
     load_fashion_mnist,
     process_share,
@@ -338,11 +344,124 @@ def test_resolve_label_column():
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
-@pytest.mark.parametrize("build", [build_pretraining_transform, build_eval_transform])
+@pytest.mark.parametrize("build", [build_pil_pretraining_transform, build_eval_transform])
 def test_transforms_give_3_channel_float_tensors(mode, build):
     image = Image.new(mode, (28, 40), color=128 if mode == "L" else (128,) * len(mode))
     out = build(32, MEAN, STD)(image)
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
+def test_pretraining_transform_gives_3_channel_uint8_tensors_from_pil_images_too(mode):
+    image = Image.new(mode, (28, 40), color=128 if mode == "L" else (128,) * len(mode))
+    out = build_pretraining_transform(32)(image)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
+
+
+def _photo_like(width: int, height: int, seed: int) -> np.ndarray:
+    """uint8 [height, width, 3]: a smooth random colour field with a little noise (compresses like a photograph),
+    and no symmetry, so a crop box or flip that differs shows in the pixels."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(height // 16 + 2, width // 16 + 2, 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.int16)
+    return np.clip(smooth + rng.integers(-8, 9, size=smooth.shape), 0, 255).astype(np.uint8)
+
+
+def _jpeg(image: Image.Image, **save_kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90, **save_kwargs)
+    return buffer.getvalue()
+
+
+def _exif_rotated(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # EXIF Orientation
+    return _jpeg(Image.fromarray(_photo_like(60, 40, seed=orientation)), exif=exif)
+
+
+# One image of each kind the JPEG fast path handles (or hands to PIL): colour, grayscale, EXIF-rotated, CMYK.
+DECODE_CASES = {
+    "rgb.jpg": lambda: _jpeg(Image.fromarray(_photo_like(75, 50, seed=0))),
+    "gray.jpg": lambda: _jpeg(Image.fromarray(_photo_like(75, 50, seed=1)).convert("L")),
+    "cmyk.jpg": lambda: _jpeg(Image.fromarray(_photo_like(75, 50, seed=2)).convert("CMYK")),
+    **{f"exif{orientation}.jpg": (lambda o=orientation: _exif_rotated(o)) for orientation in (3, 6, 8)},
+    "rgb.png": lambda: _png(Image.fromarray(_photo_like(30, 20, seed=3))),
+}
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name", sorted(DECODE_CASES))
+def test_tensor_decoding_gives_the_pixels_of_pil_decoding(name, tmp_path, monkeypatch):
+    """libjpeg-turbo decodes JPEGs for both, with the same (default) settings: exact here; one level of 255 is
+    allowed for a torchvision and a Pillow built with different libjpeg-turbo versions (their SIMD colour
+    conversion may round differently). Shape [3, H, W] uint8 after the EXIF rotation, as `decode_image`."""
+    (tmp_path / name).write_bytes(DECODE_CASES[name]())
+    through_pil = []
+    monkeypatch.setattr(data_mod, "decode_image", lambda value, on_error=None: through_pil.append(value) or None)
+    for value in ({"bytes": DECODE_CASES[name](), "path": name}, {"bytes": None, "path": str(tmp_path / name)}):
+        got = decode_image_tensor(value)
+        if name in ("cmyk.jpg", "rgb.png"):  # PIL's colour conversion / another format: handed to decode_image
+            assert got is None and through_pil[-1] is value
+            got = pil_to_tensor(data_mod.to_rgb(Image.open(io.BytesIO(DECODE_CASES[name]()))))
+        expected = pil_to_tensor(decode_image(value))
+        assert got.dtype == torch.uint8 and got.shape == expected.shape, name
+        assert (got.int() - expected.int()).abs().max() <= 1, name
+    assert len(through_pil) == (2 if name in ("cmyk.jpg", "rgb.png") else 0)
+
+
+def test_uint8_pipeline_crops_and_flips_as_the_pil_pipeline_and_agrees_within_two_levels(monkeypatch):
+    """Same random state → the same crop boxes, flips and random-number consumption (so a loader worker's stream,
+    and an exact resume, are unchanged), and pixels within 2 levels of 255 once both are normalised: torch's
+    antialiased bicubic (float) and PIL's (fixed point) differ by rounding, ~0.06 levels on average."""
+    boxes = []
+    get_params = T.RandomResizedCrop.get_params
+
+    def recorded(*args, **kwargs):
+        boxes.append(get_params(*args, **kwargs))
+        return boxes[-1]
+
+    monkeypatch.setattr(T.RandomResizedCrop, "get_params", staticmethod(recorded))
+    collator = PixelCollator(image_mean=MEAN, image_std=STD)
+    pil_transform, uint8_transform = build_pil_pretraining_transform(64, MEAN, STD), build_pretraining_transform(64)
+    level = 1 / 255 / min(STD)  # one 8-bit level after normalisation
+    mean_differences = []
+    for seed in range(24):
+        value = {"bytes": _jpeg(Image.fromarray(_photo_like(150, 100, seed))), "path": f"{seed}.jpg"}
+        torch.manual_seed(seed)
+        reference = pil_transform(decode_image(value))
+        after_reference = torch.rand(1)
+        torch.manual_seed(seed)
+        pixels = uint8_transform(decode_image_tensor(value))
+        after = torch.rand(1)
+        assert boxes[-1] == boxes[-2] and torch.equal(after, after_reference), seed
+        assert pixels.dtype == torch.uint8 and pixels.shape == (3, 64, 64)
+        got = collator.on_device({"pixel_values": pixels[None]})["pixel_values"][0]
+        assert got.dtype == reference.dtype and got.shape == reference.shape
+        assert (got - reference).abs().max() <= 2.01 * level, seed
+        mean_differences.append((got - reference).abs().mean() / level)
+    assert sum(mean_differences) / len(mean_differences) < 0.2
+    assert len(set(boxes)) > 12  # the draws differ from seed to seed: the comparison is not of one fixed box
+
+
+def test_collator_normalises_uint8_views_as_to_tensor_and_normalize_do():
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, size=(8, 6, 3), dtype=np.uint8)) for _ in range(3)]
+    reference = torch.stack([T.Normalize(MEAN, STD)(T.ToTensor()(image)) for image in images])
+    collator = PixelCollator(image_mean=MEAN, image_std=STD)
+    batch = collator([{"pixel_values": pil_to_tensor(image)} for image in images])
+    assert batch["pixel_values"].dtype == torch.uint8  # stays 8-bit until the device
+    normalised = collator.on_device(batch)
+    torch.testing.assert_close(normalised["pixel_values"], reference, atol=0, rtol=0)  # the same operations
+    torch.testing.assert_close(collator.on_device(normalised)["pixel_values"], reference, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"views \['pixel_values'\] are 8-bit images.*image_mean and image_std"):
+        PixelCollator()([{"pixel_values": pil_to_tensor(images[0])}])
+    with pytest.raises(ValueError, match="both image_mean and image_std"):
+        PixelCollator(image_mean=MEAN)
 
 
 def test_eval_transform_is_deterministic_and_checks_crop_pct():
@@ -357,7 +476,7 @@ def test_eval_transform_is_deterministic_and_checks_crop_pct():
 def test_apply_transform_keeps_label(tmp_path):
     write_fake_fashion_mnist(tmp_path)
     dsd = load_datasets(DataArguments(fashion_mnist_dir=str(tmp_path)))
-    apply_transform(dsd, build_pretraining_transform(16, MEAN, STD))
+    apply_transform(dsd, build_pretraining_transform(16))
     example = dsd["validation"][1]
     assert set(example) == {"pixel_values", "label"}
     assert example["pixel_values"].shape == (3, 16, 16) and example["label"] == 1
@@ -394,10 +513,12 @@ def test_collators():
 
 def test_collator_with_dataloader(tmp_path):
     write_fake_fashion_mnist(tmp_path)
-    train = apply_transform(load_fashion_mnist("train", tmp_path), build_pretraining_transform(16, MEAN, STD))
-    loader = torch.utils.data.DataLoader(train, batch_size=4, collate_fn=PixelCollator(include_labels=True))
+    train = apply_transform(load_fashion_mnist("train", tmp_path), build_pretraining_transform(16))
+    collator = PixelCollator(include_labels=True, image_mean=MEAN, image_std=STD)
+    loader = torch.utils.data.DataLoader(train, batch_size=4, collate_fn=collator)
     batch = next(iter(loader))
     assert batch["pixel_values"].shape == (4, 3, 16, 16) and batch["labels"].shape == (4,)
+    assert collator.on_device(batch)["pixel_values"].dtype == torch.float32
 
 
 # ---------------------------------------------------------------------------------------------------------------

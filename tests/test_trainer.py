@@ -250,3 +250,15 @@ def test_upstream_models_train_as_the_method_that_extends_them(tmp_path, upstrea
     else:
         assert torch.equal(inputs["bool_masked_pos"], expected)
     assert torch.isfinite(trainer.compute_loss(model, inputs))
+
+
+def test_the_collators_device_step_normalises_8_bit_batches(tmp_path):
+    from hf_mto.data import IMAGENET_MEAN, IMAGENET_STD, PixelCollator
+
+    model = ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**TINY_MAE))
+    collator = PixelCollator(image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+    trainer = MTOTrainer(model=model, args=make_args(tmp_path), data_collator=collator)
+    pixels = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    inputs = trainer._prepare_inputs({"pixel_values": pixels})
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    torch.testing.assert_close(inputs["pixel_values"], (pixels.float() / 255 - mean) / std)
