@@ -307,3 +307,37 @@ def test_data_throughput_device_mode_compares_the_loader_with_the_step(tmp_path,
     assert result["loader_over_step"] == pytest.approx(result[rates[0]] / result[rates[1]])
     assert result["bound"] == ("data" if result["loader_over_step"] < 1 else "compute")
     assert f"-> {result['bound']}-bound" in capsys.readouterr().out
+
+
+def test_mto_collapse_measures_features_and_each_terms_gradient(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import mto_collapse
+    import torch
+
+    assert mto_collapse.mean_cosine(torch.ones(6, 4)) == pytest.approx(1.0)  # collapse: every image the same
+    assert mto_collapse.mean_cosine(torch.eye(4)) == pytest.approx(0.0)
+    # 8 rows on 4 orthogonal directions, equally often: centring removes their mean, leaving 3 equal directions
+    assert mto_collapse.effective_rank(torch.eye(4).repeat(2, 1)) == pytest.approx(3.0, abs=1e-3)
+    assert mto_collapse.effective_rank(torch.randn(64, 1) @ torch.randn(1, 8)) == pytest.approx(1.0, abs=1e-3)
+
+    if not FASHION_MNIST.exists():
+        pytest.skip("needs Debian's dataset-fashion-mnist")
+    from hf_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining
+
+    config = ViTMAEMTOConfig(
+        image_size=8, patch_size=4, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+        decoder_hidden_size=8, decoder_num_hidden_layers=2, decoder_num_attention_heads=2,
+        decoder_intermediate_size=16, mask_ratio=0.5,
+    )  # fmt: skip
+    for step in (1, 2):
+        torch.manual_seed(step)
+        ViTMAEMTOForPreTraining(config).save_pretrained(tmp_path / f"checkpoint-{step}")
+    rows = mto_collapse.main([str(tmp_path), "--weight", "0.1", "--images", "8", "--affinity", "cosine"])[
+        str(tmp_path)
+    ]
+    assert [row["step"] for row in rows] == [1, 2]  # every checkpoint, in step order
+    for row in rows:
+        assert set(row) == set(mto_collapse.COLUMNS)
+        assert row["grad_reconstruction"] > 0 and row["grad_spa"] > 0  # both reach the encoder
+        assert 0 < row["shared_argmax"] <= 1 and row["norm_max_over_median"] >= 1
+    assert "| step | feature_rank" in capsys.readouterr().out
