@@ -10,7 +10,8 @@ T=0.07) and linear-probe accuracy (`hf_mto.evaluation`) of the mean-pooled patch
 
 Arms: `mae`, `simmim` (the baselines, at `--mae_lr` / `--simmim_lr`), `mae_mto`, `simmim_mto` (MTO with the
 `"scaled"` affinity, the config default; `mae_mto` passes it explicitly, since the tiny MAE preset uses `"dot"`),
-`mae_mto_dot` (the affinity ablation: MTO with the raw dot product), `mae_evolved`, `mae_mto_evolved` (evolved
+`mae_mto_dot` and `mae_mto_cosine` (the affinity ablations: MTO with the raw dot product, with the cosine at the
+config's `mto_temperature`), `mae_evolved`, `mae_mto_evolved` (evolved
 masking), `bootmae`, `bootmae_mto` (at `--bootmae_lr`), and `random_init`, the floor: the MAE preset's encoder at
 initialisation (seeded like every run), not trained, scored and fine-tuned through the same code as the others (a
 `--do_train false` run of the recipe whose model is then saved).
@@ -96,6 +97,7 @@ ARMS = {
     "mae": Arm(MAE, False, None, "mae"),
     "mae_mto": Arm(MAE, True, None, "mae", affinity="scaled"),
     "mae_mto_dot": Arm(MAE, True, None, "mae", affinity="dot"),
+    "mae_mto_cosine": Arm(MAE, True, None, "mae", affinity="cosine"),
     "mae_evolved": Arm(MAE, False, "evolved", "mae"),
     "mae_mto_evolved": Arm(MAE, True, "evolved", "mae", affinity="scaled"),
     "simmim": Arm(SIMMIM, False, None, "simmim"),
