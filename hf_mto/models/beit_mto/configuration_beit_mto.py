@@ -46,8 +46,9 @@ class BeitMTOConfig(MTOConfigMixin, BeitConfig):
         tokenizer_image_size (`int`, *optional*, defaults to 112):
             Side of the tokenizer's view of each crop (BEiT's `second_input_size`: the dVAE sees 112 px where the
             encoder sees 224). Its token grid must equal the encoder's patch grid.
-        tokenizer_image_mean, tokenizer_image_std (`list[float]`, *optional*, default DALL-E's `map_pixels`):
-            Normalisation of the tokenizer's view, `(x - mean) / std` for pixels `x` in [0, 1].
+        tokenizer_image_mean, tokenizer_image_std (`list[float]` or `float`, *optional*, default DALL-E's `map_pixels`):
+            Normalisation of the tokenizer's view, `(x - mean) / std` for pixels `x` in [0, 1]; one value per
+            channel, or one for all.
         <MTO fields>
         kwargs:
             Every [`~transformers.BeitConfig`] argument; `vocab_size` is the tokenizer's number of codes (the head's
@@ -73,8 +74,8 @@ class BeitMTOConfig(MTOConfigMixin, BeitConfig):
     tokenizer_name_or_path: str | None = "facebook/flava-image-codebook"
     tokenizer_config: dict | None = None
     tokenizer_image_size: int = 112
-    tokenizer_image_mean: list[float] | tuple[float, ...] = DVAE_IMAGE_MEAN
-    tokenizer_image_std: list[float] | tuple[float, ...] = DVAE_IMAGE_STD
+    tokenizer_image_mean: list[float] | tuple[float, ...] | float = DVAE_IMAGE_MEAN
+    tokenizer_image_std: list[float] | tuple[float, ...] | float = DVAE_IMAGE_STD
     use_mask_token: bool = True
     use_shared_relative_position_bias: bool = True
     layer_norm_eps: float = 1e-6
@@ -109,7 +110,8 @@ class BeitMTOConfig(MTOConfigMixin, BeitConfig):
         if self.vocab_size < 2:
             raise ValueError(f"vocab_size (the tokenizer's number of codes) must be >= 2, got {self.vocab_size}")
         for name in ("tokenizer_image_mean", "tokenizer_image_std"):
-            value = list(getattr(self, name))
+            value = getattr(self, name)
+            value = [float(value)] * self.num_channels if isinstance(value, (int, float)) else list(value)
             if len(value) != self.num_channels:
                 raise ValueError(f"{name} needs one value per channel ({self.num_channels}), got {value}")
             setattr(self, name, value)  # JSON gives lists; a tuple default would not round-trip

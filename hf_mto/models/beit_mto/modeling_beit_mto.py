@@ -7,8 +7,8 @@ vocabulary) and the same loss, cross-entropy over the masked patches only. What 
 - the targets: visual-token ids of the *unmasked* image from an image tokenizer, computed inside the forward from
   `tokenizer_pixel_values` (the tokenizer's own view of the same crop) when no `labels` are given;
 - the MTO terms on the encoder's states (as SimMIM's: the mask token is substituted in the encoder);
-- the official BEiT initialisation: CLS and mask tokens truncated normal (std 0.02) where upstream sets zeros, and the
-  output projections of block l (attention and MLP) scaled by 1 / sqrt(2 l).
+- the official BEiT initialisation: CLS and mask tokens normal (std 0.02) truncated at +-0.02 where upstream sets
+  zeros, and the output projections of block l (attention and MLP) scaled by 1 / sqrt(2 l).
 
 The image tokenizer is any module mapping the tokenizer's view ``[B, C, S, S]`` to ids ``[B, N]`` in
 ``[0, vocab_size)`` (`ImageTokenizer`): a DALL-E-style dVAE (`DVAEImageTokenizer`, transformers'
@@ -36,6 +36,7 @@ from transformers.models.beit.modeling_beit import BeitEmbeddings, BeitPreTraine
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import resolve_hidden_states_indices, selected_hidden_states
 
 from .configuration_beit_mto import BeitMTOConfig
 from .mto import mto_terms
@@ -232,10 +233,11 @@ class BeitMTOPreTrainedModel(BeitPreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, BeitEmbeddings):  # the official BEiT's, where upstream sets zeros
-            init.trunc_normal_(module.cls_token, std=self.config.initializer_range)
+        if isinstance(module, BeitEmbeddings):  # the official BEiT's, where upstream sets zeros: truncated at +-std
+            std = self.config.initializer_range
+            init.trunc_normal_(module.cls_token, std=std, a=-std, b=std)
             if module.mask_token is not None:
-                init.trunc_normal_(module.mask_token, std=self.config.initializer_range)
+                init.trunc_normal_(module.mask_token, std=std, a=-std, b=std)
 
 
 class BeitMTOModel(BeitMTOPreTrainedModel, BeitModel):
@@ -339,6 +341,18 @@ class BeitMTOForMaskedImageModeling(BeitMTOPreTrainedModel, BeitForMaskedImageMo
             bool_masked_pos = bool_masked_pos.bool()
         return bool_masked_pos
 
+    def _requested_hidden_states(
+        self, states: tuple[torch.Tensor, ...], output_hidden_states: bool | int | list[int] | None
+    ) -> tuple[torch.Tensor | None, ...] | None:
+        """What upstream returns for `output_hidden_states` (a flag, or the indices to keep), from all L+1 states."""
+        if not output_hidden_states:
+            return None
+        selected = selected_hidden_states(output_hidden_states)
+        if selected is None:
+            return states
+        keep = resolve_hidden_states_indices(self.beit, selected, num_hidden_states=len(states))
+        return tuple(state if index in keep else None for index, state in enumerate(states))
+
     @can_return_tuple
     def forward(
         self,
@@ -394,8 +408,7 @@ class BeitMTOForMaskedImageModeling(BeitMTOPreTrainedModel, BeitForMaskedImageMo
                 eps=self.config.mto_eps,
                 ranking=self.config.mto_ranking,
             )
-            if not output_hidden_states:
-                hidden_states = None
+            hidden_states = self._requested_hidden_states(hidden_states, output_hidden_states)
         return BeitMTOOutput(
             loss=outputs.loss,
             logits=outputs.logits,
