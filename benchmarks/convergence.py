@@ -80,6 +80,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "configs"
 MAE, SIMMIM = CONFIGS / "tiny_cpu_mae_mto.yaml", CONFIGS / "tiny_cpu_simmim_mto.yaml"
 BOOTMAE = CONFIGS / "tiny_cpu_bootmae_mto.yaml"
+BEIT = CONFIGS / "tiny_cpu_beit_mto.yaml"
 FINETUNE = CONFIGS / "tiny_cpu_finetune.yaml"
 
 
@@ -102,6 +103,9 @@ ARMS = {
     "simmim_mto": Arm(SIMMIM, True, None, "simmim"),
     "bootmae": Arm(BOOTMAE, False, None, "bootmae"),
     "bootmae_mto": Arm(BOOTMAE, True, None, "bootmae"),
+    "beit": Arm(BEIT, False, None, "beit"),  # BEiT's block-wise masking, the preset's
+    "beit_evolved": Arm(BEIT, False, "evolved", "beit"),
+    "beit_mto": Arm(BEIT, True, None, "beit"),
     "random_init": Arm(MAE, False, None, None, pretrain=False),
 }
 BASELINES = ("mae", "simmim")  # the methods of the learning-rate sweep
@@ -382,7 +386,7 @@ def group_runs(runs: list[dict]) -> dict[tuple, list[dict]]:
 
 
 def lr_of(arm: str, args) -> float:
-    return {MAE: args.mae_lr, SIMMIM: args.simmim_lr, BOOTMAE: args.bootmae_lr}[ARMS[arm].preset]
+    return {MAE: args.mae_lr, SIMMIM: args.simmim_lr, BOOTMAE: args.bootmae_lr, BEIT: args.beit_lr}[ARMS[arm].preset]
 
 
 def report(runs: list[dict]) -> str:
@@ -663,6 +667,9 @@ def main(argv=None):
         type=float,
         default=preset_lr(BOOTMAE),
         help="Base LR of every BootMAE arm (default: the preset's).",
+    )
+    parser.add_argument(
+        "--beit_lr", type=float, default=preset_lr(BEIT), help="Base LR of every BEiT arm (default: the preset's)."
     )
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--train_samples", type=int, default=10000, help="Fashion-MNIST train images pre-trained on.")
