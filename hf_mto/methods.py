@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoImageProcessor, PretrainedConfig, PreTrainedModel, ViTImageProcessor
+from transformers import AutoConfig, AutoImageProcessor, PretrainedConfig, PreTrainedModel, ViTImageProcessor, ViTModel
 
 from .data import build_eval_transform, build_pretraining_transform
 from .masking import mask_to_noise
@@ -48,7 +48,9 @@ class PreTrainingMethod:
             path): the trainer then passes none. None when the model needs a mask from outside.
         mto_stacks: names of the stacks of states MTO acts on (MAE: its decoder; BootMAE: two decoders), in the
             order the model returns them; `mto_outputs` finds each stack's terms in a forward's outputs.
-        export_dropped_keys: encoder weights that have no place in a plain `ViTModel` (SimMIM's mask token).
+        export_dropped_keys: encoder weights that have no place in the stock encoder (SimMIM's mask token).
+        stock_encoder_class / stock_encoder_kwargs: the stock transformers encoder the export writes and reloads
+            (`ViTModel` without pooling layer; BEiT: `BeitModel` with the pooler its classifier uses).
         card_notes: sentences the exported encoder's model card adds about this method's encoder.
         citation: the BibTeX entry of the method's paper, which model cards cite beside MTO's and EHM's.
         reconstructs_pixels: whether the model predicts pixels (`analysis_pass` gives a reconstruction to draw); a
@@ -68,6 +70,8 @@ class PreTrainingMethod:
     own_masking: ClassVar[str | None] = None
     mto_stacks: ClassVar[tuple[str, ...]]
     export_dropped_keys: ClassVar[tuple[str, ...]] = ()
+    stock_encoder_class: ClassVar[type[PreTrainedModel]] = ViTModel
+    stock_encoder_kwargs: ClassVar[dict] = {"add_pooling_layer": False}
     card_notes: ClassVar[str] = ""
     citation: ClassVar[str] = ""
 
@@ -224,6 +228,14 @@ class PreTrainingMethod:
             of ``pixel_values``.
         """
         raise NotImplementedError(f"{cls.__name__} does not declare an analysis pass")
+
+    @classmethod
+    def stock_encoder_config(cls, config) -> PretrainedConfig:
+        """The config of the stock encoder (`stock_encoder_class`) the export writes for a pre-training ``config``.
+        Default: a `ViTConfig` with the encoder's fields (`hf_mto.export.encoder_config`)."""
+        from .export import encoder_config  # export imports this module
+
+        return encoder_config(config)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Training

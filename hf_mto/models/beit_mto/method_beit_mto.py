@@ -10,7 +10,7 @@ import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as F
 from safetensors.torch import load_file
-from transformers import BeitForMaskedImageModeling, BeitModel
+from transformers import BeitConfig, BeitForMaskedImageModeling, BeitModel
 
 from ...data import build_eval_transform, to_rgb
 from ...methods import PreTrainingMethod, register_method
@@ -112,6 +112,10 @@ class BeitMTOMethod(PreTrainingMethod):
     default_masking = "beit_block"
     mto_stacks = ("encoder",)
     export_dropped_keys = ("embeddings.mask_token",)
+    # `BeitForImageClassification` builds its encoder with the pooler (with `use_mean_pooling`, the official
+    # fine-tuning's `fc_norm`): exported as initialised (weight 1, bias 0), as the official fine-tuning starts it.
+    stock_encoder_class = BeitModel
+    stock_encoder_kwargs = {}
     citation = """\
 @inproceedings{bao2022beit,
   title     = {{BEiT}: {BERT} Pre-Training of Image Transformers},
@@ -121,7 +125,8 @@ class BeitMTOMethod(PreTrainingMethod):
 }"""
     card_notes = (
         "BEiT's mask token and visual-token head were dropped. Position information is BEiT's relative position "
-        "bias (shared by all blocks when pre-trained so); layer scale is kept."
+        "bias (shared by all blocks when pre-trained so); layer scale is kept. With `use_mean_pooling` (BEiT's "
+        "fine-tuning) the pooler's LayerNorm is new to fine-tuning, exported at its initial values (1 and 0)."
     )
 
     @classmethod
@@ -248,3 +253,15 @@ class BeitMTOMethod(PreTrainingMethod):
         outputs = model(pixel_values, use_mto=False, output_hidden_states=True, **mask_inputs)
         states = [state[:, 1:].float() for state in outputs.hidden_states]
         return {"encoder": states}, mask_inputs["bool_masked_pos"].bool(), None
+
+    # -- export --------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def stock_encoder_config(cls, config) -> BeitConfig:
+        """A stock `BeitConfig` with every field the encoder and BEiT's classifier read (no mask token: fine-tuning
+        masks nothing), so `BeitForImageClassification` builds on it with only its classifier new."""
+        fields = BeitConfig().to_dict()
+        kwargs = {name: value for name, value in config.to_dict().items() if name in fields}
+        for name in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "dtype"):
+            kwargs.pop(name, None)
+        return BeitConfig(**{**kwargs, "use_mask_token": False})

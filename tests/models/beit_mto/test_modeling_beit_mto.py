@@ -498,3 +498,27 @@ def test_unmasked_encoder_output_is_upstreams_forward():
 def test_bad_config_values_raise_value_error_naming_the_value(overrides, message):
     with pytest.raises(ValueError, match=message):
         BeitMTOConfig(**{**TINY_BEIT, **overrides})
+
+
+def test_export_to_stock_beit_classification_with_no_new_encoder_weight(tmp_path):
+    from transformers import AutoModelForImageClassification, BeitForImageClassification
+
+    from hf_mto.export import export_encoder
+
+    model = make_model().eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    export_encoder(tmp_path / "ckpt", tmp_path / "encoder")
+    assert AutoConfig.from_pretrained(tmp_path / "encoder").model_type == "beit"
+    classifier, info = AutoModelForImageClassification.from_pretrained(
+        tmp_path / "encoder", num_labels=10, output_loading_info=True
+    )
+    assert type(classifier) is BeitForImageClassification
+    assert sorted(info["missing_keys"]) == ["classifier.bias", "classifier.weight"] and not info["unexpected_keys"]
+    encoder = model.beit.state_dict()
+    for key, value in classifier.beit.state_dict().items():
+        if not key.startswith("pooler."):
+            assert torch.equal(value, encoder[key]), key
+    assert "embeddings.mask_token" not in classifier.beit.state_dict()
+    pixels = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(classifier.beit.eval()(pixels).last_hidden_state, model.beit(pixels).last_hidden_state)
+    assert "BeitModel" in (tmp_path / "encoder" / "README.md").read_text()
