@@ -522,3 +522,24 @@ def test_export_to_stock_beit_classification_with_no_new_encoder_weight(tmp_path
     pixels = torch.randn(2, 3, 32, 32)
     assert torch.allclose(classifier.beit.eval()(pixels).last_hidden_state, model.beit(pixels).last_hidden_state)
     assert "BeitModel" in (tmp_path / "encoder" / "README.md").read_text()
+
+
+def test_finetuning_builds_stock_beit_classifier_from_a_pretraining_checkpoint(tmp_path):
+    from transformers import BeitForImageClassification
+
+    from hf_mto.finetuning import FinetuneArguments, build_classification_model, layer_decay_param_groups
+
+    model = make_model().eval()
+    model.save_pretrained(tmp_path)
+    args = FinetuneArguments(model_name_or_path=str(tmp_path), global_pool=True, drop_path_rate=0.1)
+    classifier = build_classification_model(args, ["a", "b", "c"])
+    assert type(classifier) is BeitForImageClassification and classifier.classifier.out_features == 3
+    assert classifier.config.drop_path_rate == 0.1 and classifier.config.use_mean_pooling
+    encoder = model.beit.state_dict()
+    for key, value in classifier.beit.state_dict().items():
+        if not key.startswith("pooler."):
+            assert torch.equal(value, encoder[key]), key
+    groups = layer_decay_param_groups(classifier, weight_decay=0.05, layer_decay=0.75)
+    assert len({group["lr_scale"] for group in groups}) == model.config.num_hidden_layers + 2
+    with pytest.raises(ValueError, match="--global_pool true"):
+        build_classification_model(FinetuneArguments(model_name_or_path=str(tmp_path), global_pool=False), ["a"])
