@@ -50,7 +50,7 @@ accuracies per learning rate, their margin over the floor and whether the last e
     #    2-epoch run on 2,000 images with one fine-tuning took 3.4 min on 2 shared CPU cores, model compute included)
     for lr in 1.5e-4 5e-4 1.5e-3 5e-3 1.5e-2; do OMP_NUM_THREADS=1 python benchmarks/convergence.py --lr_sweep \
         --arms beit --learning_rates $lr --lr_sweep_epochs 10 --seeds 0 --train_samples 8000 --test_samples 1000 \
-        --bank_samples 2000 --output_dir outputs/convergence & done; wait
+        --bank_samples 2000 --output_dir outputs/convergence-beit-lr$lr & done; wait   # one folder each: the floor
     for arm in beit beit_evolved beit_mto; do for seed in 0 1 2; do OMP_NUM_THREADS=1 python \
         benchmarks/convergence.py --arms $arm --seeds $seed --beit_lr <the sweep's best> --weights 0.003 --epochs 10 \
         --train_samples 8000 --test_samples 1000 --bank_samples 2000 --finetune_epochs 2 4 7 10 \
