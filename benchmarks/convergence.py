@@ -11,10 +11,11 @@ T=0.07) and linear-probe accuracy (`hf_mto.evaluation`) of the mean-pooled patch
 Arms: `mae`, `simmim` (the baselines, at `--mae_lr` / `--simmim_lr`), `mae_mto`, `simmim_mto` (MTO with the
 `"scaled"` affinity, the config default; `mae_mto` passes it explicitly, since the tiny MAE preset uses `"dot"`),
 `mae_mto_dot` and `mae_mto_cosine` (the affinity ablations: MTO with the raw dot product, with the cosine at the
-config's `mto_temperature`), `mae_evolved`, `mae_mto_evolved` (evolved
-masking), `bootmae`, `bootmae_mto` (at `--bootmae_lr`), and `random_init`, the floor: the MAE preset's encoder at
-initialisation (seeded like every run), not trained, scored and fine-tuned through the same code as the others (a
-`--do_train false` run of the recipe whose model is then saved).
+config's `mto_temperature`), `mae_evolved`, `mae_mto_evolved` (evolved masking), `bootmae`, `bootmae_mto` (at
+`--bootmae_lr`), `beit` (BEiT's block-wise masking, k-means tokenizer, the tiny BEiT preset), `beit_evolved`,
+`beit_mto` (at `--beit_lr`), and `random_init`, the floor: the MAE preset's encoder at initialisation (seeded like
+every run), not trained, scored and fine-tuned through the same code as the others (a `--do_train false` run of the
+recipe whose model is then saved).
 
 The report gives, per arm, mean ± std over seeds of the final k-NN, probe and fine-tuning accuracy; the RAUC of each
 measure against the arm's baseline (MTO paper Eq. 8, `hf_mto.metrics.RAUC_PATH`) over the measure's evaluated epochs;
@@ -43,6 +44,23 @@ accuracies per learning rate, their margin over the floor and whether the last e
         --finetune_train_samples 3000 --finetune_eval_samples 2000 --output_dir outputs/convergence
 
     python benchmarks/convergence.py --smoke      # a few steps of every path (study arms, fine-tuning, LR sweep): CI
+
+    # 4. BEiT (not run yet): its baseline LR sweep, then BEiT / + evolved masking / + MTO x 3 seeds with step 3's
+    #    protocol, each run its own process side by side (OMP_NUM_THREADS=1), sized for a 16-core machine with one
+    #    GPU: the 5 sweep runs, then the 9 study runs, each phase about 6 min there (estimated, not measured: a
+    #    2-epoch run on 2,000 images with one fine-tuning took 3.4 min on 2 shared CPU cores, model compute included)
+    for lr in 1.5e-4 5e-4 1.5e-3 5e-3 1.5e-2; do OMP_NUM_THREADS=1 python benchmarks/convergence.py --lr_sweep \
+        --arms beit --learning_rates $lr --lr_sweep_epochs 10 --seeds 0 --train_samples 8000 --test_samples 1000 \
+        --bank_samples 2000 --output_dir outputs/convergence-beit-lr$lr & done; wait   # one folder each: the floor
+    for arm in beit beit_evolved beit_mto; do for seed in 0 1 2; do OMP_NUM_THREADS=1 python \
+        benchmarks/convergence.py --arms $arm --seeds $seed --beit_lr <the sweep's best> --weights 0.003 --epochs 10 \
+        --train_samples 8000 --test_samples 1000 --bank_samples 2000 --finetune_epochs 2 4 7 10 \
+        --finetune_num_epochs 2 --finetune_train_samples 3000 --finetune_eval_samples 2000 \
+        --output_dir outputs/convergence & done; done; wait
+    python benchmarks/convergence.py --arms beit beit_evolved beit_mto --seeds 0 1 2 --beit_lr <the same> \
+        --weights 0.003 --epochs 10 --train_samples 8000 --test_samples 1000 --bank_samples 2000 \
+        --finetune_epochs 2 4 7 10 --finetune_num_epochs 2 --finetune_train_samples 3000 \
+        --finetune_eval_samples 2000 --output_dir outputs/convergence     # reuses the 9 runs: the report
 
 Writes `<output_dir>/convergence.json` (every run's curves, fine-tuning accuracies and timings) and
 `convergence.png` (with `--sweep`: `convergence_sweep.*`; with `--lr_sweep`: `lr_sweep.*`), and prints the tables in
@@ -81,6 +99,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "configs"
 MAE, SIMMIM = CONFIGS / "tiny_cpu_mae_mto.yaml", CONFIGS / "tiny_cpu_simmim_mto.yaml"
 BOOTMAE = CONFIGS / "tiny_cpu_bootmae_mto.yaml"
+BEIT = CONFIGS / "tiny_cpu_beit_mto.yaml"
 FINETUNE = CONFIGS / "tiny_cpu_finetune.yaml"
 
 
@@ -104,9 +123,12 @@ ARMS = {
     "simmim_mto": Arm(SIMMIM, True, None, "simmim"),
     "bootmae": Arm(BOOTMAE, False, None, "bootmae"),
     "bootmae_mto": Arm(BOOTMAE, True, None, "bootmae"),
+    "beit": Arm(BEIT, False, None, "beit"),  # BEiT's block-wise masking, the preset's
+    "beit_evolved": Arm(BEIT, False, "evolved", "beit"),
+    "beit_mto": Arm(BEIT, True, None, "beit"),
     "random_init": Arm(MAE, False, None, None, pretrain=False),
 }
-BASELINES = ("mae", "simmim")  # the methods of the learning-rate sweep
+BASELINES = ("mae", "simmim", "beit")  # the methods of the learning-rate sweep
 SMOKE_ARMS = ["mae", "mae_mto_dot", "random_init"]
 METRICS = ("eval_knn_accuracy", "eval_linear_probe_accuracy")
 MEASURES = {"knn": "eval_knn_accuracy", "probe": "eval_linear_probe_accuracy", "finetune": "finetune_accuracy"}
@@ -384,7 +406,7 @@ def group_runs(runs: list[dict]) -> dict[tuple, list[dict]]:
 
 
 def lr_of(arm: str, args) -> float:
-    return {MAE: args.mae_lr, SIMMIM: args.simmim_lr, BOOTMAE: args.bootmae_lr}[ARMS[arm].preset]
+    return {MAE: args.mae_lr, SIMMIM: args.simmim_lr, BOOTMAE: args.bootmae_lr, BEIT: args.beit_lr}[ARMS[arm].preset]
 
 
 def report(runs: list[dict]) -> str:
@@ -665,6 +687,9 @@ def main(argv=None):
         type=float,
         default=preset_lr(BOOTMAE),
         help="Base LR of every BootMAE arm (default: the preset's).",
+    )
+    parser.add_argument(
+        "--beit_lr", type=float, default=preset_lr(BEIT), help="Base LR of every BEiT arm (default: the preset's)."
     )
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--train_samples", type=int, default=10000, help="Fashion-MNIST train images pre-trained on.")

@@ -8,6 +8,8 @@ gives the encoder of each pre-training model.
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification, ViTImageProcessor
 
+from .models.beit_mto import BeitMTOConfig, BeitMTOForMaskedImageModeling, BeitMTOModel, BeitMTOOutput
+from .models.beit_mto.method_beit_mto import BeitMTOMethod
 from .models.bootmae_mto import (
     BootMAEMTOConfig,
     BootMAEMTOForPreTraining,
@@ -51,6 +53,11 @@ def _register() -> None:
 _register()
 
 __all__ = [
+    "BeitMTOConfig",
+    "BeitMTOForMaskedImageModeling",
+    "BeitMTOMethod",
+    "BeitMTOModel",
+    "BeitMTOOutput",
     "BootMAEMTOConfig",
     "BootMAEMTOForPreTraining",
     "BootMAEMTOForPreTrainingOutput",

@@ -181,9 +181,8 @@ def encoder_features(model: torch.nn.Module, pixel_values: torch.Tensor, pooling
     (`pooling="cls"`) or mean of the patch tokens (`"mean"`). Runs with the model's current autograd and train/eval
     state; `extract_features` wraps it in `no_grad` and eval mode.
 
-    The encoder runs over every patch through its method's `unmasked_embeddings` and `encoder_blocks` (a
-    pre-training embedding module may always mask, as MAE's drops patches), then the final layernorm; a ViT no
-    method declares (a classifier, an exported encoder) takes the generic declarations of `PreTrainingMethod`.
+    The encoder runs over every patch through its method's `unmasked_encoder_output` (a pre-training embedding
+    module may always mask, as MAE's drops patches); a ViT no method declares (a classifier, an exported encoder) takes the generic declarations of `PreTrainingMethod`.
     """
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -193,10 +192,7 @@ def encoder_features(model: torch.nn.Module, pixel_values: torch.Tensor, pooling
     except ValueError:
         method = PreTrainingMethod
     pixel_values = pixel_values.to(encoder.embeddings.patch_embeddings.projection.weight.dtype)
-    hidden = method.unmasked_embeddings(encoder, pixel_values)  # [B, 1 + N, D]
-    for layer in method.encoder_blocks(encoder):
-        hidden = layer(hidden)
-    hidden = encoder.layernorm(hidden)
+    hidden = method.unmasked_encoder_output(encoder, pixel_values)  # [B, 1 + N, D]
     return hidden[:, 0] if pooling == "cls" else hidden[:, 1:].mean(dim=1)
 
 

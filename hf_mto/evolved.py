@@ -10,7 +10,7 @@ Per training step, on the training device and from the current weights (DESIGN.m
 
 The attention maps are computed from each block's own query/key projections, so the training forward keeps its
 attention implementation (SDPA, flash): nothing is switched to eager. The unmasked embeddings and the blocks come
-from the model's method (`hf_mto.methods`: `unmasked_embeddings`, `encoder_blocks`).
+from the model's method (`hf_mto.methods`: `encoder_attention_maps`).
 """
 
 from __future__ import annotations
@@ -28,9 +28,8 @@ def encoder_similarity(model, pixel_values: torch.Tensor, attention_layers: int)
     """Patch-to-patch similarity from the model's own attention over the unmasked image.
 
     Args:
-        model: a pre-training model of a registered method (ours or an upstream class it extends) whose
-            `encoder_blocks` are ViT blocks: `layernorm_before`, `attention.q_proj/k_proj/v_proj/o_proj`, `mlp`,
-            `layernorm_after`.
+        model: a pre-training model of a registered method (ours or an upstream class it extends); its method's
+            `encoder_attention_maps` gives the maps.
         pixel_values: ``[B, C, H, W]``.
         attention_layers: how many of the first blocks to average over (the EHM paper uses 6 of 12).
 
@@ -38,28 +37,10 @@ def encoder_similarity(model, pixel_values: torch.Tensor, attention_layers: int)
         ``[B, N, N]`` float32, symmetric, CLS excluded.
     """
     method = method_for(model)
-    layers = method.encoder_blocks(model)
-    if not 1 <= attention_layers <= len(layers):
-        raise ValueError(f"evolved_attention_layers must be in [1, {len(layers)}], got {attention_layers}")
-    hidden = method.unmasked_embeddings(model, pixel_values)  # [B, 1 + N, D]
-    batch_size, num_tokens, _ = hidden.shape
-    maps = []
-    for index, layer in enumerate(layers[:attention_layers]):
-        attention = layer.attention
-        normed = layer.layernorm_before(hidden)
-        shape = (batch_size, num_tokens, -1, attention.head_dim)
-        query = attention.q_proj(normed).view(shape).transpose(1, 2)  # [B, heads, T, hd]
-        key = attention.k_proj(normed).view(shape).transpose(1, 2)
-        probs = torch.softmax(torch.matmul(query.float(), key.float().transpose(-1, -2)) * attention.scaling, dim=-1)
-        maps.append(probs.mean(dim=1, keepdim=True))  # [B, 1, T, T], mean over heads
-        if index == attention_layers - 1:
-            break  # the last block's output is never used: its attention map is all we need from it
-        # The rest of the block (ViT pre-norm: x + attn(ln(x)), then x + mlp(ln(x)); dropout off, as in eval) from
-        # the probabilities already at hand: calling the block would project the queries and keys a second time.
-        value = attention.v_proj(normed).view(shape).transpose(1, 2)
-        context = torch.matmul(probs.to(value.dtype), value).transpose(1, 2).reshape(batch_size, num_tokens, -1)
-        hidden = hidden + attention.o_proj(context)
-        hidden = hidden + layer.mlp(layer.layernorm_after(hidden))
+    depth = len(method.encoder_blocks(model))
+    if not 1 <= attention_layers <= depth:
+        raise ValueError(f"evolved_attention_layers must be in [1, {depth}], got {attention_layers}")
+    maps = method.encoder_attention_maps(model, pixel_values, attention_layers)
     return attention_similarity(maps)
 
 

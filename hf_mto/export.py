@@ -43,7 +43,6 @@ from transformers import (
     PreTrainedModel,
     ViTConfig,
     ViTImageProcessor,
-    ViTModel,
 )
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.utils import cached_file
@@ -154,18 +153,28 @@ def _model_card(
     if method.extended_class(model_type) is None:  # ours, not an upstream class it extends
         origin += f" with Masked Token Optimization in the {' and '.join(method.mto_stacks)}"
     position_note = method.card_notes
+    stock = method.stock_encoder_class.__name__
+    pooler = (
+        "without pooling layer" if method.stock_encoder_kwargs.get("add_pooling_layer") is False else "with pooler"
+    )
+    pooler_note = (
+        f" (without `add_pooling_layer=False`, `{stock}` adds a newly initialised pooler, which pre-training never had)"
+        if method.stock_encoder_kwargs.get("add_pooling_layer") is False
+        else ""
+    )
+    features_kwargs = "".join(f", {name}={value}" for name, value in method.stock_encoder_kwargs.items())
     return f"""---
 library_name: transformers
 pipeline_tag: image-feature-extraction
 tags:
 - vision
-- vit
+- {config.model_type}
 - hf-mto
 ---
 
-# ViT encoder exported from `{source_name}`
+# {stock.removesuffix("Model")} encoder exported from `{source_name}`
 
-A plain transformers ViT encoder (`model_type: vit`, `ViTModel` weights without pooling layer), exported with
+A plain transformers encoder (`model_type: {config.model_type}`, `{stock}` weights {pooler}), exported with
 `hf_mto.export.export_encoder` from the {source_class} `{source_name}` (model_type `{model_type}`): {origin}.
 The pre-training decoder is not included. It loads with transformers alone: no `hf_mto`, no `trust_remote_code`.
 
@@ -189,15 +198,14 @@ Set `num_labels` to your number of classes: only the classifier is newly initial
 [`run_image_classification.py`](https://github.com/huggingface/transformers/tree/main/examples/pytorch/image-classification)
 works as is: `python run_image_classification.py --model_name_or_path {path} --ignore_mismatched_sizes ...`.
 
-Features: `ViTModel.from_pretrained("{path}", add_pooling_layer=False)(pixel_values).last_hidden_state` (without
-`add_pooling_layer=False`, `ViTModel` adds a newly initialised pooler, which pre-training never had).
+Features: `{stock}.from_pretrained("{path}"{features_kwargs})(pixel_values).last_hidden_state`{pooler_note}.
 """
 
 
-def _verify(output_dir: Path, expected: dict[str, torch.Tensor]) -> None:
+def _verify(output_dir: Path, expected: dict[str, torch.Tensor], method: type[PreTrainingMethod]) -> None:
     """Reload the export and check it key by key against the encoder's weights."""
-    reloaded, info = ViTModel.from_pretrained(
-        output_dir, add_pooling_layer=False, dtype="auto", output_loading_info=True
+    reloaded, info = method.stock_encoder_class.from_pretrained(
+        output_dir, **method.stock_encoder_kwargs, dtype="auto", output_loading_info=True
     )
     problems = {name: info[name] for name in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[name]}
     if problems:
@@ -249,13 +257,14 @@ def export_encoder(
             f"checkpoint_or_model must be a path, a Hub id or a model, got {type(checkpoint_or_model).__name__}"
         )
     method, encoder = _split(model)
-    config = encoder_config(model.config)
-    weights = encoder_state_dict(encoder, method.export_dropped_keys)
-
-    vit = ViTModel(config, add_pooling_layer=False)
+    config = method.stock_encoder_config(model.config)
+    vit = method.stock_encoder_class(config, **method.stock_encoder_kwargs)
+    # the stock model's own weights where pre-training has none (BEiT's fine-tuning pooler), every other from the encoder
+    weights = {**vit.state_dict(), **encoder_state_dict(encoder, method.export_dropped_keys)}
     vit.to(dtype=encoder.embeddings.patch_embeddings.projection.weight.dtype)
-    vit.load_state_dict(weights, strict=True)  # strict: every ViTModel key filled, nothing left over
+    vit.load_state_dict(weights, strict=True)  # strict: every key of the stock encoder filled, nothing left over
     vit.eval()
+    weights = vit.state_dict()
 
     output_dir.mkdir(parents=True, exist_ok=True)
     vit.save_pretrained(output_dir)
@@ -272,7 +281,7 @@ def export_encoder(
             str(output_dir),
         )
     )
-    _verify(output_dir, {key: value.detach().cpu() for key, value in weights.items()})
+    _verify(output_dir, {key: value.detach().cpu() for key, value in weights.items()}, method)
     return output_dir
 
 

@@ -43,6 +43,7 @@ from torch import nn
 from torchvision import transforms as T
 from transformers import (
     AutoImageProcessor,
+    AutoModelForImageClassification,
     PreTrainedConfig,
     PreTrainedModel,
     Trainer,
@@ -51,6 +52,7 @@ from transformers import (
     ViTForImageClassification,
     ViTImageProcessor,
 )
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.vit.modeling_vit import ViTLayer
 
 from .checkpoints import (
@@ -61,7 +63,7 @@ from .checkpoints import (
 )
 from .data import build_image_processor, to_rgb
 from .export import export_encoder
-from .methods import method_for, model_types
+from .methods import method_for, model_types, registered_methods
 from .metrics import ACCURACY_PATH
 from .models.vit_gap import ViTGAPConfig, ViTGAPForImageClassification
 from .training_args import ScaledLRTrainingArguments
@@ -492,12 +494,17 @@ def build_classification_model(args: FinetuneArguments, label_names: Sequence[st
             export_encoder(source, exported, **hub_kwargs)
             source, hub_kwargs = exported, {}
             config_dict, _ = PreTrainedConfig.get_config_dict(source)
-        elif model_type not in _CLASSIFIER_TYPES:
+        elif model_type not in _CLASSIFIER_TYPES + _stock_encoder_types():
             raise ValueError(
-                f"fine-tuning needs a ViT checkpoint (model_type {_CLASSIFIER_TYPES + tuple(model_types())}); "
+                f"fine-tuning needs a ViT checkpoint (model_type "
+                f"{_CLASSIFIER_TYPES + _stock_encoder_types() + tuple(model_types())}); "
                 f"{source!r} has model_type {model_type!r}"
             )
         kept = {key: value for key, value in config_dict.items() if key not in _CONFIG_KEYS_NOT_COPIED}
+        own_classifier = config_dict.get("model_type") not in _CLASSIFIER_TYPES
+        if own_classifier:  # another stock encoder a method exports (BEiT's): transformers' classifier of its family
+            model_class, config_class = _stock_classifier(config_dict.get("model_type"), args)
+            kept["drop_path_rate"] = args.drop_path_rate  # its own stochastic depth, not `apply_drop_path`'s
         kept.update(
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
@@ -520,9 +527,27 @@ def build_classification_model(args: FinetuneArguments, label_names: Sequence[st
         with torch.no_grad():
             nn.init.trunc_normal_(model.classifier.weight, std=args.head_init_std)
             nn.init.zeros_(model.classifier.bias)
-    if args.drop_path_rate > 0:
+    if args.drop_path_rate > 0 and not own_classifier:
         apply_drop_path(model, args.drop_path_rate)
     return model
+
+
+def _stock_encoder_types() -> tuple[str, ...]:
+    """The model types of the stock encoders the methods export to, beyond ViT's (BEiT's `beit`)."""
+    types = {method.stock_encoder_class.config_class.model_type for method in registered_methods()}
+    return tuple(sorted(types - set(_CLASSIFIER_TYPES)))
+
+
+def _stock_classifier(model_type: str, args: FinetuneArguments) -> tuple[type[PreTrainedModel], type]:
+    """transformers' image classifier and config for an exported encoder of ``model_type`` (BEiT's: it pools the patch
+    tokens by mean and its pooler's LayerNorm, as `--global_pool` does for ViT)."""
+    if not args.global_pool:
+        raise ValueError(
+            f"a {model_type!r} encoder is fine-tuned with its own classifier, which mean-pools the patch tokens as "
+            "BEiT fine-tunes: pass --global_pool true"
+        )
+    config_class = CONFIG_MAPPING[model_type]
+    return AutoModelForImageClassification._model_mapping[config_class], config_class
 
 
 def load_image_processor(args: FinetuneArguments, config) -> ViTImageProcessor:

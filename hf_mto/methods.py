@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoImageProcessor, PretrainedConfig, PreTrainedModel, ViTImageProcessor
+from transformers import AutoConfig, AutoImageProcessor, PretrainedConfig, PreTrainedModel, ViTImageProcessor, ViTModel
 
 from .data import build_eval_transform, build_pretraining_transform
 from .masking import mask_to_noise
@@ -48,7 +48,9 @@ class PreTrainingMethod:
             path): the trainer then passes none. None when the model needs a mask from outside.
         mto_stacks: names of the stacks of states MTO acts on (MAE: its decoder; BootMAE: two decoders), in the
             order the model returns them; `mto_outputs` finds each stack's terms in a forward's outputs.
-        export_dropped_keys: encoder weights that have no place in a plain `ViTModel` (SimMIM's mask token).
+        export_dropped_keys: encoder weights that have no place in the stock encoder (SimMIM's mask token).
+        stock_encoder_class / stock_encoder_kwargs: the stock transformers encoder the export writes and reloads
+            (`ViTModel` without pooling layer; BEiT: `BeitModel` with the pooler its classifier uses).
         card_notes: sentences the exported encoder's model card adds about this method's encoder.
         citation: the BibTeX entry of the method's paper, which model cards cite beside MTO's and EHM's.
         reconstructs_pixels: whether the model predicts pixels (`analysis_pass` gives a reconstruction to draw); a
@@ -68,6 +70,8 @@ class PreTrainingMethod:
     own_masking: ClassVar[str | None] = None
     mto_stacks: ClassVar[tuple[str, ...]]
     export_dropped_keys: ClassVar[tuple[str, ...]] = ()
+    stock_encoder_class: ClassVar[type[PreTrainedModel]] = ViTModel
+    stock_encoder_kwargs: ClassVar[dict] = {"add_pooling_layer": False}
     card_notes: ClassVar[str] = ""
     citation: ClassVar[str] = ""
 
@@ -96,16 +100,21 @@ class PreTrainingMethod:
     # ---------------------------------------------------------------------------------------------------------------
 
     @classmethod
-    def pretraining_transform(cls, image_size: int, image_mean, image_std) -> Callable:
+    def pretraining_transform(
+        cls, image_size: int, image_mean, image_std, config: PretrainedConfig | None = None
+    ) -> Callable:
         """PIL image -> what one training example gives the model: a ``[3, H, W]`` tensor (`pixel_values`), or a dict
         with one ``[...]`` tensor per forward argument for a method that needs more than one view of an image (a
         second augmented view, a tokenizer's input); `hf_mto.data.PixelCollator` stacks every entry, and normalises
-        the uint8 ones with ``image_mean``/``image_std`` once per batch. Default: MAE's augmentation (random resized
-        crop + flip) on uint8 tensors, `hf_mto.data.PretrainingTransform`."""
+        the uint8 ones with ``image_mean``/``image_std`` once per batch. ``config`` is the model's, for views it
+        shapes (BEiT's tokenizer view). Default: MAE's augmentation (random resized crop + flip) on uint8 tensors,
+        `hf_mto.data.PretrainingTransform`."""
         return build_pretraining_transform(image_size)
 
     @classmethod
-    def evaluation_transform(cls, image_size: int, image_mean, image_std) -> Callable:
+    def evaluation_transform(
+        cls, image_size: int, image_mean, image_std, config: PretrainedConfig | None = None
+    ) -> Callable:
         """PIL image -> what one evaluation example gives the model (the pre-training loss on held-out images), as
         `pretraining_transform` but deterministic. Default: resize and centre crop. The frozen-encoder evaluation
         (k-NN, linear probe) always takes one view, `hf_mto.data.build_eval_transform`'s."""
@@ -161,6 +170,49 @@ class PreTrainingMethod:
         return cls.encoder(model).layers
 
     @classmethod
+    def unmasked_encoder_output(cls, model: PreTrainedModel, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[B, 1 + N, D]`` the encoder's output over the whole image (nothing masked), after its final layernorm:
+        `unmasked_embeddings`, then `encoder_blocks`, then the layernorm."""
+        hidden = cls.unmasked_embeddings(model, pixel_values)
+        for layer in cls.encoder_blocks(model):
+            hidden = layer(hidden)
+        return cls.encoder(model).layernorm(hidden)
+
+    @classmethod
+    def encoder_attention_maps(
+        cls, model: PreTrainedModel, pixel_values: torch.Tensor, num_layers: int
+    ) -> list[torch.Tensor]:
+        """Post-softmax attention of the first ``num_layers`` encoder blocks over the whole image (nothing masked),
+        averaged over heads: ``num_layers`` tensors ``[B, 1, 1 + N, 1 + N]`` float32 (evolved masking's similarity).
+        The caller holds `no_grad`.
+
+        Computed from each block's own query/key projections, so the training forward keeps its attention
+        implementation. Default: ViT blocks (`layernorm_before`, `attention.q_proj/k_proj/v_proj/o_proj`, `mlp`,
+        `layernorm_after`), pre-norm residuals.
+        """
+        hidden = cls.unmasked_embeddings(model, pixel_values)  # [B, 1 + N, D]
+        batch_size, num_tokens, _ = hidden.shape
+        maps = []
+        for index, layer in enumerate(cls.encoder_blocks(model)[:num_layers]):
+            attention = layer.attention
+            normed = layer.layernorm_before(hidden)
+            shape = (batch_size, num_tokens, -1, attention.head_dim)
+            query = attention.q_proj(normed).view(shape).transpose(1, 2)  # [B, heads, T, hd]
+            key = attention.k_proj(normed).view(shape).transpose(1, 2)
+            logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attention.scaling
+            probs = torch.softmax(logits, dim=-1)
+            maps.append(probs.mean(dim=1, keepdim=True))  # [B, 1, T, T], mean over heads
+            if index == num_layers - 1:
+                break  # the last block's output is never used: its attention map is all we need from it
+            # The rest of the block (ViT pre-norm: x + attn(ln(x)), then x + mlp(ln(x)); dropout off, as in eval)
+            # from the probabilities already at hand: calling the block would project the queries and keys again.
+            value = attention.v_proj(normed).view(shape).transpose(1, 2)
+            context = torch.matmul(probs.to(value.dtype), value).transpose(1, 2).reshape(batch_size, num_tokens, -1)
+            hidden = hidden + attention.o_proj(context)
+            hidden = hidden + layer.mlp(layer.layernorm_after(hidden))
+        return maps
+
+    @classmethod
     def analysis_pass(
         cls, model: PreTrainedModel, pixel_values: torch.Tensor, mask_inputs: dict[str, torch.Tensor]
     ) -> tuple[dict[str, list[torch.Tensor]], torch.Tensor, torch.Tensor]:
@@ -178,9 +230,24 @@ class PreTrainingMethod:
         """
         raise NotImplementedError(f"{cls.__name__} does not declare an analysis pass")
 
+    @classmethod
+    def stock_encoder_config(cls, config) -> PretrainedConfig:
+        """The config of the stock encoder (`stock_encoder_class`) the export writes for a pre-training ``config``.
+        Default: a `ViTConfig` with the encoder's fields (`hf_mto.export.encoder_config`)."""
+        from .export import encoder_config  # export imports this module
+
+        return encoder_config(config)
+
     # ---------------------------------------------------------------------------------------------------------------
     # Training
     # ---------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def prepare_training(cls, model: PreTrainedModel, train_dataset, output_dir: str, seed: int) -> None:
+        """Called once before training, with the training dataset (examples as `pretraining_transform` gives them):
+        for what a method fits on the training data (BEiT's k-means image tokenizer), cached under ``output_dir``
+        so that a resumed run finds it. The trainer runs it on the main process first, then on the others (which
+        then find the cache). ``seed`` seeds any draw. No-op by default."""
 
     @classmethod
     def loss_components(cls, outputs) -> dict[str, torch.Tensor]:

@@ -254,6 +254,7 @@ def _method_info(config) -> dict:
             own_masking=None,
             architecture=[],
             citation="",
+            export_model_type="vit",
         )
     extended = method.extended_class(model_type)
     ours = extended is None
@@ -267,6 +268,7 @@ def _method_info(config) -> dict:
         own_masking=method.own_masking,
         architecture=method.card_architecture(config),
         citation=method.citation,
+        export_model_type=method.stock_encoder_class.config_class.model_type,
     )
 
 

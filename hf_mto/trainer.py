@@ -87,6 +87,9 @@ class MTOTrainer(ConvertedCheckpointsMixin, ModelCardMixin, ResilientHubMixin, T
                 "the same weights) or set mto_spa_weight, mto_e_weight and mto_r_weight to 0"
             )
         self.mask_generator = self._build_mask_generator()
+        if self.train_dataset is not None:  # what the method fits on the training data (BEiT's k-means tokenizer)
+            with self.args.main_process_first(desc="the method's preparation for training"):
+                self.method.prepare_training(model, self.train_dataset, self.args.output_dir, self.args.seed)
         self.add_callback(_MethodStepEnd(self.method))
         if isinstance(self.mask_generator, EvolvedMasking) and self.is_fsdp_enabled:
             # The similarity pass calls the encoder's blocks one by one, outside FSDP's forward, where their

@@ -111,8 +111,8 @@ def main(argv=None):
     size, mean, std = image_processor.size["height"], image_processor.image_mean, image_processor.image_std
     # the method's transforms: one view per forward argument its model takes (MAE and SimMIM: pixel_values)
     method = method_for(model)
-    train_dataset = apply_transform(datasets["train"], method.pretraining_transform(size, mean, std))
-    eval_dataset = apply_transform(datasets["validation"], method.evaluation_transform(size, mean, std))
+    train_dataset = apply_transform(datasets["train"], method.pretraining_transform(size, mean, std, config=config))
+    eval_dataset = apply_transform(datasets["validation"], method.evaluation_transform(size, mean, std, config=config))
 
     trainer = MTOTrainer(
         model=model,

@@ -190,12 +190,12 @@ def two_view_method(monkeypatch):
         inputs = []
 
         @classmethod
-        def pretraining_transform(cls, image_size, image_mean, image_std):
+        def pretraining_transform(cls, image_size, image_mean, image_std, config=None):
             view = build_eval_transform(image_size, image_mean, image_std, crop_pct=1.0)
             return lambda image: {"pixel_values": view(image), "second_pixel_values": F.vertical_flip(view(image))}
 
         @classmethod
-        def evaluation_transform(cls, image_size, image_mean, image_std):
+        def evaluation_transform(cls, image_size, image_mean, image_std, config=None):
             return cls.pretraining_transform(image_size, image_mean, image_std)
 
         @classmethod

@@ -31,7 +31,7 @@ def test_logged_metrics_are_averaged_over_steps_and_processes(tmp_path):
             f"""
             import json, torch
             from conftest import TINY_MAE
-            from hf_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining
+            from hf_mto import BeitMTOConfig, BeitMTOForMaskedImageModeling, ViTMAEMTOConfig, ViTMAEMTOForPreTraining
             from hf_mto.trainer import MTOTrainer
             from hf_mto.training_args import MTOTrainingArguments
 
@@ -89,7 +89,7 @@ def test_simmim_with_mto_and_evolved_masking_on_two_processes(tmp_path):
     assert all("mto/ranking_loss" in entry for entry in logged)
 
 
-@pytest.mark.parametrize("model_type", ["mae", "simmim"])
+@pytest.mark.parametrize("model_type", ["mae", "simmim", "beit"])
 def test_processes_end_with_identical_weights_and_share_the_gathered_mto_logs(tmp_path, model_type):
     """Each process masks its own shard (evolved masks from the model's own attention, MTO on); DDP must still
     leave both with the same weights, and the logged MTO terms must be the means over both processes."""
@@ -100,19 +100,24 @@ def test_processes_end_with_identical_weights_and_share_the_gathered_mto_logs(tm
             import json, torch
             from conftest import TINY_MAE, TINY_SIMMIM
             from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling
-            from hf_mto import ViTMAEMTOConfig, ViTMAEMTOForPreTraining
+            from hf_mto import BeitMTOConfig, BeitMTOForMaskedImageModeling, ViTMAEMTOConfig, ViTMAEMTOForPreTraining
             from hf_mto.trainer import MTOTrainer
             from hf_mto.training_args import MTOTrainingArguments
 
             torch.manual_seed(0)
             if {model_type!r} == "mae":
                 model = ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**TINY_MAE))
+            elif {model_type!r} == "beit":  # k-means tokenizer: fitted by the main process, loaded by the other
+                model = BeitMTOForMaskedImageModeling(BeitMTOConfig(
+                    **TINY_SIMMIM, vocab_size=64, tokenizer_type="kmeans", tokenizer_image_size=32, mask_ratio=0.5))
             else:
                 model = SimMIMMTOForMaskedImageModeling(SimMIMMTOConfig(**TINY_SIMMIM, mask_ratio=0.5))
             initial = {{k: v.clone() for k, v in model.state_dict().items()}}
             # different images on each process (the sampler shards them), 4 per process per step
             images = [{{"pixel_values": torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(i))}}
                       for i in range(32)]
+            if {model_type!r} == "beit":  # its tokenizer's view: here the same pixels
+                images = [{{**image, "tokenizer_pixel_values": image["pixel_values"]}} for image in images]
             args = MTOTrainingArguments(
                 output_dir={str(tmp_path)!r}, report_to="none", masking="evolved", per_device_train_batch_size=4,
                 max_steps=4, logging_steps=1, save_strategy="no", num_train_epochs=2, mask_patch_size=8,

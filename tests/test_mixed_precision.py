@@ -7,7 +7,14 @@ import pytest
 import torch
 from conftest import TINY_MAE, TINY_VIT
 
-from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling, ViTMAEMTOConfig, ViTMAEMTOForPreTraining
+from hf_mto import (
+    BeitMTOConfig,
+    BeitMTOForMaskedImageModeling,
+    SimMIMMTOConfig,
+    SimMIMMTOForMaskedImageModeling,
+    ViTMAEMTOConfig,
+    ViTMAEMTOForPreTraining,
+)
 from hf_mto.log_keys import MTO_TERMS
 from hf_mto.trainer import MTOTrainer
 from hf_mto.training_args import MTOTrainingArguments
@@ -17,22 +24,29 @@ def build(model_type):
     torch.manual_seed(0)
     if model_type == "mae":
         return ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**TINY_MAE))
+    if model_type == "beit":  # its k-means tokenizer is fitted on the training images when the trainer starts
+        beit = dict(vocab_size=64, tokenizer_type="kmeans", tokenizer_image_size=32, tokenizer_image_std=1.0)
+        return BeitMTOForMaskedImageModeling(BeitMTOConfig(**TINY_VIT, **beit))
     return SimMIMMTOForMaskedImageModeling(SimMIMMTOConfig(**TINY_VIT, encoder_stride=4))
 
 
-def images(n=24):
+def images(n=24, tokenizer_view=False):
+    """Examples of pixels, with BEiT's tokenizer view (here the same pixels) when ``tokenizer_view``."""
     generator = torch.Generator().manual_seed(0)
-    return [{"pixel_values": torch.randn(3, 32, 32, generator=generator)} for _ in range(n)]
+    pixels = torch.randn(n, 3, 32, 32, generator=generator)
+    views = {"tokenizer_pixel_values": pixels} if tokenizer_view else {}
+    return [{name: value[index] for name, value in {"pixel_values": pixels, **views}.items()} for index in range(n)]
 
 
 def trainer_for(model, tmp_path, **kwargs):
     settings = dict(per_device_train_batch_size=8, max_steps=3, logging_steps=1, save_strategy="no", use_cpu=True)
     args = MTOTrainingArguments(output_dir=str(tmp_path), report_to="none", mask_patch_size=8, **settings | kwargs)
-    return MTOTrainer(model=model, args=args, train_dataset=images())
+    dataset = images(tokenizer_view=isinstance(model, BeitMTOForMaskedImageModeling))
+    return MTOTrainer(model=model, args=args, train_dataset=dataset)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-@pytest.mark.parametrize("model_type", ["mae", "simmim"])
+@pytest.mark.parametrize("model_type", ["mae", "simmim", "beit"])
 def test_mixed_precision_runs_stay_finite(tmp_path, model_type, precision):
     trainer = trainer_for(build(model_type), tmp_path, **{precision: True})
     assert trainer.accelerator.mixed_precision == precision

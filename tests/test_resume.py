@@ -17,9 +17,18 @@ pytestmark = [
 FLAGS = [*TINY_FLAGS, "--num_train_epochs", "3", "--logging_steps", "1", "--masking", "evolved"]
 FLAGS += ["--save_strategy", "epoch", "--eval_strategy", "no", "--save_total_limit", "2", "--seed", "7"]
 CRASH_AT_STEP = 9  # in the second epoch, three steps after checkpoint-6
+# BEiT: its tiny preset at this suite's size; its k-means tokenizer is fitted at the start and cached in output_dir
+BEIT = [
+    "--config",
+    str(ROOT / "recipes" / "configs" / "tiny_cpu_beit_mto.yaml"),
+    "--config_overrides",
+    "image_size=32,patch_size=4,hidden_size=32,num_hidden_layers=2,num_attention_heads=4,intermediate_size=64,"
+    "vocab_size=64,tokenizer_type=kmeans,tokenizer_image_size=32,tokenizer_image_mean=0.5,tokenizer_image_std=0.5",
+]
+PRESETS = {"mae": ["--config", str(PRESET)], "beit": BEIT}
 
 
-def run(output_dir, *extra, crash_at=None):
+def run(output_dir, *extra, crash_at=None, method="mae"):
     """The recipe in a fresh process; with `crash_at`, the process dies abruptly (os._exit) after that step, as a
     killed job would: no clean-up, no final save."""
     script = textwrap.dedent(
@@ -43,7 +52,7 @@ def run(output_dir, *extra, crash_at=None):
         pretrain.main(sys.argv[1:])
         """
     )
-    cmd = [sys.executable, "-c", script, "--config", str(PRESET), *FLAGS, "--output_dir", str(output_dir), *extra]
+    cmd = [sys.executable, "-c", script, *FLAGS, *PRESETS[method], "--output_dir", str(output_dir), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=output_dir.parent, timeout=600)
 
 
@@ -52,16 +61,17 @@ def train_logs(output_dir):
     return {entry["step"]: entry for entry in history if "loss" in entry}
 
 
-def test_killed_run_resumes_onto_the_uninterrupted_trajectory(tmp_path):
+@pytest.mark.parametrize("method", ["mae", "beit"])
+def test_killed_run_resumes_onto_the_uninterrupted_trajectory(tmp_path, method):
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
-    done = run(reference)
+    done = run(reference, method=method)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-    killed = run(crashed, crash_at=CRASH_AT_STEP)
+    killed = run(crashed, crash_at=CRASH_AT_STEP, method=method)
     assert killed.returncode == 9, killed.stdout[-3000:] + killed.stderr[-3000:]
     assert sorted(p.name for p in crashed.glob("checkpoint-*")) == ["checkpoint-6"]  # nothing written after it
 
-    resumed = run(crashed, "--resume_from_checkpoint", str(crashed / "checkpoint-6"))
+    resumed = run(crashed, "--resume_from_checkpoint", str(crashed / "checkpoint-6"), method=method)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
 
     expected, got = train_logs(reference), train_logs(crashed)
