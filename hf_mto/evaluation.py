@@ -181,9 +181,9 @@ def encoder_features(model: torch.nn.Module, pixel_values: torch.Tensor, pooling
     (`pooling="cls"`) or mean of the patch tokens (`"mean"`). Runs with the model's current autograd and train/eval
     state; `extract_features` wraps it in `no_grad` and eval mode.
 
-    The encoder runs over every patch through its method's `unmasked_embeddings` and `encoder_blocks` (a
-    pre-training embedding module may always mask, as MAE's drops patches), then the final layernorm; a ViT no
-    method declares (a classifier, an exported encoder) takes the generic declarations of `PreTrainingMethod`.
+    The encoder runs over every patch through its method's `unmasked_embeddings`, `encoder_blocks` and
+    `attention_bias` (a pre-training embedding module may always mask, as MAE's drops patches), then the final
+    layernorm; a ViT no method declares (a classifier, an exported encoder) takes the generic declarations of `PreTrainingMethod`.
     """
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -194,8 +194,9 @@ def encoder_features(model: torch.nn.Module, pixel_values: torch.Tensor, pooling
         method = PreTrainingMethod
     pixel_values = pixel_values.to(encoder.embeddings.patch_embeddings.projection.weight.dtype)
     hidden = method.unmasked_embeddings(encoder, pixel_values)  # [B, 1 + N, D]
+    bias = method.attention_bias(encoder, pixel_values)
     for layer in method.encoder_blocks(encoder):
-        hidden = layer(hidden)
+        hidden = layer(hidden, bias)
     hidden = encoder.layernorm(hidden)
     return hidden[:, 0] if pooling == "cls" else hidden[:, 1:].mean(dim=1)
 

@@ -23,6 +23,13 @@ from .masking import attention_similarity, build_merge_tree, evolved_depth, evol
 from .methods import method_for
 
 
+def _layer_scaled(layer: torch.nn.Module, name: str, branch: torch.Tensor) -> torch.Tensor:
+    """``branch`` times the block's layer scale ``name`` (BEiT's `lambda_1` / `lambda_2`) where it has one; as it is
+    for a ViT block (no extra operator)."""
+    scale = getattr(layer, name, None)
+    return branch if scale is None else scale * branch
+
+
 @torch.no_grad()
 def encoder_similarity(model, pixel_values: torch.Tensor, attention_layers: int) -> torch.Tensor:
     """Patch-to-patch similarity from the model's own attention over the unmasked image.
@@ -30,7 +37,8 @@ def encoder_similarity(model, pixel_values: torch.Tensor, attention_layers: int)
     Args:
         model: a pre-training model of a registered method (ours or an upstream class it extends) whose
             `encoder_blocks` are ViT blocks: `layernorm_before`, `attention.q_proj/k_proj/v_proj/o_proj`, `mlp`,
-            `layernorm_after`.
+            `layernorm_after`, and BEiT's layer scale `lambda_1` / `lambda_2` where the blocks have it; the method's
+            `attention_bias` is added to the attention scores.
         pixel_values: ``[B, C, H, W]``.
         attention_layers: how many of the first blocks to average over (the EHM paper uses 6 of 12).
 
@@ -42,6 +50,7 @@ def encoder_similarity(model, pixel_values: torch.Tensor, attention_layers: int)
     if not 1 <= attention_layers <= len(layers):
         raise ValueError(f"evolved_attention_layers must be in [1, {len(layers)}], got {attention_layers}")
     hidden = method.unmasked_embeddings(model, pixel_values)  # [B, 1 + N, D]
+    bias = method.attention_bias(model, pixel_values)  # [1, heads, T, T] or None
     batch_size, num_tokens, _ = hidden.shape
     maps = []
     for index, layer in enumerate(layers[:attention_layers]):
@@ -50,16 +59,18 @@ def encoder_similarity(model, pixel_values: torch.Tensor, attention_layers: int)
         shape = (batch_size, num_tokens, -1, attention.head_dim)
         query = attention.q_proj(normed).view(shape).transpose(1, 2)  # [B, heads, T, hd]
         key = attention.k_proj(normed).view(shape).transpose(1, 2)
-        probs = torch.softmax(torch.matmul(query.float(), key.float().transpose(-1, -2)) * attention.scaling, dim=-1)
+        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attention.scaling
+        probs = torch.softmax(scores if bias is None else scores + bias.float(), dim=-1)
         maps.append(probs.mean(dim=1, keepdim=True))  # [B, 1, T, T], mean over heads
         if index == attention_layers - 1:
             break  # the last block's output is never used: its attention map is all we need from it
-        # The rest of the block (ViT pre-norm: x + attn(ln(x)), then x + mlp(ln(x)); dropout off, as in eval) from
-        # the probabilities already at hand: calling the block would project the queries and keys a second time.
+        # The rest of the block (ViT pre-norm: x + attn(ln(x)), then x + mlp(ln(x)), each branch scaled by BEiT's
+        # layer scale where the block has one; dropout off, as in eval) from the probabilities already at hand:
+        # calling the block would project the queries and keys a second time.
         value = attention.v_proj(normed).view(shape).transpose(1, 2)
         context = torch.matmul(probs.to(value.dtype), value).transpose(1, 2).reshape(batch_size, num_tokens, -1)
-        hidden = hidden + attention.o_proj(context)
-        hidden = hidden + layer.mlp(layer.layernorm_after(hidden))
+        hidden = hidden + _layer_scaled(layer, "lambda_1", attention.o_proj(context))
+        hidden = hidden + _layer_scaled(layer, "lambda_2", layer.mlp(layer.layernorm_after(hidden)))
     return attention_similarity(maps)
 
 

@@ -43,7 +43,6 @@ from transformers import (
     PreTrainedModel,
     ViTConfig,
     ViTImageProcessor,
-    ViTModel,
 )
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.utils import cached_file
@@ -148,8 +147,15 @@ def _image_processor(source: str | None, config: ViTConfig, hub_kwargs: dict):
 
 
 def _model_card(
-    source_name: str, method: type[PreTrainingMethod], model_type: str, source_class: str, config: ViTConfig, path: str
+    source_name: str,
+    method: type[PreTrainingMethod],
+    model_type: str,
+    source_class: str,
+    config: PreTrainedConfig,
+    path: str,
 ) -> str:
+    stock = method.export_model_class.__name__  # ViTModel, BeitModel
+    architecture = stock.removesuffix("Model")
     origin = f"{method.name} pre-training"
     if method.extended_class(model_type) is None:  # ours, not an upstream class it extends
         origin += f" with Masked Token Optimization in the {' and '.join(method.mto_stacks)}"
@@ -159,13 +165,14 @@ library_name: transformers
 pipeline_tag: image-feature-extraction
 tags:
 - vision
-- vit
+- {config.model_type}
 - hf-mto
 ---
 
-# ViT encoder exported from `{source_name}`
+# {architecture} encoder exported from `{source_name}`
 
-A plain transformers ViT encoder (`model_type: vit`, `ViTModel` weights without pooling layer), exported with
+A plain transformers {architecture} encoder (`model_type: {config.model_type}`, `{stock}` weights without pooling
+layer), exported with
 `hf_mto.export.export_encoder` from the {source_class} `{source_name}` (model_type `{model_type}`): {origin}.
 The pre-training decoder is not included. It loads with transformers alone: no `hf_mto`, no `trust_remote_code`.
 
@@ -189,14 +196,14 @@ Set `num_labels` to your number of classes: only the classifier is newly initial
 [`run_image_classification.py`](https://github.com/huggingface/transformers/tree/main/examples/pytorch/image-classification)
 works as is: `python run_image_classification.py --model_name_or_path {path} --ignore_mismatched_sizes ...`.
 
-Features: `ViTModel.from_pretrained("{path}", add_pooling_layer=False)(pixel_values).last_hidden_state` (without
-`add_pooling_layer=False`, `ViTModel` adds a newly initialised pooler, which pre-training never had).
+Features: `{stock}.from_pretrained("{path}", add_pooling_layer=False)(pixel_values).last_hidden_state` (without
+`add_pooling_layer=False`, `{stock}` adds a pooler, which pre-training never had).
 """
 
 
-def _verify(output_dir: Path, expected: dict[str, torch.Tensor]) -> None:
-    """Reload the export and check it key by key against the encoder's weights."""
-    reloaded, info = ViTModel.from_pretrained(
+def _verify(output_dir: Path, expected: dict[str, torch.Tensor], model_class: type[PreTrainedModel]) -> None:
+    """Reload the export into ``model_class`` and check it key by key against the encoder's weights."""
+    reloaded, info = model_class.from_pretrained(
         output_dir, add_pooling_layer=False, dtype="auto", output_loading_info=True
     )
     problems = {name: info[name] for name in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[name]}
@@ -249,16 +256,16 @@ def export_encoder(
             f"checkpoint_or_model must be a path, a Hub id or a model, got {type(checkpoint_or_model).__name__}"
         )
     method, encoder = _split(model)
-    config = encoder_config(model.config)
+    config = method.export_config(model.config)
     weights = encoder_state_dict(encoder, method.export_dropped_keys)
 
-    vit = ViTModel(config, add_pooling_layer=False)
-    vit.to(dtype=encoder.embeddings.patch_embeddings.projection.weight.dtype)
-    vit.load_state_dict(weights, strict=True)  # strict: every ViTModel key filled, nothing left over
-    vit.eval()
+    exported = method.export_model_class(config, add_pooling_layer=False)
+    exported.to(dtype=encoder.embeddings.patch_embeddings.projection.weight.dtype)
+    exported.load_state_dict(weights, strict=True)  # strict: every key of the stock class filled, nothing left over
+    exported.eval()
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    vit.save_pretrained(output_dir)
+    exported.save_pretrained(output_dir)
     if image_processor is None:
         image_processor = _image_processor(source, config, hub_kwargs if source is not None else {})
     image_processor.save_pretrained(output_dir)
@@ -272,7 +279,7 @@ def export_encoder(
             str(output_dir),
         )
     )
-    _verify(output_dir, {key: value.detach().cpu() for key, value in weights.items()})
+    _verify(output_dir, {key: value.detach().cpu() for key, value in weights.items()}, method.export_model_class)
     return output_dir
 
 

@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoImageProcessor, PretrainedConfig, PreTrainedModel, ViTImageProcessor
+from transformers import AutoConfig, AutoImageProcessor, PretrainedConfig, PreTrainedModel, ViTImageProcessor, ViTModel
 
 from .data import build_eval_transform, build_pretraining_transform
 from .masking import mask_to_noise
@@ -48,7 +48,9 @@ class PreTrainingMethod:
             path): the trainer then passes none. None when the model needs a mask from outside.
         mto_stacks: names of the stacks of states MTO acts on (MAE: its decoder; BootMAE: two decoders), in the
             order the model returns them; `mto_outputs` finds each stack's terms in a forward's outputs.
-        export_dropped_keys: encoder weights that have no place in a plain `ViTModel` (SimMIM's mask token).
+        export_dropped_keys: encoder weights that have no place in the exported encoder (SimMIM's mask token).
+        export_model_class: the stock transformers encoder class the export writes (`ViTModel`; ConMIM's BEiT
+            encoder: `BeitModel`), built from `export_config` without pooling layer.
         card_notes: sentences the exported encoder's model card adds about this method's encoder.
         citation: the BibTeX entry of the method's paper, which model cards cite beside MTO's and EHM's.
         reconstructs_pixels: whether the model predicts pixels (`analysis_pass` gives a reconstruction to draw); a
@@ -68,6 +70,7 @@ class PreTrainingMethod:
     own_masking: ClassVar[str | None] = None
     mto_stacks: ClassVar[tuple[str, ...]]
     export_dropped_keys: ClassVar[tuple[str, ...]] = ()
+    export_model_class: ClassVar[type[PreTrainedModel]] = ViTModel
     card_notes: ClassVar[str] = ""
     citation: ClassVar[str] = ""
 
@@ -156,8 +159,14 @@ class PreTrainingMethod:
 
     @classmethod
     def encoder_blocks(cls, model: PreTrainedModel) -> torch.nn.ModuleList:
-        """The encoder's transformer blocks, in order."""
+        """The encoder's transformer blocks, in order; each is called as ``block(hidden, attention_bias)``."""
         return cls.encoder(model).layers
+
+    @classmethod
+    def attention_bias(cls, model: PreTrainedModel, pixel_values: torch.Tensor) -> torch.Tensor | None:
+        """What every block adds to its attention scores over the whole image, ``[1, heads, 1 + N, 1 + N]`` (a
+        relative position bias shared by the blocks, as BEiT's), or None: nothing (ViT's, the default)."""
+        return None
 
     @classmethod
     def analysis_pass(
@@ -176,6 +185,14 @@ class PreTrainingMethod:
             of ``pixel_values``.
         """
         raise NotImplementedError(f"{cls.__name__} does not declare an analysis pass")
+
+    @classmethod
+    def export_config(cls, config) -> PretrainedConfig:
+        """The config of `export_model_class` for the encoder of a pre-training ``config``: by default the
+        `ViTConfig` of `hf_mto.export.encoder_config`."""
+        from .export import encoder_config  # hf_mto.export imports this module
+
+        return encoder_config(config)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Training
