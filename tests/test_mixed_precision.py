@@ -7,7 +7,14 @@ import pytest
 import torch
 from conftest import TINY_MAE, TINY_VIT
 
-from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling, ViTMAEMTOConfig, ViTMAEMTOForPreTraining
+from hf_mto import (
+    ConMIMMTOConfig,
+    ConMIMMTOForPreTraining,
+    SimMIMMTOConfig,
+    SimMIMMTOForMaskedImageModeling,
+    ViTMAEMTOConfig,
+    ViTMAEMTOForPreTraining,
+)
 from hf_mto.log_keys import MTO_TERMS
 from hf_mto.trainer import MTOTrainer
 from hf_mto.training_args import MTOTrainingArguments
@@ -17,6 +24,8 @@ def build(model_type):
     torch.manual_seed(0)
     if model_type == "mae":
         return ViTMAEMTOForPreTraining(ViTMAEMTOConfig(**TINY_MAE))
+    if model_type == "conmim":
+        return ConMIMMTOForPreTraining(ConMIMMTOConfig(**TINY_VIT, projector_hidden_size=48, projector_size=16))
     return SimMIMMTOForMaskedImageModeling(SimMIMMTOConfig(**TINY_VIT, encoder_stride=4))
 
 
@@ -31,8 +40,12 @@ def trainer_for(model, tmp_path, **kwargs):
     return MTOTrainer(model=model, args=args, train_dataset=images())
 
 
+# the model's own loss as logged beside the total (ConMIM's is contrastive)
+LOSS_COMPONENT = {"mae": "reconstruction_loss", "simmim": "reconstruction_loss", "conmim": "contrastive_loss"}
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-@pytest.mark.parametrize("model_type", ["mae", "simmim"])
+@pytest.mark.parametrize("model_type", sorted(LOSS_COMPONENT))
 def test_mixed_precision_runs_stay_finite(tmp_path, model_type, precision):
     trainer = trainer_for(build(model_type), tmp_path, **{precision: True})
     assert trainer.accelerator.mixed_precision == precision
@@ -40,17 +53,17 @@ def test_mixed_precision_runs_stay_finite(tmp_path, model_type, precision):
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 3
     for entry in logs:
-        for key in ("loss", "reconstruction_loss", *(f"mto/{name}" for name in MTO_TERMS)):
+        for key in ("loss", LOSS_COMPONENT[model_type], *(f"mto/{name}" for name in MTO_TERMS)):
             assert math.isfinite(entry[key]), (key, entry)
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("model_type", ["mae", "simmim"])
+@pytest.mark.parametrize("model_type", sorted(LOSS_COMPONENT))
 def test_mto_terms_are_float32_under_autocast(model_type, dtype):
     model = build(model_type)
     pixels = torch.randn(2, 3, 32, 32)
-    mask = {"bool_masked_pos": torch.arange(64).expand(2, -1) % 2 == 0} if model_type == "simmim" else {}
+    mask = {"bool_masked_pos": torch.arange(64).expand(2, -1) % 2 == 0} if model_type != "mae" else {}
     with torch.autocast("cpu", dtype=dtype):
         out = model(pixel_values=pixels, use_mto=True, **mask)
     for name in MTO_TERMS:
@@ -58,14 +71,14 @@ def test_mto_terms_are_float32_under_autocast(model_type, dtype):
     assert out.heterogeneity.dtype == torch.float32
 
 
-@pytest.mark.parametrize("model_type", ["mae", "simmim"])
+@pytest.mark.parametrize("model_type", sorted(LOSS_COMPONENT))
 def test_extreme_hidden_state_magnitudes_give_finite_losses_and_gradients(model_type):
     model = build(model_type)
     with torch.no_grad():  # patch embeddings of magnitude ~1e4: affinities ~1e8 before the softmax
-        projection = model.vit.embeddings.patch_embeddings.projection
+        projection = model.base_model.embeddings.patch_embeddings.projection
         projection.weight.mul_(1e4 / projection.weight.abs().mean())
     pixels = torch.randn(2, 3, 32, 32)
-    mask = {"bool_masked_pos": torch.arange(64).expand(2, -1) % 2 == 0} if model_type == "simmim" else {}
+    mask = {"bool_masked_pos": torch.arange(64).expand(2, -1) % 2 == 0} if model_type != "mae" else {}
     out = model(pixel_values=pixels, use_mto=True, **mask)
     total = out.loss + sum(getattr(out, name) for name in MTO_TERMS)
     total.backward()

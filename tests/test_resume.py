@@ -19,7 +19,19 @@ FLAGS += ["--save_strategy", "epoch", "--eval_strategy", "no", "--save_total_lim
 CRASH_AT_STEP = 9  # in the second epoch, three steps after checkpoint-6
 
 
-def run(output_dir, *extra, crash_at=None):
+# MAE's tiny preset at the suite's tiny size, and ConMIM's (momentum encoder, two views, BatchNorm statistics in the
+# checkpoint): (preset, config overrides, the logged loss component)
+METHODS = {
+    "mae": (PRESET, TINY_FLAGS[1], "reconstruction_loss"),
+    "conmim": (
+        ROOT / "recipes" / "configs" / "tiny_cpu_conmim_mto.yaml",
+        TINY_FLAGS[1].split(",decoder_")[0] + ",projector_hidden_size=48,projector_size=16",
+        "contrastive_loss",
+    ),
+}
+
+
+def run(output_dir, *extra, crash_at=None, method="mae"):
     """The recipe in a fresh process; with `crash_at`, the process dies abruptly (os._exit) after that step, as a
     killed job would: no clean-up, no final save."""
     script = textwrap.dedent(
@@ -43,7 +55,9 @@ def run(output_dir, *extra, crash_at=None):
         pretrain.main(sys.argv[1:])
         """
     )
-    cmd = [sys.executable, "-c", script, "--config", str(PRESET), *FLAGS, "--output_dir", str(output_dir), *extra]
+    preset, overrides, _ = METHODS[method]
+    flags = [*FLAGS[:1], overrides, *FLAGS[2:]]  # FLAGS[1]: MAE's config overrides
+    cmd = [sys.executable, "-c", script, "--config", str(preset), *flags, "--output_dir", str(output_dir), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=output_dir.parent, timeout=600)
 
 
@@ -52,22 +66,23 @@ def train_logs(output_dir):
     return {entry["step"]: entry for entry in history if "loss" in entry}
 
 
-def test_killed_run_resumes_onto_the_uninterrupted_trajectory(tmp_path):
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_killed_run_resumes_onto_the_uninterrupted_trajectory(tmp_path, method):
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
-    done = run(reference)
+    done = run(reference, method=method)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-    killed = run(crashed, crash_at=CRASH_AT_STEP)
+    killed = run(crashed, crash_at=CRASH_AT_STEP, method=method)
     assert killed.returncode == 9, killed.stdout[-3000:] + killed.stderr[-3000:]
     assert sorted(p.name for p in crashed.glob("checkpoint-*")) == ["checkpoint-6"]  # nothing written after it
 
-    resumed = run(crashed, "--resume_from_checkpoint", str(crashed / "checkpoint-6"))
+    resumed = run(crashed, "--resume_from_checkpoint", str(crashed / "checkpoint-6"), method=method)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
 
     expected, got = train_logs(reference), train_logs(crashed)
     assert sorted(got) == sorted(expected) == list(range(1, 19))
     for step in range(7, 19):
-        for key in ("loss", "reconstruction_loss", "mto/ranking_loss", "evolved/depth", "evolved/tree_height"):
+        for key in ("loss", METHODS[method][2], "mto/ranking_loss", "evolved/depth", "evolved/tree_height"):
             assert got[step][key] == pytest.approx(expected[step][key], rel=1e-4, abs=1e-6), (step, key)
     # the depth schedule follows the training progress t = (step - 1) / 18: it rises within the first epoch (every
     # tree over 64 patches is >= 6 high, so step 6 masks at depth >= floor(6 * 5 / 18) = 1) and the resumed run

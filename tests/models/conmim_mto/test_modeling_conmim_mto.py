@@ -571,19 +571,25 @@ def test_tiny_preset_runs(tmp_path):
     assert "contrastive_loss" in result.stdout + result.stderr and "mto/ranking_loss" in result.stdout + result.stderr
 
 
-@pytest.mark.slow  # a ViT-B ConMIM built: ~20 s on 2 cores
-def test_vit_b_preset_size(tmp_path):
-    import yaml
+@pytest.mark.slow  # a ViT-B ConMIM built, run and differentiated twice: ~1 min on 2 cores
+def test_vit_b_preset_size_and_affinity(tmp_path):
+    """The official model's size, and DESIGN.md's criterion for the affinity (tests/test_mto_widths.py): met by the
+    preset's cosine affinity, missed by the scaled dot product the other presets use (the reason the preset sets
+    cosine: ConMIM's tokens are small at initialisation and its mask token has no position)."""
+    from test_mto_widths import criterion_failures, measure, preset_model_and_inputs
 
-    from hf_mto.cli import ModelArguments, build_config
-
-    preset = yaml.safe_load((ROOT / "recipes" / "configs" / "vit_base_conmim_mto_in1k.yaml").read_text())
-    config = build_config(ModelArguments(model_type=preset["model_type"], config_overrides=preset["config_overrides"]))
-    model = ConMIMMTOForPreTraining(config)
+    model, inputs = preset_model_and_inputs(ROOT / "recipes" / "configs" / "vit_base_conmim_mto_in1k.yaml", tmp_path)
+    assert model.config.mto_affinity == "cosine"
+    assert int(inputs["bool_masked_pos"].sum(dim=1).min()) == 148  # 37 of 49 squares of 32 px
+    assert criterion_failures(measure(model, inputs)) == []
+    model.config.mto_affinity = "scaled"
+    assert "|grad L_r|" in " ".join(criterion_failures(measure(model, inputs)))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # the official conmim_base_patch16_224 with use_mlp_projectors: ViT-B with q/v biases, layer scale, one shared
     # relative position bias (732 x 12), the mask token, the projector 768 -> 4096 -> 4096 -> 256 with its BatchNorms
     # (its lm_head to 8192, unused by the loss, is not built here)
-    encoder = 85_798_656 + 12 * 2 * 768 + 732 * 12 + 768  # + layer scales, bias table, mask token
+    # ViT-B/16's 85,798,656 without absolute position embeddings (197 x 768) and key biases (12 x 768), plus the
+    # layer scales, the bias table and the mask token
+    encoder = 85_798_656 - 197 * 768 - 12 * 768 + 12 * 2 * 768 + 732 * 12 + 768
     projector = 768 * 4096 + 4096 * 4096 + 4096 * 256 + 2 * 2 * 4096
     assert trainable == encoder + projector
