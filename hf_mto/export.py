@@ -1,4 +1,6 @@
-"""Export the encoder of a pre-trained hf_mto model as a plain transformers ViT checkpoint.
+"""Export the encoder of a pre-trained hf_mto model as a plain transformers ViT checkpoint (or, for a method whose
+encoder is another stock class, that class: ConMIM's BEiT encoder exports as a `beit` checkpoint, see
+`PreTrainingMethod.export_model_class` and `export_config`; what follows describes the ViT case).
 
 `export_encoder(checkpoint_or_model, output_dir)` turns a [`ViTMAEMTOForPreTraining`] or
 [`SimMIMMTOForMaskedImageModeling`] (a checkpoint path, a Hub id or a model instance) into a directory that any

@@ -42,15 +42,16 @@ from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 from torchvision import transforms as T
 from transformers import (
+    CONFIG_MAPPING,
     AutoImageProcessor,
     PreTrainedConfig,
     PreTrainedModel,
     Trainer,
     TrainingArguments,
     ViTConfig,
-    ViTForImageClassification,
     ViTImageProcessor,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
 from transformers.models.vit.modeling_vit import ViTLayer
 
 from .checkpoints import (
@@ -61,7 +62,7 @@ from .checkpoints import (
 )
 from .data import build_image_processor, to_rgb
 from .export import export_encoder
-from .methods import method_for, model_types
+from .methods import method_for, model_types, registered_methods
 from .metrics import ACCURACY_PATH
 from .models.vit_gap import ViTGAPConfig, ViTGAPForImageClassification
 from .training_args import ScaledLRTrainingArguments
@@ -72,8 +73,6 @@ MIXUP_MODES = ("batch", "pair", "elem")
 RANDOM_ERASING_MODES = ("const", "rand", "pixel")
 # Weights that never get weight decay (besides every 1-D parameter: biases, norms).
 NO_WEIGHT_DECAY = ("*cls_token", "*position_embeddings", "*mask_token")
-# Pre-training checkpoints whose encoder is exported (hf_mto.export) before fine-tuning.
-_CLASSIFIER_TYPES = ("vit", ViTGAPConfig.model_type)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -447,6 +446,30 @@ def _fix_posterize(transform) -> None:
 _CONFIG_KEYS_NOT_COPIED = ("model_type", "architectures", "auto_map", "transformers_version", "id2label", "label2id")
 
 
+def _classifier_types() -> tuple[str, ...]:
+    """The encoder checkpoints fine-tuning takes: ViT (plain or with global pooling) and every registered method's
+    export class (`PreTrainingMethod.export_model_class`: ConMIM's BEiT)."""
+    exported = (method.export_model_class.config_class.model_type for method in registered_methods())
+    return tuple(dict.fromkeys(("vit", ViTGAPConfig.model_type, *exported)))
+
+
+def _classifier_classes(model_type: str, global_pool: bool) -> tuple[type[PreTrainedModel], type]:
+    """(classifier, config class) for an encoder checkpoint of ``model_type``: `ViTGAPForImageClassification` with
+    global pooling (ViT encoders only), else the image classifier transformers' Auto class maps the model type to
+    (`ViTForImageClassification` for ViT and for a vit_gap checkpoint, which is then refused for its missing pooling;
+    `BeitForImageClassification`, CLS token, for BEiT)."""
+    vit_types = ("vit", ViTGAPConfig.model_type)
+    if global_pool:
+        if model_type not in vit_types:
+            raise ValueError(
+                f"--global_pool builds a ViT classifier (ViTGAPForImageClassification); the encoder has model_type "
+                f"{model_type!r}: fine-tune it with --global_pool false (its CLS token)"
+            )
+        return ViTGAPForImageClassification, ViTGAPConfig
+    config_class = ViTConfig if model_type in vit_types else CONFIG_MAPPING[model_type]
+    return MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING[config_class], config_class
+
+
 def _head_keys(global_pool: bool) -> set[str]:
     keys = {"classifier.weight", "classifier.bias"}
     return keys | {"fc_norm.weight", "fc_norm.bias"} if global_pool else keys
@@ -465,11 +488,14 @@ def _is_pretraining_checkpoint(config_dict: dict) -> bool:
 def build_classification_model(args: FinetuneArguments, label_names: Sequence[str]) -> PreTrainedModel:
     """A ViT classifier for `label_names`, its encoder loaded from `args.model_name_or_path`.
 
-    The classifier is `ViTGAPForImageClassification` with `args.global_pool`, else `ViTForImageClassification`; the
-    encoder comes from an exported / plain ViT checkpoint (model_type vit or vit_gap) or from the encoder of one of our
-    pre-training checkpoints (exported first to a temporary folder). Only the head (classifier, and `fc_norm` with
+    The classifier is `ViTGAPForImageClassification` with `args.global_pool`, else the image classifier of the
+    encoder's model type (`ViTForImageClassification`; `BeitForImageClassification` for ConMIM's BEiT encoder, see
+    `_classifier_classes`); the encoder comes from an exported / plain ViT checkpoint (model_type vit or vit_gap, or
+    a method's export type such as beit) or from the encoder of one of our pre-training checkpoints (exported first
+    to a temporary folder). Only the head (classifier, and `fc_norm` with
     GAP) may be missing from the checkpoint or have another shape; it is initialised truncated-normal with std
-    `args.head_init_std` (MAE's 2e-5). Drop path at `args.drop_path_rate` is then added (`apply_drop_path`).
+    `args.head_init_std` (MAE's 2e-5). Drop path at `args.drop_path_rate` is then added (`apply_drop_path`), or set
+    in the config of an encoder with stochastic depth of its own (BEiT's `drop_path_rate`, the same linear rule).
 
     Raises:
         ValueError: a checkpoint of another model type, or one that lacks encoder weights.
@@ -483,20 +509,18 @@ def build_classification_model(args: FinetuneArguments, label_names: Sequence[st
             "(recipes/pretrain.py, then recipes/export_encoder.py) or pass a ViT checkpoint's Hub id."
         ) from err
     model_type = config_dict.get("model_type")
-    model_class, config_class = (
-        (ViTGAPForImageClassification, ViTGAPConfig) if args.global_pool else (ViTForImageClassification, ViTConfig)
-    )
     with contextlib.ExitStack() as stack:
         if _is_pretraining_checkpoint(config_dict):
             exported = stack.enter_context(tempfile.TemporaryDirectory(prefix="hf_mto_encoder_"))
             export_encoder(source, exported, **hub_kwargs)
             source, hub_kwargs = exported, {}
             config_dict, _ = PreTrainedConfig.get_config_dict(source)
-        elif model_type not in _CLASSIFIER_TYPES:
+        elif model_type not in _classifier_types():
             raise ValueError(
-                f"fine-tuning needs a ViT checkpoint (model_type {_CLASSIFIER_TYPES + tuple(model_types())}); "
+                f"fine-tuning needs a ViT checkpoint (model_type {_classifier_types() + tuple(model_types())}); "
                 f"{source!r} has model_type {model_type!r}"
             )
+        model_class, config_class = _classifier_classes(config_dict["model_type"], args.global_pool)
         kept = {key: value for key, value in config_dict.items() if key not in _CONFIG_KEYS_NOT_COPIED}
         kept.update(
             num_labels=len(label_names),
@@ -505,6 +529,9 @@ def build_classification_model(args: FinetuneArguments, label_names: Sequence[st
             finetuning_task="image-classification",
         )
         config = config_class.from_dict(kept)
+        native_drop_path = hasattr(config, "drop_path_rate")  # BEiT's blocks have their own stochastic depth
+        if native_drop_path:
+            config.drop_path_rate = args.drop_path_rate
         model, info = model_class.from_pretrained(
             source, config=config, ignore_mismatched_sizes=True, output_loading_info=True, **hub_kwargs
         )
@@ -520,7 +547,7 @@ def build_classification_model(args: FinetuneArguments, label_names: Sequence[st
         with torch.no_grad():
             nn.init.trunc_normal_(model.classifier.weight, std=args.head_init_std)
             nn.init.zeros_(model.classifier.bias)
-    if args.drop_path_rate > 0:
+    if args.drop_path_rate > 0 and not native_drop_path:
         apply_drop_path(model, args.drop_path_rate)
     return model
 

@@ -496,6 +496,29 @@ def test_export_gives_a_stock_beit_with_the_students_features_and_no_new_key(tmp
     assert "`model_type: beit`" in card and "BeitModel" in card
 
 
+def test_fine_tuning_takes_a_conmim_checkpoint_as_a_beit_classifier(tmp_path):
+    from transformers import BeitForImageClassification
+
+    from hf_mto.finetuning import FinetuneArguments, build_classification_model
+
+    model = make_model().eval()
+    move_student(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    args = FinetuneArguments(model_name_or_path=str(tmp_path / "ckpt"), global_pool=False, drop_path_rate=0.1)
+    classifier = build_classification_model(args, ["a", "b", "c"])
+    assert type(classifier) is BeitForImageClassification and classifier.config.num_labels == 3
+    assert classifier.config.drop_path_rate == 0.1  # BEiT's own stochastic depth, the linear rule over the blocks
+    assert classifier.beit.layers[-1].drop_path.drop_prob == pytest.approx(0.1)
+    # every encoder weight is the student's (not the teacher's); only the classifier is new
+    for name, tensor in model.beit.state_dict().items():
+        if name != "embeddings.mask_token":
+            assert torch.equal(classifier.beit.state_dict()[name], tensor), name
+    with pytest.raises(ValueError, match="model_type 'beit'.*--global_pool false"):
+        build_classification_model(
+            FinetuneArguments(model_name_or_path=str(tmp_path / "ckpt"), global_pool=True), ["a"]
+        )
+
+
 def test_analysis_of_the_encoder_stack_and_no_reconstruction():
     from hf_mto.analysis import analyze_heterogeneity, reconstruct
 
