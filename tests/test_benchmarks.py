@@ -72,10 +72,11 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
             assert set(results) == {"upstream", "mto_off", "mto_on"}
             assert results["upstream"]["ratio"] == 1.0
             assert all(r["step_s"] > 0 and r["ratio"] > 0 and r["peak_bytes"] > 0 for r in results.values())
-    bootmae = report["bootmae"]
-    assert bootmae["batch_size"] == 4 and bootmae["precision"] == "fp32"
-    assert set(bootmae["variants"]) == {"mto_off", "mto_on"} and bootmae["variants"]["mto_off"]["ratio"] == 1.0
-    assert all(0 < v["teacher_share"] and v["peak_bytes"] > 0 for v in bootmae["variants"].values())
+    for method in ("bootmae", "conmim"):  # the methods with a momentum encoder and no upstream
+        momentum = report[method]
+        assert momentum["batch_size"] == 4 and momentum["precision"] == "fp32"
+        assert set(momentum["variants"]) == {"mto_off", "mto_on"} and momentum["variants"]["mto_off"]["ratio"] == 1.0
+        assert all(0 < v["teacher_share"] and v["peak_bytes"] > 0 for v in momentum["variants"].values())
     for evolved in (report["evolved"][model] for model in ("mae", "simmim")):
         assert set(evolved["shares"]) == {"attention pass", "tree + mask", "training step"}
         assert sum(evolved["shares"].values()) == pytest.approx(1.0)
@@ -88,13 +89,14 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
     for arm in convergence["arms"].values():
         assert 0 <= arm["knn_accuracy"] <= 1 and 0 <= arm["finetune_accuracy"] <= 1
     text = (tmp_path / "gpu_check.md").read_text()
-    for heading in ("## Step time", "## BootMAE", "## Evolved masking", "## Convergence"):
+    for heading in ("## Step time", "## BootMAE", "## ConMIM", "## Evolved masking", "## Convergence"):
         assert heading in text
     assert "| mae | compile_on | mto_on |" in text and "| simmim | compile_off | mto_off |" in text
     assert "| mae_mto |" in text and "| mto_on |" in text
     assert all(part["status"] == "done" for part in report["parts"].values()) and list(report["parts"]) == [
         "step_time_eager",
         "bootmae",
+        "conmim",
         "evolved",
         "convergence",
         "step_time_compiled_mae",
@@ -110,11 +112,11 @@ def test_gpu_check_records_a_failed_part_and_runs_the_rest(tmp_path, monkeypatch
         raise RuntimeError("CUDA error: out of memory")
 
     monkeypatch.setattr(gpu_check, "step_times", lambda *args: {})
-    for name in ("bootmae_times", "evolved_shares", "convergence"):
+    for name in ("momentum_times", "evolved_shares", "convergence"):
         monkeypatch.setattr(gpu_check, name, fail)
     report = gpu_check.main(["--smoke", "--output_dir", str(tmp_path)])
     assert json.loads((tmp_path / "gpu_check.json").read_text()) == json.loads(json.dumps(report))
-    assert set(report["errors"]) == {"bootmae", "evolved", "convergence"}  # each failed part, and only those
+    assert set(report["errors"]) == {"bootmae", "conmim", "evolved", "convergence"}  # each failed part, only those
     assert "out of memory" in report["errors"]["evolved"]
     assert report["step_time"] == {"compile_off": {}, "compile_on": {}}  # compile_on ran after two failed parts
     text = (tmp_path / "gpu_check.md").read_text()
@@ -122,6 +124,7 @@ def test_gpu_check_records_a_failed_part_and_runs_the_rest(tmp_path, monkeypatch
     assert {name: part["status"] for name, part in report["parts"].items()} == {
         "step_time_eager": "done",
         "bootmae": "failed",
+        "conmim": "failed",
         "evolved": "failed",
         "step_time_compiled_mae": "done",
         "step_time_compiled_simmim": "done",
@@ -146,11 +149,11 @@ def test_gpu_check_allots_each_part_its_share_of_the_time_left(monkeypatch):
         left -= gpu_check.allotted_seconds(name, parts[index:], left)
     assert left == pytest.approx(0.0, abs=1e-9)
     # Time the first parts leave unused goes to the later ones pro rata: convergence keeps its share of the rest.
-    rest = parts[3:]
+    rest = parts[parts.index("convergence") :]
     assert (
         gpu_check.allotted_seconds("convergence", ["convergence"], 300.0)
         > gpu_check.allotted_seconds("convergence", rest, 300.0)
-        == pytest.approx(300.0 * 0.22 / sum(gpu_check.PART_SHARES[part] for part in rest))
+        == pytest.approx(300.0 * gpu_check.PART_SHARES["convergence"] / sum(gpu_check.PART_SHARES[p] for p in rest))
     )
 
 
@@ -172,7 +175,7 @@ def test_gpu_check_cuts_a_part_at_its_deadline_and_still_writes_the_report(tmp_p
         time.sleep(600)
 
     monkeypatch.setattr(gpu_check, "step_times", lambda *args: {})
-    monkeypatch.setattr(gpu_check, "bootmae_times", lambda *args: {})
+    monkeypatch.setattr(gpu_check, "momentum_times", lambda *args: {})
     monkeypatch.setattr(gpu_check, "evolved_shares", overrun)
     monkeypatch.setattr(gpu_check, "convergence", convergence)
     budget = 20.0
@@ -183,6 +186,7 @@ def test_gpu_check_cuts_a_part_at_its_deadline_and_still_writes_the_report(tmp_p
     assert {name: part["status"] for name, part in parts.items()} == {
         "step_time_eager": "done",
         "bootmae": "done",
+        "conmim": "done",
         "evolved": "cut",
         "convergence": "cut",
         "step_time_compiled_mae": "done",
@@ -190,7 +194,7 @@ def test_gpu_check_cuts_a_part_at_its_deadline_and_still_writes_the_report(tmp_p
     }
     assert report["errors"] == {}  # a cut is not a failure
     assert "evolved" not in report  # cut before it reported anything
-    assert report["step_time"] == {"compile_off": {}, "compile_on": {}} and report["bootmae"] == {}
+    assert report["step_time"] == {"compile_off": {}, "compile_on": {}} and report["bootmae"] == report["conmim"] == {}
     assert list(report["convergence"]["arms"]) == ["mae"]  # what it reported before its cut
     # It was told to plan for what it was allotted; no part's deadline reaches into the reserve for the report.
     assert report["convergence"]["seconds_left_at_start"] == pytest.approx(parts["convergence"]["allotted_s"], abs=0.5)

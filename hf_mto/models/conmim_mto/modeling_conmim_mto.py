@@ -268,6 +268,12 @@ class ConMIMMTOForPreTraining(ConMIMMTOPreTrainedModel):
             tensor.lerp_(student[name].detach().to(tensor.dtype), 1.0 - momentum)
         return momentum
 
+    @torch.no_grad()
+    def teacher_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[B, N, projector_size]`` the momentum encoder's projections of every patch of the whole image: ConMIM's
+        targets (the positives and the negatives of each masked patch)."""
+        return self.teacher(pixel_values)
+
     # ---------------------------------------------------------------------------------------------------------------
     # Forward
     # ---------------------------------------------------------------------------------------------------------------
@@ -329,8 +335,7 @@ class ConMIMMTOForPreTraining(ConMIMMTOPreTrainedModel):
         return_hidden = kwargs.pop("output_hidden_states", None)
         return_hidden = self.config.output_hidden_states if return_hidden is None else return_hidden
 
-        with torch.no_grad():
-            teacher_features = self.teacher(teacher_pixel_values)  # [B, N, P]
+        teacher_features = self.teacher_features(teacher_pixel_values)  # [B, N, P]
         outputs = self.beit(
             pixel_values,
             bool_masked_pos=bool_masked_pos,
