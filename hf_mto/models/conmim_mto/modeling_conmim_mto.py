@@ -161,6 +161,8 @@ class ConMIMMTOPreTrainedModel(BeitPreTrainedModel):
             init.trunc_normal_(module.cls_token, std=std, a=-std, b=std)
             if module.mask_token is not None:
                 init.trunc_normal_(module.mask_token, std=std, a=-std, b=std)
+            if module.position_embeddings is not None:  # the official `--abs_pos_emb` (off by default)
+                init.trunc_normal_(module.position_embeddings, std=std, a=-std, b=std)
 
 
 class ConMIMMTOModel(ConMIMMTOPreTrainedModel, BeitModel):

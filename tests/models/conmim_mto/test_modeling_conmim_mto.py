@@ -371,6 +371,9 @@ def test_initialisation_from_config_is_official_conmim():
         assert token.abs().max() <= bound and token.abs().sum() > 0
     assert model.beit.shared_position_bias.relative_position_bias_table.abs().sum() == 0
     assert model.beit.embeddings.position_embeddings is None
+    # the official --abs_pos_emb (the tiny preset's): truncated normal as the tokens, so masked tokens differ at once
+    positions = make_model(use_absolute_position_embeddings=True).beit.embeddings.position_embeddings
+    assert positions.abs().max() <= bound and positions.std() > 0.005
     projector = model.projector.mlp
     assert [type(m).__name__ for m in projector] == ["Linear", "BatchNorm1d", "ReLU"] * 2 + ["Linear", "BatchNorm1d"]
     assert all(m.bias is None for m in projector if isinstance(m, torch.nn.Linear))
