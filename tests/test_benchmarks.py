@@ -15,7 +15,8 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.
 @pytest.mark.slow
 @pytest.mark.skipif(not FASHION_MNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
 def test_convergence_smoke_runs_every_path(tmp_path):
-    """--smoke: the study (mae, mae_mto_dot and the random-init floor, fine-tuned at 2 checkpoints each) and an LR
+    """--smoke: the study (mae, mae_mto_dot, conmim_mto and the random-init floor, fine-tuned at 2 checkpoints each;
+    ConMIM through its BEiT classifier, --global_pool false) and an LR
     sweep of mae at 2 learning rates reusing the study's runs, each run a few steps through the real recipes."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--smoke", "--seeds", "0"]
     cmd += ["--output_dir", str(tmp_path)]
@@ -23,7 +24,13 @@ def test_convergence_smoke_runs_every_path(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     runs = {run["arm"]: run for run in json.loads((tmp_path / "convergence.json").read_text())["runs"]}
-    assert list(runs) == ["mae", "mae_mto_dot", "random_init"]
+    assert list(runs) == ["mae", "mae_mto_dot", "conmim_mto", "random_init"]
+    conmim = runs["conmim_mto"]
+    assert conmim["finetune"]["epochs"] == [1.0, 2.0] and len(conmim["eval_knn_accuracy"]) == 2
+    ft_flags = json.loads(
+        (tmp_path / "conmim_mto-w0.003-lr0.0015-e2-seed0" / "finetune-e1" / "flags.json").read_text()
+    )
+    assert ft_flags[ft_flags.index("--global_pool") + 1] == "false"
     for arm in ("mae", "mae_mto_dot"):
         run = runs[arm]
         assert run["lr"] == pytest.approx(1.5e-3)  # the MAE preset's base LR, in the run's folder name too
