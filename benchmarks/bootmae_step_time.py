@@ -4,7 +4,7 @@
 MTO off. A step is what `MTOTrainer` runs: forward with the preset's masking, loss plus the weighted MTO terms of every
 stack (MTO on), backward, AdamW step, then the method's `on_step_end` (BootMAE: the momentum encoder's EMA step).
 
-For a model with a momentum encoder (`teacher_features`, BootMAE) the teacher's part of the step is timed on its own
+For a model with a momentum encoder (`teacher_features`: BootMAE, ConMIM) the teacher's part of the step is timed on its own
 in the same rounds: its forward on the full image plus the EMA step (`on_step_end`), reported as a fraction of each
 variant's step (median of the ratios paired within a round). Memory as in `step_time.py`: on CUDA the variant's own
 peak, on CPU the bytes autograd saves for the backward pass (the teacher, run without grad, saves none), plus the
@@ -14,6 +14,8 @@ teacher's own parameter bytes.
     python benchmarks/bootmae_step_time.py --rounds 30 --json out.json
     python benchmarks/bootmae_step_time.py --preset recipes/configs/vit_base_bootmae_mto_in1k.yaml --batch_size 128 \
         --bf16                                                   # a GPU: ViT-B/16, as benchmarks/gpu_check.py
+    python benchmarks/bootmae_step_time.py --preset recipes/configs/vit_base_conmim_mto_in1k.yaml --batch_size 128 \
+        --bf16                                                   # ConMIM's ViT-B/16, as benchmarks/gpu_check.py
 """
 
 from __future__ import annotations

@@ -13,9 +13,10 @@ Arms: `mae`, `simmim` (the baselines, at `--mae_lr` / `--simmim_lr`), `mae_mto`,
 `mae_mto_dot` and `mae_mto_cosine` (the affinity ablations: MTO with the raw dot product, with the cosine at the
 config's `mto_temperature`), `mae_evolved`, `mae_mto_evolved` (evolved masking), `bootmae`, `bootmae_mto` (at
 `--bootmae_lr`), `beit` (BEiT's block-wise masking, k-means tokenizer, the tiny BEiT preset), `beit_evolved`,
-`beit_mto` (at `--beit_lr`), and `random_init`, the floor: the MAE preset's encoder at initialisation (seeded like
-every run), not trained, scored and fine-tuned through the same code as the others (a `--do_train false` run of the
-recipe whose model is then saved).
+`beit_mto` (at `--beit_lr`), `conmim`, `conmim_mto` (at `--conmim_lr`, MTO with the preset's cosine affinity;
+fine-tuned by the CLS token of their BEiT encoder, `--global_pool false`), and `random_init`, the floor: the MAE
+preset's encoder at initialisation (seeded like every run), not trained, scored and fine-tuned through the same code
+as the others (a `--do_train false` run of the recipe whose model is then saved).
 
 The report gives, per arm, mean ± std over seeds of the final k-NN, probe and fine-tuning accuracy; the RAUC of each
 measure against the arm's baseline (MTO paper Eq. 8, `hf_mto.metrics.RAUC_PATH`) over the measure's evaluated epochs;
@@ -42,6 +43,19 @@ accuracies per learning rate, their margin over the floor and whether the last e
         --mae_lr 1.5e-3 --simmim_lr 1.5e-3 --weights 0.003 --seeds 0 1 2 --epochs 10 --train_samples 8000 \\
         --test_samples 1000 --bank_samples 2000 --finetune_epochs 2 4 7 10 --finetune_num_epochs 2 \\
         --finetune_train_samples 3000 --finetune_eval_samples 2000 --output_dir outputs/convergence
+
+    # 4. ConMIM vs ConMIM + MTO (issue 22), 3 seeds, the study's protocol at its size or less: 6 runs side by side,
+    #    one process per arm and seed with one thread each (on a 16-core machine with a GPU, which the runs use),
+    #    sized to finish in about 6 minutes; then the report of both arms (the second command reuses every run)
+    for arm in conmim conmim_mto; do for seed in 0 1 2; do
+      OMP_NUM_THREADS=1 python benchmarks/convergence.py --arms $arm --seeds $seed --epochs 8 \
+        --train_samples 8000 --test_samples 1000 --bank_samples 2000 --finetune_epochs 2 4 6 8 \
+        --finetune_num_epochs 2 --finetune_train_samples 3000 --finetune_eval_samples 2000 \
+        --output_dir outputs/convergence-conmim > outputs/conmim-$arm-$seed.log 2>&1 &
+    done; done; wait
+    python benchmarks/convergence.py --arms conmim conmim_mto --seeds 0 1 2 --epochs 8 --train_samples 8000 \
+        --test_samples 1000 --bank_samples 2000 --finetune_epochs 2 4 6 8 --finetune_num_epochs 2 \
+        --finetune_train_samples 3000 --finetune_eval_samples 2000 --output_dir outputs/convergence-conmim
 
     python benchmarks/convergence.py --smoke      # a few steps of every path (study arms, fine-tuning, LR sweep): CI
 
@@ -100,6 +114,7 @@ CONFIGS = ROOT / "recipes" / "configs"
 MAE, SIMMIM = CONFIGS / "tiny_cpu_mae_mto.yaml", CONFIGS / "tiny_cpu_simmim_mto.yaml"
 BOOTMAE = CONFIGS / "tiny_cpu_bootmae_mto.yaml"
 BEIT = CONFIGS / "tiny_cpu_beit_mto.yaml"
+CONMIM = CONFIGS / "tiny_cpu_conmim_mto.yaml"
 FINETUNE = CONFIGS / "tiny_cpu_finetune.yaml"
 
 
@@ -110,6 +125,7 @@ class Arm(NamedTuple):
     baseline: str | None  # the arm it is compared with (None: the floor)
     affinity: str | None = None  # MTO affinity; None: the preset's
     pretrain: bool = True  # False: the encoder at initialisation (the floor)
+    finetune_flags: tuple[str, ...] = ()  # added to the fine-tuning preset's (every arm of a method alike)
 
 
 ARMS = {
@@ -126,10 +142,14 @@ ARMS = {
     "beit": Arm(BEIT, False, None, "beit"),  # BEiT's block-wise masking, the preset's
     "beit_evolved": Arm(BEIT, False, "evolved", "beit"),
     "beit_mto": Arm(BEIT, True, None, "beit"),
+    # ConMIM's encoder is BEiT's, exported with its CLS pooling: fine-tuned by its CLS token (the fine-tuning
+    # preset's global pooling is ViT's)
+    "conmim": Arm(CONMIM, False, None, "conmim", finetune_flags=("--global_pool", "false")),
+    "conmim_mto": Arm(CONMIM, True, None, "conmim", finetune_flags=("--global_pool", "false")),
     "random_init": Arm(MAE, False, None, None, pretrain=False),
 }
 BASELINES = ("mae", "simmim", "beit")  # the methods of the learning-rate sweep
-SMOKE_ARMS = ["mae", "mae_mto_dot", "random_init"]
+SMOKE_ARMS = ["mae", "mae_mto_dot", "conmim_mto", "random_init"]
 METRICS = ("eval_knn_accuracy", "eval_linear_probe_accuracy")
 MEASURES = {"knn": "eval_knn_accuracy", "probe": "eval_linear_probe_accuracy", "finetune": "finetune_accuracy"}
 DEFAULT_OUTPUT_DIR = ROOT / "outputs" / "convergence"
@@ -302,15 +322,17 @@ def finetune_points(run: dict, run_dir: Path, args) -> dict:
         points = dict(available) if args.finetune_epochs else {}
     result = {"epochs": [], "finetune_accuracy": [], "wall_seconds": []}
     for epoch, checkpoint in sorted(points.items()):
-        accuracy, seconds = finetune(checkpoint, run_dir / f"finetune-e{epoch:g}", run["seed"], args)
+        ft_dir = run_dir / f"finetune-e{epoch:g}"
+        accuracy, seconds = finetune(checkpoint, ft_dir, run["seed"], args, ARMS[run["arm"]].finetune_flags)
         result["epochs"].append(epoch)
         result["finetune_accuracy"].append(accuracy)
         result["wall_seconds"].append(seconds)
     return result
 
 
-def finetune(checkpoint: Path, ft_dir: Path, seed: int, args) -> tuple[float, float]:
+def finetune(checkpoint: Path, ft_dir: Path, seed: int, args, extra_flags=()) -> tuple[float, float]:
     flags = ["--config", str(FINETUNE), "--model_name_or_path", str(checkpoint), "--output_dir", str(ft_dir)]
+    flags += list(extra_flags)
     flags += ["--seed", str(seed), "--num_train_epochs", str(args.finetune_num_epochs)]
     flags += ["--max_train_samples", str(args.finetune_train_samples)]
     flags += ["--max_eval_samples", str(args.finetune_eval_samples)]
@@ -406,7 +428,14 @@ def group_runs(runs: list[dict]) -> dict[tuple, list[dict]]:
 
 
 def lr_of(arm: str, args) -> float:
-    return {MAE: args.mae_lr, SIMMIM: args.simmim_lr, BOOTMAE: args.bootmae_lr, BEIT: args.beit_lr}[ARMS[arm].preset]
+    lrs = {
+        MAE: args.mae_lr,
+        SIMMIM: args.simmim_lr,
+        BOOTMAE: args.bootmae_lr,
+        BEIT: args.beit_lr,
+        CONMIM: args.conmim_lr,
+    }
+    return lrs[ARMS[arm].preset]
 
 
 def report(runs: list[dict]) -> str:
@@ -690,6 +719,12 @@ def main(argv=None):
     )
     parser.add_argument(
         "--beit_lr", type=float, default=preset_lr(BEIT), help="Base LR of every BEiT arm (default: the preset's)."
+    )
+    parser.add_argument(
+        "--conmim_lr",
+        type=float,
+        default=preset_lr(CONMIM),
+        help="Base LR of every ConMIM arm (default: the preset's).",
     )
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--train_samples", type=int, default=10000, help="Fashion-MNIST train images pre-trained on.")

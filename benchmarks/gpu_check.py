@@ -11,9 +11,9 @@ share, allotted and used seconds and status (done, failed, cut), and what a cut 
 1. Step time and peak memory of ours (MTO off, MTO on) as ratios to upstream, `benchmarks/step_time.py` at ViT-B/16,
    224 px, batch 128, bf16 autocast, for MAE and SimMIM, eager and under `torch.compile` (inductor; the upstream
    model compiled too, and the compilation inside the untimed warm-up steps).
-2. BootMAE's step time and memory with MTO on as a ratio to MTO off (it has no upstream), and its momentum encoder's
-   share of a step, `benchmarks/bootmae_step_time.py` with its ViT-B/16 preset at the same batch, bf16 autocast,
-   eager only.
+2. BootMAE's and ConMIM's step time and memory with MTO on as a ratio to MTO off (they have no upstream), and their
+   momentum encoder's share of a step, `benchmarks/bootmae_step_time.py` with each one's ViT-B/16 preset at the same
+   batch, bf16 autocast, eager only.
 3. The shares of a step with evolved masking (attention pass, tree + mask, training step), `benchmarks/
    evolved_overhead.py` at the same size, for both models.
 4. MAE against MAE + MTO at ViT-Ti size (hidden 192, 12 blocks, 3 heads, patch 4, 32 px images), same seed,
@@ -71,6 +71,8 @@ VIT_TI["intermediate_size"] = 768
 VIT_TI_DECODER = dict(
     decoder_hidden_size=192, decoder_num_hidden_layers=4, decoder_num_attention_heads=3, decoder_intermediate_size=768
 )
+# The methods with a momentum encoder and no upstream, timed by bootmae_step_time (part name -> report title).
+MOMENTUM_METHODS = {"bootmae": "BootMAE", "conmim": "ConMIM"}
 # Per mode: the step-time and evolved-masking models ((config, batch, SimMIM mask square) per model, as step_time's
 # PRESETS), the BootMAE preset and batch, their warm-up and rounds, the compile backend, and the convergence check's
 # model and sizes.
@@ -78,6 +80,7 @@ SIZES = {
     "gpu": dict(
         timing=PRESETS["vit-b16"],
         bootmae=(CONFIGS / "vit_base_bootmae_mto_in1k.yaml", 128),  # (preset, batch size)
+        conmim=(CONFIGS / "vit_base_conmim_mto_in1k.yaml", 128),
         warmup=3,
         compiled_warmup=5,
         rounds=10,
@@ -96,6 +99,7 @@ SIZES = {
             "simmim": (dict(SMOKE_ENCODER, encoder_stride=4), 8, 8),
         },
         bootmae=(CONFIGS / "tiny_cpu_bootmae_mto.yaml", 4),
+        conmim=(CONFIGS / "tiny_cpu_conmim_mto.yaml", 4),
         warmup=1,
         compiled_warmup=2,
         rounds=2,
@@ -159,9 +163,9 @@ def step_times(sizes: dict, models, device, autocast_dtype, compile_backend: str
     return results
 
 
-def bootmae_times(sizes: dict, device, autocast_dtype) -> dict:
-    """bootmae_step_time.measure for the mode's BootMAE preset and batch (eager)."""
-    preset, batch_size = sizes["bootmae"]
+def momentum_times(sizes: dict, method: str, device, autocast_dtype) -> dict:
+    """bootmae_step_time.measure for the mode's preset and batch of `method` ("bootmae", "conmim"; eager)."""
+    preset, batch_size = sizes[method]
     return {
         "preset": str(preset.relative_to(ROOT)),
         **bootmae_step_time.measure(
@@ -462,9 +466,11 @@ def markdown(report: dict) -> str:
                         f"| {model_name} | {compiled} | {variant} | {r['step_s'] * 1e3:.2f} | {r['ratio']:.3f} "
                         f"({low:.3f}-{high:.3f}) | {r['peak_bytes'] / 2**20:.1f} | {r['peak_bytes'] / base:.3f} |"
                     )
-    if report.get("bootmae"):
-        r = report["bootmae"]
-        lines += ["", "## BootMAE: MTO on against MTO off (no upstream), eager", ""]
+    for method, title in MOMENTUM_METHODS.items():
+        if not report.get(method):
+            continue
+        r = report[method]
+        lines += ["", f"## {title}: MTO on against MTO off (no upstream), eager", ""]
         lines += [
             f"`{r['preset']}` at batch {r['batch_size']}, {r['masking']} masking, {r['precision']}.",
             "",
@@ -554,7 +560,13 @@ PARTS = {
         lambda run: step_times(run.sizes, MODELS, run.device, run.autocast_dtype, None),
         ("step_time", "compile_off"),
     ),
-    "bootmae": (lambda run: bootmae_times(run.sizes, run.device, run.autocast_dtype), ("bootmae",)),
+    **{
+        method: (
+            lambda run, method=method: momentum_times(run.sizes, method, run.device, run.autocast_dtype),
+            (method,),
+        )
+        for method in MOMENTUM_METHODS
+    },
     "evolved": (lambda run: evolved_shares(run.sizes, run.device, run.autocast_dtype), ("evolved",)),
     # Before the compiled parts, the likeliest to be cut: a worker restarted after a cut takes its start-up out of
     # the parts after the cut, and that must not be the convergence check's promised time.
@@ -576,14 +588,16 @@ PARTS = {
 }
 # Each part's share of the budget, sized from the H200 run of docs/gpu_check_h200.json (in one process, no per-part
 # budget): eager step times took 17 s, BootMAE 10, evolved masking 5, the compiled step times 282 (both models, cold
-# compile caches, mostly compilation) and the convergence check the 99 s it was given. At the default 420 s that is
-# 25, 15, 10, 92 and 139 + 139 s (less the worker's start-up, pro rata): the compiled parts just fit on an H200 and are
-# the first to be cut on a slower GPU; `--time_budget_s 600` gives them room.
+# compile caches, mostly compilation) and the convergence check the 99 s it was given. ConMIM's part (not yet run on
+# a GPU) gets BootMAE's share, from the convergence check's. At the default 420 s that is 25, 15, 15, 10, 78 and
+# 139 + 139 s (less the worker's start-up, pro rata): the compiled parts just fit on an H200 and are the first to be
+# cut on a slower GPU; `--time_budget_s 600` gives them room.
 PART_SHARES = {
     "step_time_eager": 0.06,
     "bootmae": 0.035,
+    "conmim": 0.035,  # taken from the convergence check's share (0.22 before), which sizes its steps to its time
     "evolved": 0.025,
-    "convergence": 0.22,
+    "convergence": 0.185,
     "step_time_compiled_mae": 0.33,
     "step_time_compiled_simmim": 0.33,
 }

@@ -19,6 +19,13 @@ from .models.bootmae_mto import (
 
 # The methods' declarations for generic code (hf_mto.methods): importing them registers them.
 from .models.bootmae_mto.method_bootmae_mto import BootMAEMTOMethod
+from .models.conmim_mto import (
+    ConMIMMTOConfig,
+    ConMIMMTOForPreTraining,
+    ConMIMMTOForPreTrainingOutput,
+    ConMIMMTOModel,
+)
+from .models.conmim_mto.method_conmim_mto import ConMIMMTOMethod
 from .models.simmim_mto import (
     SimMIMMTOConfig,
     SimMIMMTOForMaskedImageModeling,
@@ -63,6 +70,11 @@ __all__ = [
     "BootMAEMTOForPreTrainingOutput",
     "BootMAEMTOMethod",
     "BootMAEMTOModel",
+    "ConMIMMTOConfig",
+    "ConMIMMTOForPreTraining",
+    "ConMIMMTOForPreTrainingOutput",
+    "ConMIMMTOMethod",
+    "ConMIMMTOModel",
     "SimMIMMTOConfig",
     "SimMIMMTOMethod",
     "SimMIMMTOForMaskedImageModeling",

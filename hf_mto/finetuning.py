@@ -503,7 +503,7 @@ def build_classification_model(args: FinetuneArguments, label_names: Sequence[st
         kept = {key: value for key, value in config_dict.items() if key not in _CONFIG_KEYS_NOT_COPIED}
         own_classifier = config_dict.get("model_type") not in _CLASSIFIER_TYPES
         if own_classifier:  # another stock encoder a method exports (BEiT's): transformers' classifier of its family
-            model_class, config_class = _stock_classifier(config_dict.get("model_type"), args)
+            model_class, config_class = _stock_classifier(config_dict, args)
             kept["drop_path_rate"] = args.drop_path_rate  # its own stochastic depth, not `apply_drop_path`'s
         kept.update(
             num_labels=len(label_names),
@@ -538,13 +538,17 @@ def _stock_encoder_types() -> tuple[str, ...]:
     return tuple(sorted(types - set(_CLASSIFIER_TYPES)))
 
 
-def _stock_classifier(model_type: str, args: FinetuneArguments) -> tuple[type[PreTrainedModel], type]:
-    """transformers' image classifier and config for an exported encoder of ``model_type`` (BEiT's: it pools the patch
-    tokens by mean and its pooler's LayerNorm, as `--global_pool` does for ViT)."""
-    if not args.global_pool:
+def _stock_classifier(config_dict: dict, args: FinetuneArguments) -> tuple[type[PreTrainedModel], type]:
+    """transformers' image classifier and config for an exported encoder of another family (`beit`: BEiT's and
+    ConMIM's). It pools as the export's config says: the mean of the patch tokens under its pooler's LayerNorm
+    (`use_mean_pooling`, BEiT's fine-tuning: `--global_pool true`) or the CLS token (`--global_pool false`)."""
+    model_type = config_dict.get("model_type")
+    pools_mean = bool(config_dict.get("use_mean_pooling", True))
+    if args.global_pool != pools_mean:
+        pooling = "mean-pools the patch tokens" if pools_mean else "takes the CLS token"
         raise ValueError(
-            f"a {model_type!r} encoder is fine-tuned with its own classifier, which mean-pools the patch tokens as "
-            "BEiT fine-tunes: pass --global_pool true"
+            f"this {model_type!r} encoder's classifier {pooling} (use_mean_pooling={pools_mean} in its config): pass "
+            f"--global_pool {str(pools_mean).lower()}"
         )
     config_class = CONFIG_MAPPING[model_type]
     return AutoModelForImageClassification._model_mapping[config_class], config_class

@@ -226,7 +226,7 @@ class PreTrainingMethod:
             ``(states, mask, prediction)``: ``states`` per MTO stack (every one of `mto_stacks`), its L+1 states
             H^0..H^L, each ``[B, N, D]`` float32, patch tokens only, in patch (raster) order; ``mask`` ``[B, N]``
             bool, True = masked; ``prediction`` ``[B, C, H, W]`` float32, the reconstruction in the normalised space
-            of ``pixel_values``.
+            of ``pixel_values`` (None for a method that predicts no pixels, `reconstructs_pixels` False).
         """
         raise NotImplementedError(f"{cls.__name__} does not declare an analysis pass")
 

@@ -15,7 +15,8 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.
 @pytest.mark.slow
 @pytest.mark.skipif(not FASHION_MNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
 def test_convergence_smoke_runs_every_path(tmp_path):
-    """--smoke: the study (mae, mae_mto_dot and the random-init floor, fine-tuned at 2 checkpoints each) and an LR
+    """--smoke: the study (mae, mae_mto_dot, conmim_mto and the random-init floor, fine-tuned at 2 checkpoints each;
+    ConMIM through its BEiT classifier, --global_pool false) and an LR
     sweep of mae at 2 learning rates reusing the study's runs, each run a few steps through the real recipes."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--smoke", "--seeds", "0"]
     cmd += ["--output_dir", str(tmp_path)]
@@ -23,7 +24,13 @@ def test_convergence_smoke_runs_every_path(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     runs = {run["arm"]: run for run in json.loads((tmp_path / "convergence.json").read_text())["runs"]}
-    assert list(runs) == ["mae", "mae_mto_dot", "random_init"]
+    assert list(runs) == ["mae", "mae_mto_dot", "conmim_mto", "random_init"]
+    conmim = runs["conmim_mto"]
+    assert conmim["finetune"]["epochs"] == [1.0, 2.0] and len(conmim["eval_knn_accuracy"]) == 2
+    ft_flags = json.loads(
+        (tmp_path / "conmim_mto-w0.003-lr0.0015-e2-seed0" / "finetune-e1" / "flags.json").read_text()
+    )
+    assert ft_flags[ft_flags.index("--global_pool") + 1] == "false"
     for arm in ("mae", "mae_mto_dot"):
         run = runs[arm]
         assert run["lr"] == pytest.approx(1.5e-3)  # the MAE preset's base LR, in the run's folder name too
@@ -72,10 +79,11 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
             assert set(results) == {"upstream", "mto_off", "mto_on"}
             assert results["upstream"]["ratio"] == 1.0
             assert all(r["step_s"] > 0 and r["ratio"] > 0 and r["peak_bytes"] > 0 for r in results.values())
-    bootmae = report["bootmae"]
-    assert bootmae["batch_size"] == 4 and bootmae["precision"] == "fp32"
-    assert set(bootmae["variants"]) == {"mto_off", "mto_on"} and bootmae["variants"]["mto_off"]["ratio"] == 1.0
-    assert all(0 < v["teacher_share"] and v["peak_bytes"] > 0 for v in bootmae["variants"].values())
+    for method in ("bootmae", "conmim"):  # the methods with a momentum encoder and no upstream
+        momentum = report[method]
+        assert momentum["batch_size"] == 4 and momentum["precision"] == "fp32"
+        assert set(momentum["variants"]) == {"mto_off", "mto_on"} and momentum["variants"]["mto_off"]["ratio"] == 1.0
+        assert all(0 < v["teacher_share"] and v["peak_bytes"] > 0 for v in momentum["variants"].values())
     for evolved in (report["evolved"][model] for model in ("mae", "simmim")):
         assert set(evolved["shares"]) == {"attention pass", "tree + mask", "training step"}
         assert sum(evolved["shares"].values()) == pytest.approx(1.0)
@@ -88,13 +96,14 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
     for arm in convergence["arms"].values():
         assert 0 <= arm["knn_accuracy"] <= 1 and 0 <= arm["finetune_accuracy"] <= 1
     text = (tmp_path / "gpu_check.md").read_text()
-    for heading in ("## Step time", "## BootMAE", "## Evolved masking", "## Convergence"):
+    for heading in ("## Step time", "## BootMAE", "## ConMIM", "## Evolved masking", "## Convergence"):
         assert heading in text
     assert "| mae | compile_on | mto_on |" in text and "| simmim | compile_off | mto_off |" in text
     assert "| mae_mto |" in text and "| mto_on |" in text
     assert all(part["status"] == "done" for part in report["parts"].values()) and list(report["parts"]) == [
         "step_time_eager",
         "bootmae",
+        "conmim",
         "evolved",
         "convergence",
         "step_time_compiled_mae",
@@ -110,11 +119,11 @@ def test_gpu_check_records_a_failed_part_and_runs_the_rest(tmp_path, monkeypatch
         raise RuntimeError("CUDA error: out of memory")
 
     monkeypatch.setattr(gpu_check, "step_times", lambda *args: {})
-    for name in ("bootmae_times", "evolved_shares", "convergence"):
+    for name in ("momentum_times", "evolved_shares", "convergence"):
         monkeypatch.setattr(gpu_check, name, fail)
     report = gpu_check.main(["--smoke", "--output_dir", str(tmp_path)])
     assert json.loads((tmp_path / "gpu_check.json").read_text()) == json.loads(json.dumps(report))
-    assert set(report["errors"]) == {"bootmae", "evolved", "convergence"}  # each failed part, and only those
+    assert set(report["errors"]) == {"bootmae", "conmim", "evolved", "convergence"}  # each failed part, only those
     assert "out of memory" in report["errors"]["evolved"]
     assert report["step_time"] == {"compile_off": {}, "compile_on": {}}  # compile_on ran after two failed parts
     text = (tmp_path / "gpu_check.md").read_text()
@@ -122,6 +131,7 @@ def test_gpu_check_records_a_failed_part_and_runs_the_rest(tmp_path, monkeypatch
     assert {name: part["status"] for name, part in report["parts"].items()} == {
         "step_time_eager": "done",
         "bootmae": "failed",
+        "conmim": "failed",
         "evolved": "failed",
         "step_time_compiled_mae": "done",
         "step_time_compiled_simmim": "done",
@@ -146,11 +156,11 @@ def test_gpu_check_allots_each_part_its_share_of_the_time_left(monkeypatch):
         left -= gpu_check.allotted_seconds(name, parts[index:], left)
     assert left == pytest.approx(0.0, abs=1e-9)
     # Time the first parts leave unused goes to the later ones pro rata: convergence keeps its share of the rest.
-    rest = parts[3:]
+    rest = parts[parts.index("convergence") :]
     assert (
         gpu_check.allotted_seconds("convergence", ["convergence"], 300.0)
         > gpu_check.allotted_seconds("convergence", rest, 300.0)
-        == pytest.approx(300.0 * 0.22 / sum(gpu_check.PART_SHARES[part] for part in rest))
+        == pytest.approx(300.0 * gpu_check.PART_SHARES["convergence"] / sum(gpu_check.PART_SHARES[p] for p in rest))
     )
 
 
@@ -172,7 +182,7 @@ def test_gpu_check_cuts_a_part_at_its_deadline_and_still_writes_the_report(tmp_p
         time.sleep(600)
 
     monkeypatch.setattr(gpu_check, "step_times", lambda *args: {})
-    monkeypatch.setattr(gpu_check, "bootmae_times", lambda *args: {})
+    monkeypatch.setattr(gpu_check, "momentum_times", lambda *args: {})
     monkeypatch.setattr(gpu_check, "evolved_shares", overrun)
     monkeypatch.setattr(gpu_check, "convergence", convergence)
     budget = 20.0
@@ -183,6 +193,7 @@ def test_gpu_check_cuts_a_part_at_its_deadline_and_still_writes_the_report(tmp_p
     assert {name: part["status"] for name, part in parts.items()} == {
         "step_time_eager": "done",
         "bootmae": "done",
+        "conmim": "done",
         "evolved": "cut",
         "convergence": "cut",
         "step_time_compiled_mae": "done",
@@ -190,7 +201,7 @@ def test_gpu_check_cuts_a_part_at_its_deadline_and_still_writes_the_report(tmp_p
     }
     assert report["errors"] == {}  # a cut is not a failure
     assert "evolved" not in report  # cut before it reported anything
-    assert report["step_time"] == {"compile_off": {}, "compile_on": {}} and report["bootmae"] == {}
+    assert report["step_time"] == {"compile_off": {}, "compile_on": {}} and report["bootmae"] == report["conmim"] == {}
     assert list(report["convergence"]["arms"]) == ["mae"]  # what it reported before its cut
     # It was told to plan for what it was allotted; no part's deadline reaches into the reserve for the report.
     assert report["convergence"]["seconds_left_at_start"] == pytest.approx(parts["convergence"]["allotted_s"], abs=0.5)

@@ -89,16 +89,18 @@ def test_simmim_with_mto_and_evolved_masking_on_two_processes(tmp_path):
     assert all("mto/ranking_loss" in entry for entry in logged)
 
 
-@pytest.mark.parametrize("model_type", ["mae", "simmim", "beit"])
+@pytest.mark.parametrize("model_type", ["beit", "conmim", "mae", "simmim"])
 def test_processes_end_with_identical_weights_and_share_the_gathered_mto_logs(tmp_path, model_type):
     """Each process masks its own shard (evolved masks from the model's own attention, MTO on); DDP must still
-    leave both with the same weights, and the logged MTO terms must be the means over both processes."""
+    leave both with the same weights (ConMIM: its momentum encoder too), and the logged MTO terms must be the means
+    over both processes."""
     script = tmp_path / "train.py"
     script.write_text(
         textwrap.dedent(
             f"""
             import json, torch
-            from conftest import TINY_MAE, TINY_SIMMIM
+            from conftest import TINY_MAE, TINY_SIMMIM, TINY_VIT
+            from hf_mto import ConMIMMTOConfig, ConMIMMTOForPreTraining
             from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling
             from hf_mto import BeitMTOConfig, BeitMTOForMaskedImageModeling, ViTMAEMTOConfig, ViTMAEMTOForPreTraining
             from hf_mto.trainer import MTOTrainer
@@ -110,6 +112,9 @@ def test_processes_end_with_identical_weights_and_share_the_gathered_mto_logs(tm
             elif {model_type!r} == "beit":  # k-means tokenizer: fitted by the main process, loaded by the other
                 model = BeitMTOForMaskedImageModeling(BeitMTOConfig(
                     **TINY_SIMMIM, vocab_size=64, tokenizer_type="kmeans", tokenizer_image_size=32, mask_ratio=0.5))
+            elif {model_type!r} == "conmim":
+                config = ConMIMMTOConfig(**TINY_VIT, projector_hidden_size=48, projector_size=16, mask_ratio=0.5)
+                model = ConMIMMTOForPreTraining(config)
             else:
                 model = SimMIMMTOForMaskedImageModeling(SimMIMMTOConfig(**TINY_SIMMIM, mask_ratio=0.5))
             initial = {{k: v.clone() for k, v in model.state_dict().items()}}
@@ -142,6 +147,10 @@ def test_processes_end_with_identical_weights_and_share_the_gathered_mto_logs(tm
     assert records[0]["world"] == 2 and records[0]["changed"]  # a real two-process run that trained
     assert weights[0].keys() == weights[1].keys()
     for key in weights[0]:
+        if "running_" in key:
+            continue  # ConMIM's BatchNorm statistics: each process's own batches, as the official code's (plain BN)
         assert torch.equal(weights[0][key], weights[1][key]), key
+    if model_type == "conmim":  # the momentum encoder followed the (averaged) student on both processes
+        assert "teacher.beit.layers.0.mlp.fc1.weight" in records[0]["changed"]
     # the logs are gathered: every process logs the same means although each saw different images
     assert len(records[0]["logs"]) == 4 and records[0]["logs"] == records[1]["logs"]

@@ -10,6 +10,8 @@ from conftest import TINY_MAE, TINY_VIT
 from hf_mto import (
     BeitMTOConfig,
     BeitMTOForMaskedImageModeling,
+    ConMIMMTOConfig,
+    ConMIMMTOForPreTraining,
     SimMIMMTOConfig,
     SimMIMMTOForMaskedImageModeling,
     ViTMAEMTOConfig,
@@ -27,6 +29,8 @@ def build(model_type):
     if model_type == "beit":  # its k-means tokenizer is fitted on the training images when the trainer starts
         beit = dict(vocab_size=64, tokenizer_type="kmeans", tokenizer_image_size=32, tokenizer_image_std=1.0)
         return BeitMTOForMaskedImageModeling(BeitMTOConfig(**TINY_VIT, **beit))
+    if model_type == "conmim":
+        return ConMIMMTOForPreTraining(ConMIMMTOConfig(**TINY_VIT, projector_hidden_size=48, projector_size=16))
     return SimMIMMTOForMaskedImageModeling(SimMIMMTOConfig(**TINY_VIT, encoder_stride=4))
 
 
@@ -45,8 +49,17 @@ def trainer_for(model, tmp_path, **kwargs):
     return MTOTrainer(model=model, args=args, train_dataset=dataset)
 
 
+# the model's own loss as logged beside the total (ConMIM's is contrastive)
+LOSS_COMPONENT = {
+    "mae": "reconstruction_loss",
+    "simmim": "reconstruction_loss",
+    "beit": "reconstruction_loss",
+    "conmim": "contrastive_loss",
+}
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-@pytest.mark.parametrize("model_type", ["mae", "simmim", "beit"])
+@pytest.mark.parametrize("model_type", sorted(LOSS_COMPONENT))
 def test_mixed_precision_runs_stay_finite(tmp_path, model_type, precision):
     trainer = trainer_for(build(model_type), tmp_path, **{precision: True})
     assert trainer.accelerator.mixed_precision == precision
@@ -54,17 +67,17 @@ def test_mixed_precision_runs_stay_finite(tmp_path, model_type, precision):
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 3
     for entry in logs:
-        for key in ("loss", "reconstruction_loss", *(f"mto/{name}" for name in MTO_TERMS)):
+        for key in ("loss", LOSS_COMPONENT[model_type], *(f"mto/{name}" for name in MTO_TERMS)):
             assert math.isfinite(entry[key]), (key, entry)
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("model_type", ["mae", "simmim"])
+@pytest.mark.parametrize("model_type", sorted(LOSS_COMPONENT))
 def test_mto_terms_are_float32_under_autocast(model_type, dtype):
     model = build(model_type)
     pixels = torch.randn(2, 3, 32, 32)
-    mask = {"bool_masked_pos": torch.arange(64).expand(2, -1) % 2 == 0} if model_type == "simmim" else {}
+    mask = {"bool_masked_pos": torch.arange(64).expand(2, -1) % 2 == 0} if model_type != "mae" else {}
     with torch.autocast("cpu", dtype=dtype):
         out = model(pixel_values=pixels, use_mto=True, **mask)
     for name in MTO_TERMS:
@@ -72,15 +85,17 @@ def test_mto_terms_are_float32_under_autocast(model_type, dtype):
     assert out.heterogeneity.dtype == torch.float32
 
 
-@pytest.mark.parametrize("model_type", ["mae", "simmim"])
+@pytest.mark.parametrize("model_type", sorted(LOSS_COMPONENT))
 def test_extreme_hidden_state_magnitudes_give_finite_losses_and_gradients(model_type):
     model = build(model_type)
     with torch.no_grad():  # patch embeddings of magnitude ~1e4: affinities ~1e8 before the softmax
-        projection = model.vit.embeddings.patch_embeddings.projection
+        projection = model.base_model.embeddings.patch_embeddings.projection
         projection.weight.mul_(1e4 / projection.weight.abs().mean())
     pixels = torch.randn(2, 3, 32, 32)
-    mask = {"bool_masked_pos": torch.arange(64).expand(2, -1) % 2 == 0} if model_type == "simmim" else {}
-    out = model(pixel_values=pixels, use_mto=True, **mask)
+    mask = {"bool_masked_pos": torch.arange(64).expand(2, -1) % 2 == 0} if model_type != "mae" else {}
+    # BEiT: its targets (the masked patches' visual-token ids) given, as its k-means tokenizer is not fitted here
+    labels = {"labels": torch.randint(0, 64, (64,))} if model_type == "beit" else {}
+    out = model(pixel_values=pixels, use_mto=True, **mask, **labels)
     total = out.loss + sum(getattr(out, name) for name in MTO_TERMS)
     total.backward()
     assert torch.isfinite(total)

@@ -17,15 +17,23 @@ pytestmark = [
 FLAGS = [*TINY_FLAGS, "--num_train_epochs", "3", "--logging_steps", "1", "--masking", "evolved"]
 FLAGS += ["--save_strategy", "epoch", "--eval_strategy", "no", "--save_total_limit", "2", "--seed", "7"]
 CRASH_AT_STEP = 9  # in the second epoch, three steps after checkpoint-6
-# BEiT: its tiny preset at this suite's size; its k-means tokenizer is fitted at the start and cached in output_dir
-BEIT = [
-    "--config",
-    str(ROOT / "recipes" / "configs" / "tiny_cpu_beit_mto.yaml"),
-    "--config_overrides",
-    "image_size=32,patch_size=4,hidden_size=32,num_hidden_layers=2,num_attention_heads=4,intermediate_size=64,"
-    "vocab_size=64,tokenizer_type=kmeans,tokenizer_image_size=32,tokenizer_image_mean=0.5,tokenizer_image_std=0.5",
-]
-PRESETS = {"mae": ["--config", str(PRESET)], "beit": BEIT}
+# The tiny presets at the suite's tiny size: MAE's, BEiT's (its k-means tokenizer is fitted at the start and cached
+# in output_dir) and ConMIM's (momentum encoder, two views, BatchNorm statistics in the checkpoint): (preset, config
+# overrides, the logged loss component)
+METHODS = {
+    "mae": (PRESET, TINY_FLAGS[1], "reconstruction_loss"),
+    "beit": (
+        ROOT / "recipes" / "configs" / "tiny_cpu_beit_mto.yaml",
+        "image_size=32,patch_size=4,hidden_size=32,num_hidden_layers=2,num_attention_heads=4,intermediate_size=64,"
+        "vocab_size=64,tokenizer_type=kmeans,tokenizer_image_size=32,tokenizer_image_mean=0.5,tokenizer_image_std=0.5",
+        "reconstruction_loss",
+    ),
+    "conmim": (
+        ROOT / "recipes" / "configs" / "tiny_cpu_conmim_mto.yaml",
+        TINY_FLAGS[1].split(",decoder_")[0] + ",projector_hidden_size=48,projector_size=16",
+        "contrastive_loss",
+    ),
+}
 
 
 def run(output_dir, *extra, crash_at=None, method="mae"):
@@ -52,7 +60,9 @@ def run(output_dir, *extra, crash_at=None, method="mae"):
         pretrain.main(sys.argv[1:])
         """
     )
-    cmd = [sys.executable, "-c", script, *FLAGS, *PRESETS[method], "--output_dir", str(output_dir), *extra]
+    preset, overrides, _ = METHODS[method]
+    flags = [*FLAGS[:1], overrides, *FLAGS[2:]]  # FLAGS[1]: MAE's config overrides
+    cmd = [sys.executable, "-c", script, "--config", str(preset), *flags, "--output_dir", str(output_dir), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=output_dir.parent, timeout=600)
 
 
@@ -61,7 +71,7 @@ def train_logs(output_dir):
     return {entry["step"]: entry for entry in history if "loss" in entry}
 
 
-@pytest.mark.parametrize("method", ["mae", "beit"])
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_killed_run_resumes_onto_the_uninterrupted_trajectory(tmp_path, method):
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
     done = run(reference, method=method)
@@ -77,7 +87,7 @@ def test_killed_run_resumes_onto_the_uninterrupted_trajectory(tmp_path, method):
     expected, got = train_logs(reference), train_logs(crashed)
     assert sorted(got) == sorted(expected) == list(range(1, 19))
     for step in range(7, 19):
-        for key in ("loss", "reconstruction_loss", "mto/ranking_loss", "evolved/depth", "evolved/tree_height"):
+        for key in ("loss", METHODS[method][2], "mto/ranking_loss", "evolved/depth", "evolved/tree_height"):
             assert got[step][key] == pytest.approx(expected[step][key], rel=1e-4, abs=1e-6), (step, key)
     # the depth schedule follows the training progress t = (step - 1) / 18: it rises within the first epoch (every
     # tree over 64 patches is >= 6 high, so step 6 masks at depth >= floor(6 * 5 / 18) = 1) and the resumed run
