@@ -207,8 +207,14 @@ class BeitMTOMethod(PreTrainingMethod):
 
     @classmethod
     def unmasked_embeddings(cls, model, pixel_values: torch.Tensor) -> torch.Tensor:
-        """BEiT's embeddings with nothing masked (CLS, patches, absolute positions where configured)."""
-        return cls.encoder(model).embeddings(pixel_values)
+        """``[B, 1 + N, D]`` BEiT's embeddings with nothing masked (CLS, patches, absolute positions where
+        configured), without the embedding dropout: built from the module's parameters, as in eval mode."""
+        embeddings = cls.encoder(model).embeddings
+        patches = embeddings.patch_embeddings(pixel_values)  # [B, N, D]
+        hidden = torch.cat([embeddings.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1)
+        if embeddings.position_embeddings is not None:
+            hidden = hidden + embeddings.interpolate_pos_encoding(hidden, *pixel_values.shape[2:])
+        return hidden
 
     @classmethod
     def unmasked_encoder_output(cls, encoder, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -217,31 +223,38 @@ class BeitMTOMethod(PreTrainingMethod):
 
     @classmethod
     def encoder_attention_maps(cls, model, pixel_values: torch.Tensor, num_layers: int) -> list[torch.Tensor]:
-        """As `PreTrainingMethod.encoder_attention_maps`, with BEiT's relative position bias (shared and per block)
-        added to the attention logits; between blocks the hidden states go through the blocks themselves."""
+        """As `PreTrainingMethod.encoder_attention_maps`, with BEiT's relative position bias (shared and/or per block)
+        added to the attention logits and its layer scale on the residual branches. The rest of each block is rebuilt
+        from the probabilities at hand, with no drop path and no dropout: the trainer runs this with the model in
+        training mode, where calling the blocks would drop paths at random (and draw from the global RNG)."""
         encoder = cls.encoder(model)
-        hidden = encoder.embeddings(pixel_values)  # [B, T, D]
+        hidden = cls.unmasked_embeddings(model, pixel_values)  # [B, T, D]
         batch_size, num_tokens, _ = hidden.shape
         grid = (pixel_values.shape[2] // encoder.config.patch_size, pixel_values.shape[3] // encoder.config.patch_size)
         shared = None
         if encoder.shared_position_bias is not None:
-            shared = encoder.shared_position_bias(grid, dim_size=num_tokens)  # [1, heads, T, T]
+            shared = encoder.shared_position_bias(grid, dim_size=num_tokens).float()  # [1, heads, T, T]
         maps = []
         for index, layer in enumerate(cls.encoder_blocks(model)[:num_layers]):
+            bias = shared  # [1, heads, T, T] or None: this block's, computed once
+            if layer.relative_position_bias is not None:
+                own = layer.relative_position_bias(grid, dim_size=num_tokens).float()
+                bias = own if bias is None else bias + own
             attention = layer.attention
             normed = layer.layernorm_before(hidden)
             shape = (batch_size, num_tokens, -1, attention.head_dim)
             query = attention.q_proj(normed).view(shape).transpose(1, 2).float()  # [B, heads, T, hd]
             key = attention.k_proj(normed).view(shape).transpose(1, 2).float()
             logits = torch.matmul(query, key.transpose(-1, -2)) * attention.scaling
-            for bias in (shared, layer.relative_position_bias):
-                if isinstance(bias, torch.Tensor):
-                    logits = logits + bias.float()
-                elif bias is not None:
-                    logits = logits + bias(grid, dim_size=num_tokens).float()
-            maps.append(torch.softmax(logits, dim=-1).mean(dim=1, keepdim=True))  # [B, 1, T, T]
-            if index < num_layers - 1:
-                hidden = layer(hidden, attention_mask=shared, resolution=pixel_values.shape[2:])
+            probs = torch.softmax(logits if bias is None else logits + bias, dim=-1)  # [B, heads, T, T]
+            maps.append(probs.mean(dim=1, keepdim=True))  # [B, 1, T, T]
+            if index == num_layers - 1:
+                break  # the last block's output is never used
+            # BEiT's block: x + lambda_1 * attn(ln(x)), then x + lambda_2 * mlp(ln(x)); drop path and dropout off
+            value = attention.v_proj(normed).view(shape).transpose(1, 2)
+            context = torch.matmul(probs.to(value.dtype), value).transpose(1, 2).reshape(batch_size, num_tokens, -1)
+            hidden = hidden + layer.lambda_1 * attention.o_proj(context)
+            hidden = hidden + layer.lambda_2 * layer.mlp(layer.layernorm_after(hidden))
         return maps
 
     # -- analysis ------------------------------------------------------------------------------------------------------

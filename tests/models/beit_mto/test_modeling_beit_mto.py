@@ -464,17 +464,42 @@ def test_evolved_masks_at_beits_ratio_have_exactly_the_count(progress):
     assert (random_masks.sum(dim=1) == 75).all()
 
 
-def test_evolved_similarity_uses_beits_attention_with_its_relative_position_bias():
-    model = make_model(attn_implementation="eager").eval()
-    with torch.no_grad():  # a non-zero bias, so leaving it out would show
-        model.beit.shared_position_bias.relative_position_bias_table.normal_()
+@pytest.mark.parametrize(
+    "bias",
+    [
+        {},
+        {"use_shared_relative_position_bias": False, "use_relative_position_bias": True},
+        {"use_relative_position_bias": True, "use_absolute_position_embeddings": True},
+    ],
+    ids=["shared", "per-block", "both+absolute"],
+)
+def test_evolved_similarity_uses_beits_attention_with_its_relative_position_bias(bias):
+    model = make_model(attn_implementation="eager", num_hidden_layers=3, **bias).eval()
+    with torch.no_grad():  # non-zero biases, positions and layer scales, so leaving any out would show
+        for name, parameter in model.beit.named_parameters():
+            if "relative_position_bias_table" in name or "position_embeddings" in name or "lambda_" in name:
+                parameter.normal_()
     pixels = torch.randn(2, 3, 32, 32)
-    maps = BeitMTOMethod.encoder_attention_maps(model, pixels, 2)
+    maps = BeitMTOMethod.encoder_attention_maps(model, pixels, 3)
     attentions = model.beit(pixels, output_attentions=True).attentions
     for ours, theirs in zip(maps, attentions, strict=True):
-        assert torch.allclose(ours[:, 0], theirs.mean(dim=1), atol=1e-6)
+        assert torch.allclose(ours[:, 0], theirs.mean(dim=1), atol=1e-5)
     similarity = encoder_similarity(model, pixels, 2)
     assert similarity.shape == (2, 64, 64) and torch.allclose(similarity, similarity.transpose(1, 2))
+
+
+def test_evolved_similarity_in_training_mode_is_deterministic_and_draws_nothing():
+    # the trainer draws evolved masks with the model in training mode: drop path and dropout must stay off there
+    model = make_model(drop_path_rate=0.5, hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
+    pixels = torch.randn(2, 3, 32, 32)
+    expected = BeitMTOMethod.encoder_attention_maps(model.eval(), pixels, 2)
+    model.train()
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        maps = BeitMTOMethod.encoder_attention_maps(model, pixels, 2)
+    assert torch.equal(torch.get_rng_state(), state)
+    for ours, theirs in zip(maps, expected, strict=True):
+        assert torch.equal(ours, theirs)
 
 
 def test_unmasked_encoder_output_is_upstreams_forward():
