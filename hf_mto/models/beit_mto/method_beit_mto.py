@@ -116,6 +116,7 @@ class BeitMTOMethod(PreTrainingMethod):
     # fine-tuning's `fc_norm`): exported as initialised (weight 1, bias 0), as the official fine-tuning starts it.
     stock_encoder_class = BeitModel
     stock_encoder_kwargs = {}
+    stock_encoder_new_keys = ("pooler.",)
     citation = """\
 @inproceedings{bao2022beit,
   title     = {{BEiT}: {BERT} Pre-Training of Image Transformers},

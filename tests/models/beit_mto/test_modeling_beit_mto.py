@@ -549,6 +549,17 @@ def test_export_to_stock_beit_classification_with_no_new_encoder_weight(tmp_path
     assert "BeitModel" in (tmp_path / "encoder" / "README.md").read_text()
 
 
+def test_export_fails_naming_a_stock_key_the_encoder_does_not_fill(tmp_path, monkeypatch):
+    from hf_mto.export import export_encoder
+
+    model = make_model().eval()
+    # only the pooler (BEiT's fine-tuning head norm) may be new: a missing block weight is an error, not a fresh init
+    monkeypatch.setattr(BeitMTOMethod, "export_dropped_keys", ("embeddings.mask_token", "layers.1.lambda_2"))
+    with pytest.raises(ValueError, match=r"does not fill BeitModel: missing \['layers.1.lambda_2'\]"):
+        export_encoder(model, tmp_path / "encoder")
+    assert not (tmp_path / "encoder").exists()
+
+
 def test_finetuning_builds_stock_beit_classifier_from_a_pretraining_checkpoint(tmp_path):
     from transformers import BeitForImageClassification
 
