@@ -15,7 +15,8 @@ The image tokenizer is any module mapping the tokenizer's view ``[B, C, S, S]`` 
 `FlavaImageCodebook`) or a k-means codebook over patches (`KMeansImageTokenizer`). It is frozen and kept *outside*
 the module tree: it holds no parameter of the model (so never a gradient, never an optimizer entry), its weights are
 not in the model's state dict (so checkpoints keep upstream's keys exactly, both ways), and `save_pretrained` writes
-it beside the weights, in `image_tokenizer/`, so a checkpoint is complete. Moving the model (`.to`) moves it too.
+it beside the weights, in `image_tokenizer/`, so a checkpoint is complete. Moving the model to a device (`.to`) moves
+it too; it stays float32 whatever the model's dtype.
 """
 
 import itertools
@@ -287,17 +288,19 @@ class BeitMTOForMaskedImageModeling(BeitMTOPreTrainedModel, BeitForMaskedImageMo
         return self._image_tokenizer
 
     def set_image_tokenizer(self, tokenizer: ImageTokenizer) -> None:
-        """Use ``tokenizer`` (frozen, eval mode, on the model's device)."""
+        """Use ``tokenizer`` (frozen, eval mode, float32, on the model's device)."""
         check_tokenizer(tokenizer, self.config)
         tokenizer.requires_grad_(False)
-        object.__setattr__(self, "_image_tokenizer", tokenizer.eval().to(self.lm_head.weight.device))
+        tokenizer = tokenizer.eval().to(self.lm_head.weight.device, torch.float32)
+        object.__setattr__(self, "_image_tokenizer", tokenizer)
 
     def _apply(self, fn, recurse=True):
-        # `.to()`, `.cuda()`, `.float()` move the tokenizer with the model, although it is not a submodule.
+        # `.to()`, `.cuda()` move the tokenizer with the model, although it is not a submodule; a dtype cast does not
+        # reach it: it stays float32, so the same image gives the same ids whatever the model's precision.
         super()._apply(fn, recurse)
         tokenizer = self.__dict__.get("_image_tokenizer")  # absent while upstream's __init__ runs
         if tokenizer is not None:
-            tokenizer._apply(fn, recurse)
+            tokenizer.to(self.lm_head.weight.device)
         return self
 
     @torch.no_grad()

@@ -345,8 +345,11 @@ def test_tokenizer_is_deterministic_frozen_and_outside_the_optimizer(overrides, 
     trainer = Trainer(model=model, args=TrainingArguments(tmp_path, report_to=[], use_cpu=True))
     optimised = {id(p) for group in trainer.create_optimizer().param_groups for p in group["params"]}
     assert optimised and not optimised & owned
-    model.to(torch.float64)  # moving the model moves its tokenizer
-    assert next(iter(tokenizer.state_dict().values())).dtype == torch.float64
+    model.to(torch.bfloat16)  # a dtype cast leaves the tokenizer in float32: the same ids
+    assert all(t.dtype == torch.float32 for t in tokenizer.state_dict().values())
+    assert torch.equal(model.tokenize(view), first)
+    model.to("meta")  # moving the model moves its tokenizer
+    assert {t.device.type for t in tokenizer.state_dict().values()} == {"meta"}
 
 
 def test_vocab_mismatch_is_an_error_naming_both_sizes():
