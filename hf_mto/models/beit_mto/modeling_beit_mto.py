@@ -137,7 +137,16 @@ class KMeansImageTokenizer(ImageTokenizer):
 
     def save(self, directory: str | os.PathLike) -> None:
         os.makedirs(directory, exist_ok=True)
-        save_file({"codebook": self.codebook.detach().cpu().contiguous()}, os.path.join(directory, KMEANS_FILE))
+        path = os.path.join(directory, KMEANS_FILE)
+        # Whole or not at all (a temporary file, then a rename): another process waiting for the cache, or a run
+        # resumed after a crash, never reads half a codebook.
+        temporary = f"{path}.{os.getpid()}.tmp"
+        try:
+            save_file({"codebook": self.codebook.detach().cpu().contiguous()}, temporary)
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
 
 
 def tokenizer_unavailable(source: str, error: Exception) -> OSError:

@@ -435,6 +435,41 @@ def test_prepare_training_fits_the_kmeans_tokenizer_and_caches_it(tmp_path):
     assert torch.equal(again.image_tokenizer.codebook, model.image_tokenizer.codebook)
 
 
+@pytest.mark.parametrize("save_on_each_node", [False, True])
+def test_the_fit_runs_first_on_the_main_process_of_the_run_or_of_each_node(save_on_each_node, tmp_path, monkeypatch):
+    from hf_mto.trainer import MTOTrainer
+    from hf_mto.training_args import MTOTrainingArguments
+
+    # a shared output_dir (save_on_each_node False) is written once per run, not once per node
+    calls = []
+    monkeypatch.setattr(BeitMTOMethod, "prepare_training", classmethod(lambda cls, *args: calls.append("fit")))
+    first = MTOTrainingArguments.main_process_first
+    monkeypatch.setattr(
+        MTOTrainingArguments,
+        "main_process_first",
+        lambda self, local=True, desc="work": calls.append(local) or first(self, local=local, desc=desc),
+    )
+    args = MTOTrainingArguments(
+        output_dir=str(tmp_path), save_on_each_node=save_on_each_node, report_to="none", use_cpu=True
+    )
+    MTOTrainer(model=make_model(), args=args, train_dataset=_Images(lambda image: image, count=1))
+    assert calls == [save_on_each_node, "fit"]
+
+
+def test_an_interrupted_cache_write_leaves_no_cache(tmp_path, monkeypatch):
+    from hf_mto.models.beit_mto import modeling_beit_mto
+
+    def write_half_and_fail(tensors, path, metadata=None):
+        with open(path, "wb") as file:
+            file.write(b"half a codebook")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(modeling_beit_mto, "save_file", write_half_and_fail)
+    with pytest.raises(OSError, match="disk full"):
+        make_model().image_tokenizer.save(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # neither the cache a resumed run would take, nor the temporary file
+
+
 def test_two_views_are_one_crop_at_two_sizes():
     config = BeitMTOConfig(**TINY_BEIT, tokenizer_image_mean=[0.5] * 3, tokenizer_image_std=[0.5] * 3)
     image = Image.fromarray((torch.arange(28 * 28).reshape(28, 28) % 255).byte().numpy())
