@@ -333,11 +333,19 @@ class BeitMTOForMaskedImageModeling(BeitMTOPreTrainedModel, BeitForMaskedImageMo
             )
         return ids.long()
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """Upstream's `save_pretrained` (upstream's keys), plus the image tokenizer in `image_tokenizer/`."""
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True) and self._image_tokenizer is not None:
+    def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs):
+        """Upstream's `save_pretrained` (upstream's keys), plus the image tokenizer in `image_tokenizer/`, written
+        first: with `push_to_hub=True` the upload then holds it (see `_get_files_timestamps`)."""
+        if is_main_process and self._image_tokenizer is not None:
             self._image_tokenizer.save(os.path.join(save_directory, TOKENIZER_FOLDER))
+        super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+
+    def _get_files_timestamps(self, working_dir) -> dict[str, float]:
+        # `save_pretrained(push_to_hub=True)` uploads the entries of the folder that are new or changed since this
+        # call, which it makes before writing: the tokenizer, written just before it, must count as changed.
+        timestamps = super()._get_files_timestamps(working_dir)
+        timestamps.pop(TOKENIZER_FOLDER, None)
+        return timestamps
 
     # -- the forward ---------------------------------------------------------------------------------------------------
 

@@ -281,6 +281,31 @@ def test_round_trip_with_the_tokenizer_beside_the_weights(tmp_path):
     )
 
 
+@pytest.mark.parametrize("push", ["save_pretrained", "push_to_hub"])
+def test_a_push_to_the_hub_uploads_the_tokenizer_with_the_weights(push, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from transformers import modeling_utils
+    from transformers.utils import hub
+
+    commits = []
+    api = SimpleNamespace(
+        create_repo=lambda repo_id, **kwargs: SimpleNamespace(repo_id=repo_id),
+        create_commit=lambda operations, **kwargs: commits.append(sorted(op.path_in_repo for op in operations)),
+    )
+    monkeypatch.setattr(hub, "_hf_api", api)
+    card = lambda *args, **kwargs: SimpleNamespace(save=lambda path: open(path, "w").close())  # noqa: E731
+    monkeypatch.setattr(modeling_utils, "create_and_tag_model_card", card)
+    monkeypatch.setattr(hub, "create_and_tag_model_card", card)
+    model = make_model()
+    if push == "save_pretrained":
+        model.save_pretrained(tmp_path / "ckpt", push_to_hub=True, repo_id="someone/beit")
+    else:
+        model.push_to_hub("someone/beit")
+    [uploaded] = commits
+    assert f"image_tokenizer/{KMEANS_FILE}" in uploaded and "model.safetensors" in uploaded
+
+
 def test_dvae_tokenizer_round_trip(tmp_path):
     model = make_model(**TINY_DVAE).eval()
     assert isinstance(model.image_tokenizer, DVAEImageTokenizer)
