@@ -3,13 +3,13 @@ remote code saved beside checkpoints."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as F
-from safetensors.torch import load_file
 from transformers import BeitConfig, BeitForMaskedImageModeling, BeitModel
 
 from ...data import build_eval_transform, to_rgb
@@ -171,21 +171,27 @@ class BeitMTOMethod(PreTrainingMethod):
     def prepare_training(cls, model, train_dataset, output_dir: str, seed: int) -> None:
         """Make the image tokenizer ready before the first step: a dVAE is loaded (a missing download fails now, not
         at the first step); an unfitted k-means tokenizer takes the codebook cached in
-        ``output_dir/image_tokenizer/`` when there is one, else is fitted on the patches of `KMEANS_FIT_IMAGES`
-        training images (seeded, the global RNG untouched) and cached there."""
+        ``output_dir/image_tokenizer/`` when it was fitted as this run would fit it (`kmeans_fit`), else is fitted on
+        the patches of `KMEANS_FIT_IMAGES` training images (seeded, the global RNG untouched) and cached there."""
         tokenizer = model.image_tokenizer
         if not isinstance(tokenizer, KMeansImageTokenizer) or tokenizer.fitted:
             return
+        fit = cls.kmeans_fit(model.config, len(train_dataset), seed)
         cache = os.path.join(output_dir, TOKENIZER_FOLDER, KMEANS_FILE)
         if os.path.isfile(cache):
-            try:
-                tokenizer.set_codebook(load_file(cache)["codebook"].to(tokenizer.codebook.device))
-            except ValueError as error:
-                raise ValueError(
-                    f"{cache}: {error}. It was fitted for another model: delete it or use another output_dir"
-                ) from None
-            logger.info("k-means image tokenizer: the codebook cached in %s", cache)
-            return
+            codebook, cached = KMeansImageTokenizer.read(cache)
+            differs = sorted(key for key in fit if cached.get(key) != fit[key])
+            if not differs and codebook.shape == tokenizer.codebook.shape:
+                tokenizer.set_codebook(codebook.to(tokenizer.codebook.device), fit)
+                logger.info("k-means image tokenizer: the codebook cached in %s", cache)
+                return
+            logger.warning(
+                "k-means image tokenizer: the codebook cached in %s was fitted with %s where this run has %s: "
+                "fitting a new one, which replaces it",
+                cache,
+                {key: cached.get(key) for key in differs} if differs else f"shape {list(codebook.shape)}",
+                {key: fit[key] for key in differs} if differs else f"shape {list(tokenizer.codebook.shape)}",
+            )
         generator = torch.Generator().manual_seed(seed)
         chosen = torch.randperm(len(train_dataset), generator=generator)[:KMEANS_FIT_IMAGES].tolist()
         with torch.random.fork_rng(devices=[]):
@@ -194,7 +200,7 @@ class BeitMTOMethod(PreTrainingMethod):
         views = torch.stack([view for view in views if view is not None])  # unreadable images are None
         patches = tokenizer.patches(views).flatten(0, 1).float()  # [images * N, p * p * C]
         codebook = fit_kmeans(patches, tokenizer.vocab_size, KMEANS_ITERATIONS, generator)
-        tokenizer.set_codebook(codebook.to(tokenizer.codebook.device))
+        tokenizer.set_codebook(codebook.to(tokenizer.codebook.device), fit)
         tokenizer.save(os.path.dirname(cache))
         logger.info(
             "k-means image tokenizer: %d codes fitted on %d patches of %d training images, cached in %s",
@@ -203,6 +209,19 @@ class BeitMTOMethod(PreTrainingMethod):
             len(views),
             cache,
         )
+
+    @staticmethod
+    def kmeans_fit(config: BeitMTOConfig, num_images: int, seed: int) -> dict[str, str]:
+        """What a k-means fit depends on, as the strings its cache records: the seed, the tokenizer's view (size,
+        normalisation), the vocabulary and the training set's size."""
+        return {
+            "seed": str(seed),
+            "vocab_size": str(config.vocab_size),
+            "tokenizer_image_size": str(config.tokenizer_image_size),
+            "tokenizer_image_mean": json.dumps(list(config.tokenizer_image_mean)),
+            "tokenizer_image_std": json.dumps(list(config.tokenizer_image_std)),
+            "training_images": str(num_images),
+        }
 
     # -- the encoder over whole images ---------------------------------------------------------------------------------
 

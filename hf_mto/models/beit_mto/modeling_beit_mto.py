@@ -24,7 +24,8 @@ import os
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers import BeitForMaskedImageModeling, BeitModel, FlavaImageCodebook, FlavaImageCodebookConfig
 from transformers import initialization as init
@@ -88,12 +89,16 @@ class DVAEImageTokenizer(ImageTokenizer):
 class KMeansImageTokenizer(ImageTokenizer):
     """A codebook of ``vocab_size`` centroids over the view's ``patch x patch`` pixel patches (flattened, channels
     last): each patch's id is its nearest centroid (squared Euclidean distance; ties to the lower id). Fitted on the
-    training images (iGPT's colour clusters, here whole patches); unfitted until `fit` or a saved codebook is loaded.
+    training images (iGPT's colour clusters, here whole patches); unfitted until `set_codebook` takes a fitted or a
+    saved codebook.
 
     Args:
         vocab_size: the number of centroids K.
         patch_size: side p of a token's pixel patch in the tokenizer's view.
         num_channels: C.
+
+    Attributes:
+        fit: what the codebook was fitted with (seed, view, data; strings), saved with it as file metadata.
     """
 
     def __init__(self, vocab_size: int, patch_size: int, num_channels: int = 3):
@@ -101,6 +106,7 @@ class KMeansImageTokenizer(ImageTokenizer):
         self.vocab_size, self.patch_size = vocab_size, patch_size
         self.register_buffer("codebook", torch.zeros(vocab_size, patch_size * patch_size * num_channels))
         self.fitted = False
+        self.fit: dict[str, str] = {}
 
     def token_grid(self, image_size: int) -> int:
         return image_size // self.patch_size
@@ -112,15 +118,22 @@ class KMeansImageTokenizer(ImageTokenizer):
         grid = pixel_values.reshape(batch, channels, height // p, p, width // p, p)
         return grid.permute(0, 2, 4, 3, 5, 1).reshape(batch, (height // p) * (width // p), p * p * channels)
 
-    def set_codebook(self, codebook: torch.Tensor) -> None:
-        """Take ``codebook [K, p * p * C]`` as the fitted centroids."""
+    def set_codebook(self, codebook: torch.Tensor, fit: dict[str, str] | None = None) -> None:
+        """Take ``codebook [K, p * p * C]`` as the fitted centroids, ``fit`` as what they were fitted with."""
         if codebook.shape != self.codebook.shape:
             raise ValueError(
                 f"a k-means codebook of shape {list(codebook.shape)} does not fit this tokenizer "
                 f"({list(self.codebook.shape)}: vocab_size x patch pixels)"
             )
         self.codebook.copy_(codebook)
-        self.fitted = True
+        self.fitted, self.fit = True, dict(fit or {})
+
+    @staticmethod
+    def read(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, str]]:
+        """``(codebook [K, p * p * C], fit)`` from a file `save` wrote."""
+        with safe_open(path, "pt") as file:
+            metadata = file.metadata() or {}
+            return file.get_tensor("codebook"), {key: value for key, value in metadata.items() if key != "format"}
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if not self.fitted:
@@ -142,7 +155,8 @@ class KMeansImageTokenizer(ImageTokenizer):
         # resumed after a crash, never reads half a codebook.
         temporary = f"{path}.{os.getpid()}.tmp"
         try:
-            save_file({"codebook": self.codebook.detach().cpu().contiguous()}, temporary)
+            codebook = {"codebook": self.codebook.detach().cpu().contiguous()}
+            save_file(codebook, temporary, metadata={"format": "pt", **self.fit})
             os.replace(temporary, path)
         finally:
             if os.path.exists(temporary):
@@ -178,7 +192,7 @@ def build_image_tokenizer(config: BeitMTOConfig, source: str | None = None) -> I
         patch = config.tokenizer_image_size // config.patch_grid
         tokenizer = KMeansImageTokenizer(config.vocab_size, patch, config.num_channels)
         if source is not None and os.path.isfile(os.path.join(source, KMEANS_FILE)):
-            tokenizer.set_codebook(load_file(os.path.join(source, KMEANS_FILE))["codebook"])
+            tokenizer.set_codebook(*KMeansImageTokenizer.read(os.path.join(source, KMEANS_FILE)))
     else:
         if source is None and config.tokenizer_config is not None:
             codebook = FlavaImageCodebook(FlavaImageCodebookConfig(**config.tokenizer_config))

@@ -454,10 +454,41 @@ def test_prepare_training_fits_the_kmeans_tokenizer_and_caches_it(tmp_path):
         )
         > 4
     )
-    again = BeitMTOForMaskedImageModeling(config)  # a resumed run: the cache, not a new fit
-    (tmp_path / "other").mkdir()
-    BeitMTOMethod.prepare_training(again, [], str(tmp_path), seed=1)
+    again = BeitMTOForMaskedImageModeling(config)  # a resumed run: the cache, not a new fit (no image is read)
+    BeitMTOMethod.prepare_training(again, _Unreadable(len(dataset)), str(tmp_path), seed=0)
     assert torch.equal(again.image_tokenizer.codebook, model.image_tokenizer.codebook)
+
+
+class _Unreadable(torch.utils.data.Dataset):
+    def __init__(self, count):
+        self.count = count
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, index):
+        raise AssertionError("the dataset was read")
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [({"seed": 1}, "'seed': '0'"), ({"tokenizer_image_mean": [0.25] * 3}, "tokenizer_image_mean")],
+    ids=["seed", "normalisation"],
+)
+def test_a_cache_fitted_otherwise_is_refitted_with_a_warning_naming_the_difference(change, named, tmp_path, caplog):
+    config = BeitMTOConfig(**{**TINY_BEIT, "vocab_size": 16})
+    dataset = _Images(BeitMTOMethod.pretraining_transform(32, [0.5] * 3, [0.5] * 3, config=config))
+    first = BeitMTOForMaskedImageModeling(config)
+    BeitMTOMethod.prepare_training(first, dataset, str(tmp_path), seed=0)
+    config = BeitMTOConfig(**{**config.to_dict(), **{k: v for k, v in change.items() if k != "seed"}})
+    dataset.transform = BeitMTOMethod.pretraining_transform(32, [0.5] * 3, [0.5] * 3, config=config)
+    second = BeitMTOForMaskedImageModeling(config)
+    with caplog.at_level("WARNING"):
+        BeitMTOMethod.prepare_training(second, dataset, str(tmp_path), seed=change.get("seed", 0))
+    assert named in caplog.text and "fitting a new one" in caplog.text
+    assert not torch.equal(second.image_tokenizer.codebook, first.image_tokenizer.codebook)
+    _, fit = KMeansImageTokenizer.read(tmp_path / "image_tokenizer" / KMEANS_FILE)  # the new fit replaced the cache
+    assert fit == BeitMTOMethod.kmeans_fit(config, len(dataset), change.get("seed", 0))
 
 
 @pytest.mark.parametrize("save_on_each_node", [False, True])
