@@ -172,7 +172,17 @@ class BeitMTOMethod(PreTrainingMethod):
         """Make the image tokenizer ready before the first step: a dVAE is loaded (a missing download fails now, not
         at the first step); an unfitted k-means tokenizer takes the codebook cached in
         ``output_dir/image_tokenizer/`` when it was fitted as this run would fit it (`kmeans_fit`), else is fitted on
-        the patches of `KMEANS_FIT_IMAGES` training images (seeded, the global RNG untouched) and cached there."""
+        the patches of `KMEANS_FIT_IMAGES` training images (seeded, the global RNG untouched) and cached there.
+
+        Raises:
+            ValueError: for upstream's `BeitForMaskedImageModeling`, which has no image tokenizer to make its targets.
+        """
+        if not isinstance(model, BeitMTOForMaskedImageModeling):
+            raise ValueError(
+                f"{type(model).__name__} has no image tokenizer to make BEiT's targets: load the checkpoint as "
+                f"{BeitMTOForMaskedImageModeling.__name__} (same weights; hf_mto.analysis.load_checkpoint or "
+                f"{BeitMTOForMaskedImageModeling.__name__}.from_pretrained)"
+            )
         tokenizer = model.image_tokenizer
         if not isinstance(tokenizer, KMeansImageTokenizer) or tokenizer.fitted:
             return

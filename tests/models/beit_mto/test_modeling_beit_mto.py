@@ -459,6 +459,19 @@ def test_prepare_training_fits_the_kmeans_tokenizer_and_caches_it(tmp_path):
     assert torch.equal(again.image_tokenizer.codebook, model.image_tokenizer.codebook)
 
 
+def test_training_upstreams_model_says_to_load_it_as_ours(tmp_path):
+    from hf_mto.trainer import MTOTrainer
+    from hf_mto.training_args import MTOTrainingArguments
+
+    config = upstream_config()
+    config.mask_ratio = 0.4  # the trainer's masking reads it, as for the other upstream classes
+    upstream = BeitForMaskedImageModeling(config)
+    no_mto = dict(mto_spa_weight=0.0, mto_e_weight=0.0, mto_r_weight=0.0)  # upstream's computes no MTO term
+    args = MTOTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, **no_mto)
+    with pytest.raises(ValueError, match="BeitForMaskedImageModeling has no image tokenizer.*as BeitMTOForMasked"):
+        MTOTrainer(model=upstream, args=args, train_dataset=_Unreadable(1))
+
+
 class _Unreadable(torch.utils.data.Dataset):
     def __init__(self, count):
         self.count = count
