@@ -248,7 +248,15 @@ class BeitMTOMethod(PreTrainingMethod):
 
     @classmethod
     def unmasked_encoder_output(cls, encoder, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Upstream's encoder forward with no mask (its relative position bias included)."""
+        """Upstream's encoder forward with no mask (its relative position bias included).
+
+        With `use_mean_pooling` (BEiT's default, in pre-training as in its fine-tuning) the encoder's final
+        `layernorm` is an Identity, so this is the last block's output, not normalised: pre-training's final norm is
+        the head's `layernorm` (outside the encoder), and fine-tuning's is the pooler's LayerNorm over the mean of the
+        patch tokens, new at fine-tuning (its initial 1 and 0 in an export). The frozen-encoder evaluation
+        (`hf_mto.evaluation.encoder_features`) hence pools these raw outputs; a LayerNorm at its initial values would
+        only centre and rescale each feature vector, which the linear probe's standardisation covers but the k-NN's
+        cosine similarity would not, so none is added."""
         return cls.encoder(encoder)(pixel_values).last_hidden_state
 
     @classmethod

@@ -609,10 +609,21 @@ def test_evolved_similarity_in_training_mode_is_deterministic_and_draws_nothing(
         assert torch.equal(ours, theirs)
 
 
-def test_unmasked_encoder_output_is_upstreams_forward():
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_frozen_encoder_features_are_the_exported_encoders_and_the_last_blocks(pooling, tmp_path):
+    from hf_mto.evaluation import encoder_features
+    from hf_mto.export import export_encoder
+
     model = make_model().eval()
+    export_encoder(model, tmp_path / "encoder")
+    exported = BeitModel.from_pretrained(tmp_path / "encoder").eval()
     pixels = torch.randn(2, 3, 32, 32)
-    assert torch.equal(BeitMTOMethod.unmasked_encoder_output(model, pixels), model.beit(pixels).last_hidden_state)
+    with torch.no_grad():
+        ours, theirs = encoder_features(model, pixels, pooling), encoder_features(exported, pixels, pooling)
+        # with use_mean_pooling the encoder has no final norm: the last block's output, as documented
+        last = model.beit(pixels, output_hidden_states=True).hidden_states[-1]
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    assert torch.allclose(ours, last[:, 0] if pooling == "cls" else last[:, 1:].mean(dim=1), atol=1e-6)
 
 
 @pytest.mark.parametrize(
