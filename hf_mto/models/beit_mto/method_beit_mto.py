@@ -56,6 +56,21 @@ class TwoViewCrop:
         return views
 
 
+class TwoViewCentreCrop:
+    """`TwoViewCrop`'s deterministic counterpart for evaluation: resize and centre crop at the encoder's and the
+    tokenizer's sizes (the same region of the image), each normalised with its own statistics. A class, not a
+    closure, so that spawned data-loader workers can pickle it."""
+
+    def __init__(self, image_size: int, image_mean, image_std, config: BeitMTOConfig):
+        self.encoder_view = build_eval_transform(image_size, image_mean, image_std)
+        self.tokenizer_view = build_eval_transform(
+            config.tokenizer_image_size, config.tokenizer_image_mean, config.tokenizer_image_std
+        )
+
+    def __call__(self, image) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.encoder_view(image), "tokenizer_pixel_values": self.tokenizer_view(image)}
+
+
 def fit_kmeans(vectors: torch.Tensor, num_codes: int, iterations: int, generator: torch.Generator) -> torch.Tensor:
     """Lloyd's k-means from a k-means++ start.
 
@@ -152,12 +167,7 @@ class BeitMTOMethod(PreTrainingMethod):
     @classmethod
     def evaluation_transform(cls, image_size: int, image_mean, image_std, config: BeitMTOConfig | None = None):
         """The evaluation views: resize and centre crop at both sizes (the same region of the image)."""
-        config = cls._config(config)
-        encoder_view = build_eval_transform(image_size, image_mean, image_std)
-        tokenizer_view = build_eval_transform(
-            config.tokenizer_image_size, config.tokenizer_image_mean, config.tokenizer_image_std
-        )
-        return lambda image: {"pixel_values": encoder_view(image), "tokenizer_pixel_values": tokenizer_view(image)}
+        return TwoViewCentreCrop(image_size, image_mean, image_std, cls._config(config))
 
     @staticmethod
     def _config(config: BeitMTOConfig | None) -> BeitMTOConfig:
@@ -205,7 +215,9 @@ class BeitMTOMethod(PreTrainingMethod):
         generator = torch.Generator().manual_seed(seed)
         chosen = torch.randperm(len(train_dataset), generator=generator)[:KMEANS_FIT_IMAGES].tolist()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # the augmentations draw from the global RNG
+            # the augmentations draw from the global CPU RNG; `torch.manual_seed` would reseed the accelerators' RNGs
+            # too, which fork_rng(devices=[]) does not restore
+            torch.default_generator.manual_seed(seed)
             views = [train_dataset[index].get("tokenizer_pixel_values") for index in chosen]
         views = torch.stack([view for view in views if view is not None])  # unreadable images are None
         patches = tokenizer.patches(views).flatten(0, 1).float()  # [images * N, p * p * C]

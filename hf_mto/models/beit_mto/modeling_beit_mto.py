@@ -63,7 +63,7 @@ class ImageTokenizer(nn.Module):
         raise NotImplementedError
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write what `load_image_tokenizer` reads back."""
+        """Write what `build_image_tokenizer` reads back (its ``source``)."""
         raise NotImplementedError
 
 

@@ -4,6 +4,7 @@ loss against a hand cross-entropy, checkpoints written by upstream's classes bot
 determinism, frozen and outside the optimizer, saved beside the weights, the k-means fit, the errors) and BEiT's
 masking."""
 
+import pickle
 import textwrap
 import unittest
 
@@ -434,13 +435,15 @@ class _Images(torch.utils.data.Dataset):
         return self.transform(self.images[index])
 
 
-def test_prepare_training_fits_the_kmeans_tokenizer_and_caches_it(tmp_path):
+def test_prepare_training_fits_the_kmeans_tokenizer_and_caches_it(tmp_path, monkeypatch):
     config = BeitMTOConfig(**{**TINY_BEIT, "vocab_size": 16})
     dataset = _Images(BeitMTOMethod.pretraining_transform(32, [0.5] * 3, [0.5] * 3, config=config))
     model = BeitMTOForMaskedImageModeling(config)
     state = torch.get_rng_state()
+    reseeded = []  # the accelerators' RNGs, which fork_rng(devices=[]) would not restore
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
     BeitMTOMethod.prepare_training(model, dataset, str(tmp_path), seed=0)
-    assert torch.equal(torch.get_rng_state(), state)  # the training's own draws are untouched
+    assert torch.equal(torch.get_rng_state(), state) and not reseeded  # the training's own draws are untouched
     assert model.image_tokenizer.fitted and (tmp_path / "image_tokenizer" / KMEANS_FILE).is_file()
     ids = model.tokenize(dataset[0]["tokenizer_pixel_values"][None])
     assert (
@@ -547,8 +550,11 @@ def test_two_views_are_one_crop_at_two_sizes():
     # same crop: the encoder's view downsampled is close to the tokenizer's
     small = torch.nn.functional.avg_pool2d(views["pixel_values"][None], 2)[0]
     assert (small - views["tokenizer_pixel_values"]).abs().mean() < 0.15
-    evaluation = BeitMTOMethod.evaluation_transform(32, [0.5] * 3, [0.5] * 3, config=config)(image)
-    assert evaluation["tokenizer_pixel_values"].shape == (3, 16, 16)
+    evaluation = BeitMTOMethod.evaluation_transform(32, [0.5] * 3, [0.5] * 3, config=config)
+    views = evaluation(image)
+    assert views["pixel_values"].shape == (3, 32, 32) and views["tokenizer_pixel_values"].shape == (3, 16, 16)
+    for transform in (evaluation, BeitMTOMethod.pretraining_transform(32, [0.5] * 3, [0.5] * 3, config=config)):
+        pickle.dumps(transform)  # spawned data-loader workers get it pickled
 
 
 # -- masking ------------------------------------------------------------------------------------------------------------
