@@ -703,3 +703,28 @@ def test_finetuning_builds_stock_beit_classifier_from_a_pretraining_checkpoint(t
     assert len({group["lr_scale"] for group in groups}) == model.config.num_hidden_layers + 2
     with pytest.raises(ValueError, match="--global_pool true"):
         build_classification_model(FinetuneArguments(model_name_or_path=str(tmp_path), global_pool=False), ["a"])
+
+
+def test_vit_b_preset_decays_the_learning_rate_to_beits_min_lr(tmp_path):
+    from pathlib import Path
+
+    from transformers import get_scheduler
+
+    from hf_mto.cli import ModelArguments, parse_args
+    from hf_mto.data import DataArguments
+    from hf_mto.evaluation import EncoderEvalArguments
+    from hf_mto.training_args import MTOTrainingArguments
+
+    preset = Path(__file__).resolve().parents[3] / "recipes" / "configs" / "vit_base_beit_mto_in1k.yaml"
+    *_, args = parse_args(
+        (ModelArguments, DataArguments, EncoderEvalArguments, MTOTrainingArguments),
+        ["--config", str(preset), "--bf16", "false", "--output_dir", str(tmp_path)],
+    )
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.5e-3)
+    scheduler = get_scheduler(
+        args.lr_scheduler_type, optimizer, 10, 100, scheduler_specific_kwargs=args.lr_scheduler_kwargs
+    )
+    for _ in range(100):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-5)  # run_beit_pretraining.py's --min_lr
