@@ -20,10 +20,12 @@ it too; it stays float32 whatever the model's dtype.
 """
 
 import itertools
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
+from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -42,6 +44,8 @@ from transformers.utils.output_capturing import resolve_hidden_states_indices, s
 
 from .configuration_beit_mto import BeitMTOConfig
 from .mto import mto_terms
+
+logger = logging.getLogger(__name__)
 
 # The folder beside a checkpoint's weights that holds its image tokenizer.
 TOKENIZER_FOLDER = "image_tokenizer"
@@ -180,9 +184,9 @@ def build_image_tokenizer(config: BeitMTOConfig, source: str | None = None) -> I
 
     Args:
         config: the model's config (tokenizer kind, vocab size, view size).
-        source: a directory or Hub id holding a saved tokenizer (a checkpoint's `image_tokenizer/`), if any. Without
-            one, a dVAE comes from `config.tokenizer_config` (random weights) or `config.tokenizer_name_or_path`, and a
-            k-means tokenizer is unfitted.
+        source: a directory holding a saved tokenizer (a checkpoint's `image_tokenizer/`; for a dVAE, also a Hub
+            id), if any. Without one, a dVAE comes from `config.tokenizer_config` (random weights) or
+            `config.tokenizer_name_or_path`, and a k-means tokenizer is unfitted.
 
     Raises:
         OSError: dVAE weights not found (the message says how to provide them offline).
@@ -302,13 +306,36 @@ class BeitMTOForMaskedImageModeling(BeitMTOPreTrainedModel, BeitForMaskedImageMo
     @property
     def image_tokenizer(self) -> ImageTokenizer:
         """The frozen image tokenizer, built on first use: the one saved beside the checkpoint this model was loaded
-        from (its `image_tokenizer/` folder), else the one the config declares (see `build_image_tokenizer`)."""
+        from (its `image_tokenizer/` folder, local or on the Hub), else the one the config declares (see
+        `build_image_tokenizer`)."""
         if self._image_tokenizer is None:
-            saved = os.path.join(self.name_or_path, TOKENIZER_FOLDER) if self.name_or_path else None
-            self.set_image_tokenizer(
-                build_image_tokenizer(self.config, saved if saved and os.path.isdir(saved) else None)
-            )
+            self.set_image_tokenizer(build_image_tokenizer(self.config, self._saved_tokenizer()))
         return self._image_tokenizer
+
+    def _saved_tokenizer(self) -> str | None:
+        """The local folder of the tokenizer saved beside the checkpoint this model was loaded from: its
+        `image_tokenizer/` folder, downloaded (at the weights' commit) when the checkpoint is a Hub id. None when the
+        checkpoint has none, or the Hub cannot be reached and it is not cached (a warning says so)."""
+        source = self.name_or_path
+        if not source:
+            return None
+        if os.path.isdir(source):
+            folder = os.path.join(source, TOKENIZER_FOLDER)
+            return folder if os.path.isdir(folder) else None
+        try:
+            snapshot = snapshot_download(
+                source, allow_patterns=[f"{TOKENIZER_FOLDER}/*"], revision=getattr(self.config, "_commit_hash", None)
+            )
+        except (OSError, ValueError) as error:  # offline and not cached, no such repo, or not a repo id at all
+            logger.warning(
+                "the image tokenizer saved beside %s could not be fetched (%s: %s): using the one the config declares",
+                source,
+                type(error).__name__,
+                error,
+            )
+            return None
+        folder = os.path.join(snapshot, TOKENIZER_FOLDER)
+        return folder if os.path.isdir(folder) else None
 
     def set_image_tokenizer(self, tokenizer: ImageTokenizer) -> None:
         """Use ``tokenizer`` (frozen, eval mode, float32, on the model's device)."""

@@ -307,6 +307,43 @@ def test_a_push_to_the_hub_uploads_the_tokenizer_with_the_weights(push, tmp_path
     assert f"image_tokenizer/{KMEANS_FILE}" in uploaded and "model.safetensors" in uploaded
 
 
+@pytest.mark.parametrize("overrides", [{}, TINY_DVAE], ids=["kmeans", "dvae"])
+def test_a_hub_checkpoint_brings_its_tokenizer_from_its_image_tokenizer_folder(overrides, tmp_path, monkeypatch):
+    from hf_mto.models.beit_mto import modeling_beit_mto
+
+    model = make_model(**overrides).eval()
+    assert model.image_tokenizer is not None  # built (the dVAE's random weights), so saved beside the weights
+    model.save_pretrained(tmp_path / "hub" / "someone" / "beit")  # the repo as the Hub would serve it
+    requests = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, revision=None):
+        requests.append((repo_id, allow_patterns, revision))
+        return str(tmp_path / "hub" / repo_id)
+
+    monkeypatch.setattr(modeling_beit_mto, "snapshot_download", fake_snapshot_download)
+    loaded = BeitMTOForMaskedImageModeling(model.config)
+    loaded.name_or_path, loaded.config._commit_hash = "someone/beit", "0" * 40  # as from_pretrained(repo id) sets
+    view = torch.randn(2, 3, model.config.tokenizer_image_size, model.config.tokenizer_image_size)
+    assert torch.equal(loaded.tokenize(view), model.tokenize(view))
+    assert requests == [("someone/beit", ["image_tokenizer/*"], "0" * 40)]  # the folder only, at the weights' commit
+
+
+def test_an_unreachable_hub_tokenizer_falls_back_to_the_configs_with_a_warning(monkeypatch, caplog):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from hf_mto.models.beit_mto import modeling_beit_mto
+
+    def offline(repo_id, **kwargs):
+        raise LocalEntryNotFoundError("offline and not in the cache")
+
+    monkeypatch.setattr(modeling_beit_mto, "snapshot_download", offline)
+    model = BeitMTOForMaskedImageModeling(BeitMTOConfig(**TINY_BEIT))
+    model.name_or_path = "someone/beit"
+    with caplog.at_level("WARNING"):
+        assert not model.image_tokenizer.fitted
+    assert "someone/beit could not be fetched" in caplog.text and "offline" in caplog.text
+
+
 def test_dvae_tokenizer_round_trip(tmp_path):
     model = make_model(**TINY_DVAE).eval()
     assert isinstance(model.image_tokenizer, DVAEImageTokenizer)
