@@ -8,7 +8,9 @@ run (`EncoderEvalCallback`) or on any checkpoint (`recipes/evaluate_encoder.py`)
   of the patch tokens (`"mean"`). Any of our models works -- `ViTMAEMTOForPreTraining` (whose encoder always drops
   patches in its own forward, so its modules are run here without the random masking),
   `SimMIMMTOForMaskedImageModeling` (called without `bool_masked_pos`) -- and so does any transformers ViT
-  (`ViTModel`, an exported encoder, `ViTForImageClassification`, upstream ViTMAE).
+  (`ViTModel`, an exported encoder, `ViTForImageClassification`, upstream ViTMAE). BEiT's encoder with
+  `use_mean_pooling` (its default) has no final layernorm (an Identity): its features are the last block's raw
+  outputs (`BeitMTOMethod.unmasked_encoder_output` says why).
 * **k-NN** (`knn_predict`): weighted k-nearest neighbours as in InstDisc and DINO. Cosine similarity between the
   L2-normalised features; each of the k = 20 most similar training images votes for its class with weight
   exp(similarity / T), T = 0.07; the class with the largest total wins.

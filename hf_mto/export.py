@@ -112,9 +112,21 @@ def _split(model: PreTrainedModel) -> tuple[type[PreTrainingMethod], PreTrainedM
 
 
 def encoder_state_dict(encoder: PreTrainedModel, dropped: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """The encoder's weights under `ViTModel(config, add_pooling_layer=False)`'s keys (the names are the same),
-    without the ``dropped`` ones (`PreTrainingMethod.export_dropped_keys`, e.g. SimMIM's mask token)."""
+    """The encoder's weights under the stock encoder's keys (`PreTrainingMethod.stock_encoder_class`: the names are
+    the same), without the ``dropped`` ones (`PreTrainingMethod.export_dropped_keys`, e.g. SimMIM's mask token)."""
     return {key: value for key, value in encoder.state_dict().items() if key not in dropped}
+
+
+def _check_keys(stock: set[str], weights: set[str], method: type[PreTrainingMethod]) -> None:
+    """Raise a `ValueError` unless the encoder's ``weights`` fill every key of the ``stock`` encoder but the
+    method's `stock_encoder_new_keys`, and nothing else."""
+    missing = sorted(key for key in stock - weights if not key.startswith(method.stock_encoder_new_keys))
+    unexpected = sorted(weights - stock)
+    if missing or unexpected:
+        raise ValueError(
+            f"the pre-trained encoder does not fill {method.stock_encoder_class.__name__}: missing {missing}, "
+            f"unexpected {unexpected} (only keys starting with {list(method.stock_encoder_new_keys)} may be new)"
+        )
 
 
 def _load(checkpoint: str | os.PathLike, hub_kwargs: dict) -> PreTrainedModel:
@@ -203,7 +215,8 @@ Features: `{stock}.from_pretrained("{path}"{features_kwargs})(pixel_values).last
 
 
 def _verify(output_dir: Path, expected: dict[str, torch.Tensor], method: type[PreTrainingMethod]) -> None:
-    """Reload the export and check it key by key against the encoder's weights."""
+    """Reload the export and check it key by key against the encoder's weights ``expected`` (the method's
+    `stock_encoder_new_keys` aside)."""
     reloaded, info = method.stock_encoder_class.from_pretrained(
         output_dir, **method.stock_encoder_kwargs, dtype="auto", output_loading_info=True
     )
@@ -211,8 +224,9 @@ def _verify(output_dir: Path, expected: dict[str, torch.Tensor], method: type[Pr
     if problems:
         raise RuntimeError(f"exported encoder in {output_dir} does not reload cleanly: {problems}")
     state = reloaded.state_dict()
-    if set(state) != set(expected):
-        raise RuntimeError(f"exported keys differ: {sorted(set(state) ^ set(expected))}")
+    exported = {key for key in state if not key.startswith(method.stock_encoder_new_keys)}
+    if exported != set(expected):
+        raise RuntimeError(f"exported keys differ: {sorted(exported ^ set(expected))}")
     for key, value in expected.items():
         if state[key].dtype != value.dtype or not torch.equal(state[key], value.to(state[key].device)):
             raise RuntimeError(f"exported weight {key!r} differs from the pre-trained encoder's")
@@ -259,12 +273,13 @@ def export_encoder(
     method, encoder = _split(model)
     config = method.stock_encoder_config(model.config)
     vit = method.stock_encoder_class(config, **method.stock_encoder_kwargs)
-    # the stock model's own weights where pre-training has none (BEiT's fine-tuning pooler), every other from the encoder
-    weights = {**vit.state_dict(), **encoder_state_dict(encoder, method.export_dropped_keys)}
+    weights = encoder_state_dict(encoder, method.export_dropped_keys)
+    _check_keys(set(vit.state_dict()), set(weights), method)
     vit.to(dtype=encoder.embeddings.patch_embeddings.projection.weight.dtype)
-    vit.load_state_dict(weights, strict=True)  # strict: every key of the stock encoder filled, nothing left over
+    # not strict: the method's new keys (BeitModel's pooler) keep the stock model's initial values; _check_keys
+    # made sure that nothing else is left unfilled
+    vit.load_state_dict(weights, strict=False)
     vit.eval()
-    weights = vit.state_dict()
 
     output_dir.mkdir(parents=True, exist_ok=True)
     vit.save_pretrained(output_dir)

@@ -49,6 +49,8 @@ class PreTrainingMethod:
         mto_stacks: names of the stacks of states MTO acts on (MAE: its decoder; BootMAE: two decoders), in the
             order the model returns them; `mto_outputs` finds each stack's terms in a forward's outputs.
         export_dropped_keys: encoder weights that have no place in the stock encoder (SimMIM's mask token).
+        stock_encoder_new_keys: prefixes of the stock encoder's keys that pre-training has no weights for (BEiT's
+            fine-tuning pooler): exported at the stock model's initial values. Every other key comes from the encoder.
         stock_encoder_class / stock_encoder_kwargs: the stock transformers encoder the export writes and reloads
             (`ViTModel` without pooling layer; BEiT: `BeitModel` with the pooler its classifier uses).
         card_notes: sentences the exported encoder's model card adds about this method's encoder.
@@ -70,6 +72,7 @@ class PreTrainingMethod:
     own_masking: ClassVar[str | None] = None
     mto_stacks: ClassVar[tuple[str, ...]]
     export_dropped_keys: ClassVar[tuple[str, ...]] = ()
+    stock_encoder_new_keys: ClassVar[tuple[str, ...]] = ()
     stock_encoder_class: ClassVar[type[PreTrainedModel]] = ViTModel
     stock_encoder_kwargs: ClassVar[dict] = {"add_pooling_layer": False}
     card_notes: ClassVar[str] = ""

@@ -88,7 +88,9 @@ class MTOTrainer(ConvertedCheckpointsMixin, ModelCardMixin, ResilientHubMixin, T
             )
         self.mask_generator = self._build_mask_generator()
         if self.train_dataset is not None:  # what the method fits on the training data (BEiT's k-means tokenizer)
-            with self.args.main_process_first(desc="the method's preparation for training"):
+            # once per run where output_dir is shared by the nodes, once per node where each writes its own
+            local = self.args.save_on_each_node
+            with self.args.main_process_first(local=local, desc="the method's preparation for training"):
                 self.method.prepare_training(model, self.train_dataset, self.args.output_dir, self.args.seed)
         self.add_callback(_MethodStepEnd(self.method))
         if isinstance(self.mask_generator, EvolvedMasking) and self.is_fsdp_enabled:

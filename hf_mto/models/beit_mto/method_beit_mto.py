@@ -3,13 +3,13 @@ remote code saved beside checkpoints."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as F
-from safetensors.torch import load_file
 from transformers import BeitConfig, BeitForMaskedImageModeling, BeitModel
 
 from ...data import build_eval_transform, to_rgb
@@ -54,6 +54,21 @@ class TwoViewCrop:
             view = F.resized_crop(image, top, left, height, width, [size, size], interpolation=interpolation)
             views[name] = normalize(F.to_tensor(view))
         return views
+
+
+class TwoViewCentreCrop:
+    """`TwoViewCrop`'s deterministic counterpart for evaluation: resize and centre crop at the encoder's and the
+    tokenizer's sizes (the same region of the image), each normalised with its own statistics. A class, not a
+    closure, so that spawned data-loader workers can pickle it."""
+
+    def __init__(self, image_size: int, image_mean, image_std, config: BeitMTOConfig):
+        self.encoder_view = build_eval_transform(image_size, image_mean, image_std)
+        self.tokenizer_view = build_eval_transform(
+            config.tokenizer_image_size, config.tokenizer_image_mean, config.tokenizer_image_std
+        )
+
+    def __call__(self, image) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.encoder_view(image), "tokenizer_pixel_values": self.tokenizer_view(image)}
 
 
 def fit_kmeans(vectors: torch.Tensor, num_codes: int, iterations: int, generator: torch.Generator) -> torch.Tensor:
@@ -116,6 +131,7 @@ class BeitMTOMethod(PreTrainingMethod):
     # fine-tuning's `fc_norm`): exported as initialised (weight 1, bias 0), as the official fine-tuning starts it.
     stock_encoder_class = BeitModel
     stock_encoder_kwargs = {}
+    stock_encoder_new_keys = ("pooler.",)
     citation = """\
 @inproceedings{bao2022beit,
   title     = {{BEiT}: {BERT} Pre-Training of Image Transformers},
@@ -151,12 +167,7 @@ class BeitMTOMethod(PreTrainingMethod):
     @classmethod
     def evaluation_transform(cls, image_size: int, image_mean, image_std, config: BeitMTOConfig | None = None):
         """The evaluation views: resize and centre crop at both sizes (the same region of the image)."""
-        config = cls._config(config)
-        encoder_view = build_eval_transform(image_size, image_mean, image_std)
-        tokenizer_view = build_eval_transform(
-            config.tokenizer_image_size, config.tokenizer_image_mean, config.tokenizer_image_std
-        )
-        return lambda image: {"pixel_values": encoder_view(image), "tokenizer_pixel_values": tokenizer_view(image)}
+        return TwoViewCentreCrop(image_size, image_mean, image_std, cls._config(config))
 
     @staticmethod
     def _config(config: BeitMTOConfig | None) -> BeitMTOConfig:
@@ -170,30 +181,48 @@ class BeitMTOMethod(PreTrainingMethod):
     def prepare_training(cls, model, train_dataset, output_dir: str, seed: int) -> None:
         """Make the image tokenizer ready before the first step: a dVAE is loaded (a missing download fails now, not
         at the first step); an unfitted k-means tokenizer takes the codebook cached in
-        ``output_dir/image_tokenizer/`` when there is one, else is fitted on the patches of `KMEANS_FIT_IMAGES`
-        training images (seeded, the global RNG untouched) and cached there."""
+        ``output_dir/image_tokenizer/`` when it was fitted as this run would fit it (`kmeans_fit`), else is fitted on
+        the patches of `KMEANS_FIT_IMAGES` training images (seeded, the global RNG untouched) and cached there.
+
+        Raises:
+            ValueError: for upstream's `BeitForMaskedImageModeling`, which has no image tokenizer to make its targets.
+        """
+        if not isinstance(model, BeitMTOForMaskedImageModeling):
+            raise ValueError(
+                f"{type(model).__name__} has no image tokenizer to make BEiT's targets: load the checkpoint as "
+                f"{BeitMTOForMaskedImageModeling.__name__} (same weights; hf_mto.analysis.load_checkpoint or "
+                f"{BeitMTOForMaskedImageModeling.__name__}.from_pretrained)"
+            )
         tokenizer = model.image_tokenizer
         if not isinstance(tokenizer, KMeansImageTokenizer) or tokenizer.fitted:
             return
+        fit = cls.kmeans_fit(model.config, len(train_dataset), seed)
         cache = os.path.join(output_dir, TOKENIZER_FOLDER, KMEANS_FILE)
         if os.path.isfile(cache):
-            try:
-                tokenizer.set_codebook(load_file(cache)["codebook"].to(tokenizer.codebook.device))
-            except ValueError as error:
-                raise ValueError(
-                    f"{cache}: {error}. It was fitted for another model: delete it or use another output_dir"
-                ) from None
-            logger.info("k-means image tokenizer: the codebook cached in %s", cache)
-            return
+            codebook, cached = KMeansImageTokenizer.read(cache)
+            differs = sorted(key for key in fit if cached.get(key) != fit[key])
+            if not differs and codebook.shape == tokenizer.codebook.shape:
+                tokenizer.set_codebook(codebook.to(tokenizer.codebook.device), fit)
+                logger.info("k-means image tokenizer: the codebook cached in %s", cache)
+                return
+            logger.warning(
+                "k-means image tokenizer: the codebook cached in %s was fitted with %s where this run has %s: "
+                "fitting a new one, which replaces it",
+                cache,
+                {key: cached.get(key) for key in differs} if differs else f"shape {list(codebook.shape)}",
+                {key: fit[key] for key in differs} if differs else f"shape {list(tokenizer.codebook.shape)}",
+            )
         generator = torch.Generator().manual_seed(seed)
         chosen = torch.randperm(len(train_dataset), generator=generator)[:KMEANS_FIT_IMAGES].tolist()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # the augmentations draw from the global RNG
+            # the augmentations draw from the global CPU RNG; `torch.manual_seed` would reseed the accelerators' RNGs
+            # too, which fork_rng(devices=[]) does not restore
+            torch.default_generator.manual_seed(seed)
             views = [train_dataset[index].get("tokenizer_pixel_values") for index in chosen]
         views = torch.stack([view for view in views if view is not None])  # unreadable images are None
         patches = tokenizer.patches(views).flatten(0, 1).float()  # [images * N, p * p * C]
         codebook = fit_kmeans(patches, tokenizer.vocab_size, KMEANS_ITERATIONS, generator)
-        tokenizer.set_codebook(codebook.to(tokenizer.codebook.device))
+        tokenizer.set_codebook(codebook.to(tokenizer.codebook.device), fit)
         tokenizer.save(os.path.dirname(cache))
         logger.info(
             "k-means image tokenizer: %d codes fitted on %d patches of %d training images, cached in %s",
@@ -203,45 +232,79 @@ class BeitMTOMethod(PreTrainingMethod):
             cache,
         )
 
+    @staticmethod
+    def kmeans_fit(config: BeitMTOConfig, num_images: int, seed: int) -> dict[str, str]:
+        """What a k-means fit depends on, as the strings its cache records: the seed, the tokenizer's view (size,
+        normalisation), the vocabulary and the training set's size."""
+        return {
+            "seed": str(seed),
+            "vocab_size": str(config.vocab_size),
+            "tokenizer_image_size": str(config.tokenizer_image_size),
+            "tokenizer_image_mean": json.dumps(list(config.tokenizer_image_mean)),
+            "tokenizer_image_std": json.dumps(list(config.tokenizer_image_std)),
+            "training_images": str(num_images),
+        }
+
     # -- the encoder over whole images ---------------------------------------------------------------------------------
 
     @classmethod
     def unmasked_embeddings(cls, model, pixel_values: torch.Tensor) -> torch.Tensor:
-        """BEiT's embeddings with nothing masked (CLS, patches, absolute positions where configured)."""
-        return cls.encoder(model).embeddings(pixel_values)
+        """``[B, 1 + N, D]`` BEiT's embeddings with nothing masked (CLS, patches, absolute positions where
+        configured), without the embedding dropout: built from the module's parameters, as in eval mode."""
+        embeddings = cls.encoder(model).embeddings
+        patches = embeddings.patch_embeddings(pixel_values)  # [B, N, D]
+        hidden = torch.cat([embeddings.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1)
+        if embeddings.position_embeddings is not None:
+            hidden = hidden + embeddings.interpolate_pos_encoding(hidden, *pixel_values.shape[2:])
+        return hidden
 
     @classmethod
     def unmasked_encoder_output(cls, encoder, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Upstream's encoder forward with no mask (its relative position bias included)."""
+        """Upstream's encoder forward with no mask (its relative position bias included).
+
+        With `use_mean_pooling` (BEiT's default, in pre-training as in its fine-tuning) the encoder's final
+        `layernorm` is an Identity, so this is the last block's output, not normalised: pre-training's final norm is
+        the head's `layernorm` (outside the encoder), and fine-tuning's is the pooler's LayerNorm over the mean of the
+        patch tokens, new at fine-tuning (its initial 1 and 0 in an export). The frozen-encoder evaluation
+        (`hf_mto.evaluation.encoder_features`) hence pools these raw outputs; a LayerNorm at its initial values would
+        only centre and rescale each feature vector, which the linear probe's standardisation covers but the k-NN's
+        cosine similarity would not, so none is added."""
         return cls.encoder(encoder)(pixel_values).last_hidden_state
 
     @classmethod
     def encoder_attention_maps(cls, model, pixel_values: torch.Tensor, num_layers: int) -> list[torch.Tensor]:
-        """As `PreTrainingMethod.encoder_attention_maps`, with BEiT's relative position bias (shared and per block)
-        added to the attention logits; between blocks the hidden states go through the blocks themselves."""
+        """As `PreTrainingMethod.encoder_attention_maps`, with BEiT's relative position bias (shared and/or per block)
+        added to the attention logits and its layer scale on the residual branches. The rest of each block is rebuilt
+        from the probabilities at hand, with no drop path and no dropout: the trainer runs this with the model in
+        training mode, where calling the blocks would drop paths at random (and draw from the global RNG)."""
         encoder = cls.encoder(model)
-        hidden = encoder.embeddings(pixel_values)  # [B, T, D]
+        hidden = cls.unmasked_embeddings(model, pixel_values)  # [B, T, D]
         batch_size, num_tokens, _ = hidden.shape
         grid = (pixel_values.shape[2] // encoder.config.patch_size, pixel_values.shape[3] // encoder.config.patch_size)
         shared = None
         if encoder.shared_position_bias is not None:
-            shared = encoder.shared_position_bias(grid, dim_size=num_tokens)  # [1, heads, T, T]
+            shared = encoder.shared_position_bias(grid, dim_size=num_tokens).float()  # [1, heads, T, T]
         maps = []
         for index, layer in enumerate(cls.encoder_blocks(model)[:num_layers]):
+            bias = shared  # [1, heads, T, T] or None: this block's, computed once
+            if layer.relative_position_bias is not None:
+                own = layer.relative_position_bias(grid, dim_size=num_tokens).float()
+                bias = own if bias is None else bias + own
             attention = layer.attention
             normed = layer.layernorm_before(hidden)
             shape = (batch_size, num_tokens, -1, attention.head_dim)
             query = attention.q_proj(normed).view(shape).transpose(1, 2).float()  # [B, heads, T, hd]
             key = attention.k_proj(normed).view(shape).transpose(1, 2).float()
             logits = torch.matmul(query, key.transpose(-1, -2)) * attention.scaling
-            for bias in (shared, layer.relative_position_bias):
-                if isinstance(bias, torch.Tensor):
-                    logits = logits + bias.float()
-                elif bias is not None:
-                    logits = logits + bias(grid, dim_size=num_tokens).float()
-            maps.append(torch.softmax(logits, dim=-1).mean(dim=1, keepdim=True))  # [B, 1, T, T]
-            if index < num_layers - 1:
-                hidden = layer(hidden, attention_mask=shared, resolution=pixel_values.shape[2:])
+            probs = torch.softmax(logits if bias is None else logits + bias, dim=-1)  # [B, heads, T, T]
+            maps.append(probs.mean(dim=1, keepdim=True))  # [B, 1, T, T]
+            if index == num_layers - 1:
+                break  # the last block's output is never used
+            # BEiT's block: x + lambda_1 * attn(ln(x)), then x + lambda_2 * mlp(ln(x)); drop path and dropout off
+            value = attention.v_proj(normed).view(shape).transpose(1, 2)
+            context = torch.matmul(probs.to(value.dtype), value).transpose(1, 2).reshape(batch_size, num_tokens, -1)
+            hidden = hidden + layer.lambda_1 * attention.o_proj(context)
+            hidden = hidden + layer.lambda_2 * layer.mlp(layer.layernorm_after(hidden))
         return maps
 
     # -- analysis ------------------------------------------------------------------------------------------------------

@@ -15,15 +15,19 @@ The image tokenizer is any module mapping the tokenizer's view ``[B, C, S, S]`` 
 `FlavaImageCodebook`) or a k-means codebook over patches (`KMeansImageTokenizer`). It is frozen and kept *outside*
 the module tree: it holds no parameter of the model (so never a gradient, never an optimizer entry), its weights are
 not in the model's state dict (so checkpoints keep upstream's keys exactly, both ways), and `save_pretrained` writes
-it beside the weights, in `image_tokenizer/`, so a checkpoint is complete. Moving the model (`.to`) moves it too.
+it beside the weights, in `image_tokenizer/`, so a checkpoint is complete. Moving the model to a device (`.to`) moves
+it too; it stays float32 whatever the model's dtype.
 """
 
 import itertools
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers import BeitForMaskedImageModeling, BeitModel, FlavaImageCodebook, FlavaImageCodebookConfig
 from transformers import initialization as init
@@ -40,6 +44,8 @@ from transformers.utils.output_capturing import resolve_hidden_states_indices, s
 
 from .configuration_beit_mto import BeitMTOConfig
 from .mto import mto_terms
+
+logger = logging.getLogger(__name__)
 
 # The folder beside a checkpoint's weights that holds its image tokenizer.
 TOKENIZER_FOLDER = "image_tokenizer"
@@ -61,7 +67,7 @@ class ImageTokenizer(nn.Module):
         raise NotImplementedError
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write what `load_image_tokenizer` reads back."""
+        """Write what `build_image_tokenizer` reads back (its ``source``)."""
         raise NotImplementedError
 
 
@@ -87,12 +93,16 @@ class DVAEImageTokenizer(ImageTokenizer):
 class KMeansImageTokenizer(ImageTokenizer):
     """A codebook of ``vocab_size`` centroids over the view's ``patch x patch`` pixel patches (flattened, channels
     last): each patch's id is its nearest centroid (squared Euclidean distance; ties to the lower id). Fitted on the
-    training images (iGPT's colour clusters, here whole patches); unfitted until `fit` or a saved codebook is loaded.
+    training images (iGPT's colour clusters, here whole patches); unfitted until `set_codebook` takes a fitted or a
+    saved codebook.
 
     Args:
         vocab_size: the number of centroids K.
         patch_size: side p of a token's pixel patch in the tokenizer's view.
         num_channels: C.
+
+    Attributes:
+        fit: what the codebook was fitted with (seed, view, data; strings), saved with it as file metadata.
     """
 
     def __init__(self, vocab_size: int, patch_size: int, num_channels: int = 3):
@@ -100,6 +110,7 @@ class KMeansImageTokenizer(ImageTokenizer):
         self.vocab_size, self.patch_size = vocab_size, patch_size
         self.register_buffer("codebook", torch.zeros(vocab_size, patch_size * patch_size * num_channels))
         self.fitted = False
+        self.fit: dict[str, str] = {}
 
     def token_grid(self, image_size: int) -> int:
         return image_size // self.patch_size
@@ -111,15 +122,22 @@ class KMeansImageTokenizer(ImageTokenizer):
         grid = pixel_values.reshape(batch, channels, height // p, p, width // p, p)
         return grid.permute(0, 2, 4, 3, 5, 1).reshape(batch, (height // p) * (width // p), p * p * channels)
 
-    def set_codebook(self, codebook: torch.Tensor) -> None:
-        """Take ``codebook [K, p * p * C]`` as the fitted centroids."""
+    def set_codebook(self, codebook: torch.Tensor, fit: dict[str, str] | None = None) -> None:
+        """Take ``codebook [K, p * p * C]`` as the fitted centroids, ``fit`` as what they were fitted with."""
         if codebook.shape != self.codebook.shape:
             raise ValueError(
                 f"a k-means codebook of shape {list(codebook.shape)} does not fit this tokenizer "
                 f"({list(self.codebook.shape)}: vocab_size x patch pixels)"
             )
         self.codebook.copy_(codebook)
-        self.fitted = True
+        self.fitted, self.fit = True, dict(fit or {})
+
+    @staticmethod
+    def read(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, str]]:
+        """``(codebook [K, p * p * C], fit)`` from a file `save` wrote."""
+        with safe_open(path, "pt") as file:
+            metadata = file.metadata() or {}
+            return file.get_tensor("codebook"), {key: value for key, value in metadata.items() if key != "format"}
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if not self.fitted:
@@ -136,7 +154,17 @@ class KMeansImageTokenizer(ImageTokenizer):
 
     def save(self, directory: str | os.PathLike) -> None:
         os.makedirs(directory, exist_ok=True)
-        save_file({"codebook": self.codebook.detach().cpu().contiguous()}, os.path.join(directory, KMEANS_FILE))
+        path = os.path.join(directory, KMEANS_FILE)
+        # Whole or not at all (a temporary file, then a rename): another process waiting for the cache, or a run
+        # resumed after a crash, never reads half a codebook.
+        temporary = f"{path}.{os.getpid()}.tmp"
+        try:
+            codebook = {"codebook": self.codebook.detach().cpu().contiguous()}
+            save_file(codebook, temporary, metadata={"format": "pt", **self.fit})
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
 
 
 def tokenizer_unavailable(source: str, error: Exception) -> OSError:
@@ -156,9 +184,9 @@ def build_image_tokenizer(config: BeitMTOConfig, source: str | None = None) -> I
 
     Args:
         config: the model's config (tokenizer kind, vocab size, view size).
-        source: a directory or Hub id holding a saved tokenizer (a checkpoint's `image_tokenizer/`), if any. Without
-            one, a dVAE comes from `config.tokenizer_config` (random weights) or `config.tokenizer_name_or_path`, and a
-            k-means tokenizer is unfitted.
+        source: a directory holding a saved tokenizer (a checkpoint's `image_tokenizer/`; for a dVAE, also a Hub
+            id), if any. Without one, a dVAE comes from `config.tokenizer_config` (random weights) or
+            `config.tokenizer_name_or_path`, and a k-means tokenizer is unfitted.
 
     Raises:
         OSError: dVAE weights not found (the message says how to provide them offline).
@@ -168,7 +196,7 @@ def build_image_tokenizer(config: BeitMTOConfig, source: str | None = None) -> I
         patch = config.tokenizer_image_size // config.patch_grid
         tokenizer = KMeansImageTokenizer(config.vocab_size, patch, config.num_channels)
         if source is not None and os.path.isfile(os.path.join(source, KMEANS_FILE)):
-            tokenizer.set_codebook(load_file(os.path.join(source, KMEANS_FILE))["codebook"])
+            tokenizer.set_codebook(*KMeansImageTokenizer.read(os.path.join(source, KMEANS_FILE)))
     else:
         if source is None and config.tokenizer_config is not None:
             codebook = FlavaImageCodebook(FlavaImageCodebookConfig(**config.tokenizer_config))
@@ -278,26 +306,51 @@ class BeitMTOForMaskedImageModeling(BeitMTOPreTrainedModel, BeitForMaskedImageMo
     @property
     def image_tokenizer(self) -> ImageTokenizer:
         """The frozen image tokenizer, built on first use: the one saved beside the checkpoint this model was loaded
-        from (its `image_tokenizer/` folder), else the one the config declares (see `build_image_tokenizer`)."""
+        from (its `image_tokenizer/` folder, local or on the Hub), else the one the config declares (see
+        `build_image_tokenizer`)."""
         if self._image_tokenizer is None:
-            saved = os.path.join(self.name_or_path, TOKENIZER_FOLDER) if self.name_or_path else None
-            self.set_image_tokenizer(
-                build_image_tokenizer(self.config, saved if saved and os.path.isdir(saved) else None)
-            )
+            self.set_image_tokenizer(build_image_tokenizer(self.config, self._saved_tokenizer()))
         return self._image_tokenizer
 
+    def _saved_tokenizer(self) -> str | None:
+        """The local folder of the tokenizer saved beside the checkpoint this model was loaded from: its
+        `image_tokenizer/` folder, downloaded (at the weights' commit) when the checkpoint is a Hub id. None when the
+        checkpoint has none, or the Hub cannot be reached and it is not cached (a warning says so)."""
+        source = self.name_or_path
+        if not source:
+            return None
+        if os.path.isdir(source):
+            folder = os.path.join(source, TOKENIZER_FOLDER)
+            return folder if os.path.isdir(folder) else None
+        try:
+            snapshot = snapshot_download(
+                source, allow_patterns=[f"{TOKENIZER_FOLDER}/*"], revision=getattr(self.config, "_commit_hash", None)
+            )
+        except (OSError, ValueError) as error:  # offline and not cached, no such repo, or not a repo id at all
+            logger.warning(
+                "the image tokenizer saved beside %s could not be fetched (%s: %s): using the one the config declares",
+                source,
+                type(error).__name__,
+                error,
+            )
+            return None
+        folder = os.path.join(snapshot, TOKENIZER_FOLDER)
+        return folder if os.path.isdir(folder) else None
+
     def set_image_tokenizer(self, tokenizer: ImageTokenizer) -> None:
-        """Use ``tokenizer`` (frozen, eval mode, on the model's device)."""
+        """Use ``tokenizer`` (frozen, eval mode, float32, on the model's device)."""
         check_tokenizer(tokenizer, self.config)
         tokenizer.requires_grad_(False)
-        object.__setattr__(self, "_image_tokenizer", tokenizer.eval().to(self.lm_head.weight.device))
+        tokenizer = tokenizer.eval().to(self.lm_head.weight.device, torch.float32)
+        object.__setattr__(self, "_image_tokenizer", tokenizer)
 
     def _apply(self, fn, recurse=True):
-        # `.to()`, `.cuda()`, `.float()` move the tokenizer with the model, although it is not a submodule.
+        # `.to()`, `.cuda()` move the tokenizer with the model, although it is not a submodule; a dtype cast does not
+        # reach it: it stays float32, so the same image gives the same ids whatever the model's precision.
         super()._apply(fn, recurse)
         tokenizer = self.__dict__.get("_image_tokenizer")  # absent while upstream's __init__ runs
         if tokenizer is not None:
-            tokenizer._apply(fn, recurse)
+            tokenizer.to(self.lm_head.weight.device)
         return self
 
     @torch.no_grad()
@@ -321,11 +374,19 @@ class BeitMTOForMaskedImageModeling(BeitMTOPreTrainedModel, BeitForMaskedImageMo
             )
         return ids.long()
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """Upstream's `save_pretrained` (upstream's keys), plus the image tokenizer in `image_tokenizer/`."""
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True) and self._image_tokenizer is not None:
+    def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs):
+        """Upstream's `save_pretrained` (upstream's keys), plus the image tokenizer in `image_tokenizer/`, written
+        first: with `push_to_hub=True` the upload then holds it (see `_get_files_timestamps`)."""
+        if is_main_process and self._image_tokenizer is not None:
             self._image_tokenizer.save(os.path.join(save_directory, TOKENIZER_FOLDER))
+        super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+
+    def _get_files_timestamps(self, working_dir) -> dict[str, float]:
+        # `save_pretrained(push_to_hub=True)` uploads the entries of the folder that are new or changed since this
+        # call, which it makes before writing: the tokenizer, written just before it, must count as changed.
+        timestamps = super()._get_files_timestamps(working_dir)
+        timestamps.pop(TOKENIZER_FOLDER, None)
+        return timestamps
 
     # -- the forward ---------------------------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ loss against a hand cross-entropy, checkpoints written by upstream's classes bot
 determinism, frozen and outside the optimizer, saved beside the weights, the k-means fit, the errors) and BEiT's
 masking."""
 
+import pickle
 import textwrap
 import unittest
 
@@ -281,6 +282,68 @@ def test_round_trip_with_the_tokenizer_beside_the_weights(tmp_path):
     )
 
 
+@pytest.mark.parametrize("push", ["save_pretrained", "push_to_hub"])
+def test_a_push_to_the_hub_uploads_the_tokenizer_with_the_weights(push, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from transformers import modeling_utils
+    from transformers.utils import hub
+
+    commits = []
+    api = SimpleNamespace(
+        create_repo=lambda repo_id, **kwargs: SimpleNamespace(repo_id=repo_id),
+        create_commit=lambda operations, **kwargs: commits.append(sorted(op.path_in_repo for op in operations)),
+    )
+    monkeypatch.setattr(hub, "_hf_api", api)
+    card = lambda *args, **kwargs: SimpleNamespace(save=lambda path: open(path, "w").close())  # noqa: E731
+    monkeypatch.setattr(modeling_utils, "create_and_tag_model_card", card)
+    monkeypatch.setattr(hub, "create_and_tag_model_card", card)
+    model = make_model()
+    if push == "save_pretrained":
+        model.save_pretrained(tmp_path / "ckpt", push_to_hub=True, repo_id="someone/beit")
+    else:
+        model.push_to_hub("someone/beit")
+    [uploaded] = commits
+    assert f"image_tokenizer/{KMEANS_FILE}" in uploaded and "model.safetensors" in uploaded
+
+
+@pytest.mark.parametrize("overrides", [{}, TINY_DVAE], ids=["kmeans", "dvae"])
+def test_a_hub_checkpoint_brings_its_tokenizer_from_its_image_tokenizer_folder(overrides, tmp_path, monkeypatch):
+    from hf_mto.models.beit_mto import modeling_beit_mto
+
+    model = make_model(**overrides).eval()
+    assert model.image_tokenizer is not None  # built (the dVAE's random weights), so saved beside the weights
+    model.save_pretrained(tmp_path / "hub" / "someone" / "beit")  # the repo as the Hub would serve it
+    requests = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, revision=None):
+        requests.append((repo_id, allow_patterns, revision))
+        return str(tmp_path / "hub" / repo_id)
+
+    monkeypatch.setattr(modeling_beit_mto, "snapshot_download", fake_snapshot_download)
+    loaded = BeitMTOForMaskedImageModeling(model.config)
+    loaded.name_or_path, loaded.config._commit_hash = "someone/beit", "0" * 40  # as from_pretrained(repo id) sets
+    view = torch.randn(2, 3, model.config.tokenizer_image_size, model.config.tokenizer_image_size)
+    assert torch.equal(loaded.tokenize(view), model.tokenize(view))
+    assert requests == [("someone/beit", ["image_tokenizer/*"], "0" * 40)]  # the folder only, at the weights' commit
+
+
+def test_an_unreachable_hub_tokenizer_falls_back_to_the_configs_with_a_warning(monkeypatch, caplog):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from hf_mto.models.beit_mto import modeling_beit_mto
+
+    def offline(repo_id, **kwargs):
+        raise LocalEntryNotFoundError("offline and not in the cache")
+
+    monkeypatch.setattr(modeling_beit_mto, "snapshot_download", offline)
+    model = BeitMTOForMaskedImageModeling(BeitMTOConfig(**TINY_BEIT))
+    model.name_or_path = "someone/beit"
+    with caplog.at_level("WARNING"):
+        assert not model.image_tokenizer.fitted
+    assert "someone/beit could not be fetched" in caplog.text and "offline" in caplog.text
+
+
 def test_dvae_tokenizer_round_trip(tmp_path):
     model = make_model(**TINY_DVAE).eval()
     assert isinstance(model.image_tokenizer, DVAEImageTokenizer)
@@ -345,8 +408,11 @@ def test_tokenizer_is_deterministic_frozen_and_outside_the_optimizer(overrides, 
     trainer = Trainer(model=model, args=TrainingArguments(tmp_path, report_to=[], use_cpu=True))
     optimised = {id(p) for group in trainer.create_optimizer().param_groups for p in group["params"]}
     assert optimised and not optimised & owned
-    model.to(torch.float64)  # moving the model moves its tokenizer
-    assert next(iter(tokenizer.state_dict().values())).dtype == torch.float64
+    model.to(torch.bfloat16)  # a dtype cast leaves the tokenizer in float32: the same ids
+    assert all(t.dtype == torch.float32 for t in tokenizer.state_dict().values())
+    assert torch.equal(model.tokenize(view), first)
+    model.to("meta")  # moving the model moves its tokenizer
+    assert {t.device.type for t in tokenizer.state_dict().values()} == {"meta"}
 
 
 def test_vocab_mismatch_is_an_error_naming_both_sizes():
@@ -406,13 +472,15 @@ class _Images(torch.utils.data.Dataset):
         return self.transform(self.images[index])
 
 
-def test_prepare_training_fits_the_kmeans_tokenizer_and_caches_it(tmp_path):
+def test_prepare_training_fits_the_kmeans_tokenizer_and_caches_it(tmp_path, monkeypatch):
     config = BeitMTOConfig(**{**TINY_BEIT, "vocab_size": 16})
     dataset = _Images(BeitMTOMethod.pretraining_transform(32, [0.5] * 3, [0.5] * 3, config=config))
     model = BeitMTOForMaskedImageModeling(config)
     state = torch.get_rng_state()
+    reseeded = []  # the accelerators' RNGs, which fork_rng(devices=[]) would not restore
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
     BeitMTOMethod.prepare_training(model, dataset, str(tmp_path), seed=0)
-    assert torch.equal(torch.get_rng_state(), state)  # the training's own draws are untouched
+    assert torch.equal(torch.get_rng_state(), state) and not reseeded  # the training's own draws are untouched
     assert model.image_tokenizer.fitted and (tmp_path / "image_tokenizer" / KMEANS_FILE).is_file()
     ids = model.tokenize(dataset[0]["tokenizer_pixel_values"][None])
     assert (
@@ -426,10 +494,89 @@ def test_prepare_training_fits_the_kmeans_tokenizer_and_caches_it(tmp_path):
         )
         > 4
     )
-    again = BeitMTOForMaskedImageModeling(config)  # a resumed run: the cache, not a new fit
-    (tmp_path / "other").mkdir()
-    BeitMTOMethod.prepare_training(again, [], str(tmp_path), seed=1)
+    again = BeitMTOForMaskedImageModeling(config)  # a resumed run: the cache, not a new fit (no image is read)
+    BeitMTOMethod.prepare_training(again, _Unreadable(len(dataset)), str(tmp_path), seed=0)
     assert torch.equal(again.image_tokenizer.codebook, model.image_tokenizer.codebook)
+
+
+def test_training_upstreams_model_says_to_load_it_as_ours(tmp_path):
+    from hf_mto.trainer import MTOTrainer
+    from hf_mto.training_args import MTOTrainingArguments
+
+    config = upstream_config()
+    config.mask_ratio = 0.4  # the trainer's masking reads it, as for the other upstream classes
+    upstream = BeitForMaskedImageModeling(config)
+    no_mto = dict(mto_spa_weight=0.0, mto_e_weight=0.0, mto_r_weight=0.0)  # upstream's computes no MTO term
+    args = MTOTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, **no_mto)
+    with pytest.raises(ValueError, match="BeitForMaskedImageModeling has no image tokenizer.*as BeitMTOForMasked"):
+        MTOTrainer(model=upstream, args=args, train_dataset=_Unreadable(1))
+
+
+class _Unreadable(torch.utils.data.Dataset):
+    def __init__(self, count):
+        self.count = count
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, index):
+        raise AssertionError("the dataset was read")
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [({"seed": 1}, "'seed': '0'"), ({"tokenizer_image_mean": [0.25] * 3}, "tokenizer_image_mean")],
+    ids=["seed", "normalisation"],
+)
+def test_a_cache_fitted_otherwise_is_refitted_with_a_warning_naming_the_difference(change, named, tmp_path, caplog):
+    config = BeitMTOConfig(**{**TINY_BEIT, "vocab_size": 16})
+    dataset = _Images(BeitMTOMethod.pretraining_transform(32, [0.5] * 3, [0.5] * 3, config=config))
+    first = BeitMTOForMaskedImageModeling(config)
+    BeitMTOMethod.prepare_training(first, dataset, str(tmp_path), seed=0)
+    config = BeitMTOConfig(**{**config.to_dict(), **{k: v for k, v in change.items() if k != "seed"}})
+    dataset.transform = BeitMTOMethod.pretraining_transform(32, [0.5] * 3, [0.5] * 3, config=config)
+    second = BeitMTOForMaskedImageModeling(config)
+    with caplog.at_level("WARNING"):
+        BeitMTOMethod.prepare_training(second, dataset, str(tmp_path), seed=change.get("seed", 0))
+    assert named in caplog.text and "fitting a new one" in caplog.text
+    assert not torch.equal(second.image_tokenizer.codebook, first.image_tokenizer.codebook)
+    _, fit = KMeansImageTokenizer.read(tmp_path / "image_tokenizer" / KMEANS_FILE)  # the new fit replaced the cache
+    assert fit == BeitMTOMethod.kmeans_fit(config, len(dataset), change.get("seed", 0))
+
+
+@pytest.mark.parametrize("save_on_each_node", [False, True])
+def test_the_fit_runs_first_on_the_main_process_of_the_run_or_of_each_node(save_on_each_node, tmp_path, monkeypatch):
+    from hf_mto.trainer import MTOTrainer
+    from hf_mto.training_args import MTOTrainingArguments
+
+    # a shared output_dir (save_on_each_node False) is written once per run, not once per node
+    calls = []
+    monkeypatch.setattr(BeitMTOMethod, "prepare_training", classmethod(lambda cls, *args: calls.append("fit")))
+    first = MTOTrainingArguments.main_process_first
+    monkeypatch.setattr(
+        MTOTrainingArguments,
+        "main_process_first",
+        lambda self, local=True, desc="work": calls.append(local) or first(self, local=local, desc=desc),
+    )
+    args = MTOTrainingArguments(
+        output_dir=str(tmp_path), save_on_each_node=save_on_each_node, report_to="none", use_cpu=True
+    )
+    MTOTrainer(model=make_model(), args=args, train_dataset=_Images(lambda image: image, count=1))
+    assert calls == [save_on_each_node, "fit"]
+
+
+def test_an_interrupted_cache_write_leaves_no_cache(tmp_path, monkeypatch):
+    from hf_mto.models.beit_mto import modeling_beit_mto
+
+    def write_half_and_fail(tensors, path, metadata=None):
+        with open(path, "wb") as file:
+            file.write(b"half a codebook")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(modeling_beit_mto, "save_file", write_half_and_fail)
+    with pytest.raises(OSError, match="disk full"):
+        make_model().image_tokenizer.save(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # neither the cache a resumed run would take, nor the temporary file
 
 
 def test_two_views_are_one_crop_at_two_sizes():
@@ -440,8 +587,11 @@ def test_two_views_are_one_crop_at_two_sizes():
     # same crop: the encoder's view downsampled is close to the tokenizer's
     small = torch.nn.functional.avg_pool2d(views["pixel_values"][None], 2)[0]
     assert (small - views["tokenizer_pixel_values"]).abs().mean() < 0.15
-    evaluation = BeitMTOMethod.evaluation_transform(32, [0.5] * 3, [0.5] * 3, config=config)(image)
-    assert evaluation["tokenizer_pixel_values"].shape == (3, 16, 16)
+    evaluation = BeitMTOMethod.evaluation_transform(32, [0.5] * 3, [0.5] * 3, config=config)
+    views = evaluation(image)
+    assert views["pixel_values"].shape == (3, 32, 32) and views["tokenizer_pixel_values"].shape == (3, 16, 16)
+    for transform in (evaluation, BeitMTOMethod.pretraining_transform(32, [0.5] * 3, [0.5] * 3, config=config)):
+        pickle.dumps(transform)  # spawned data-loader workers get it pickled
 
 
 # -- masking ------------------------------------------------------------------------------------------------------------
@@ -464,23 +614,59 @@ def test_evolved_masks_at_beits_ratio_have_exactly_the_count(progress):
     assert (random_masks.sum(dim=1) == 75).all()
 
 
-def test_evolved_similarity_uses_beits_attention_with_its_relative_position_bias():
-    model = make_model(attn_implementation="eager").eval()
-    with torch.no_grad():  # a non-zero bias, so leaving it out would show
-        model.beit.shared_position_bias.relative_position_bias_table.normal_()
+@pytest.mark.parametrize(
+    "bias",
+    [
+        {},
+        {"use_shared_relative_position_bias": False, "use_relative_position_bias": True},
+        {"use_relative_position_bias": True, "use_absolute_position_embeddings": True},
+    ],
+    ids=["shared", "per-block", "both+absolute"],
+)
+def test_evolved_similarity_uses_beits_attention_with_its_relative_position_bias(bias):
+    model = make_model(attn_implementation="eager", num_hidden_layers=3, **bias).eval()
+    with torch.no_grad():  # non-zero biases, positions and layer scales, so leaving any out would show
+        for name, parameter in model.beit.named_parameters():
+            if "relative_position_bias_table" in name or "position_embeddings" in name or "lambda_" in name:
+                parameter.normal_()
     pixels = torch.randn(2, 3, 32, 32)
-    maps = BeitMTOMethod.encoder_attention_maps(model, pixels, 2)
+    maps = BeitMTOMethod.encoder_attention_maps(model, pixels, 3)
     attentions = model.beit(pixels, output_attentions=True).attentions
     for ours, theirs in zip(maps, attentions, strict=True):
-        assert torch.allclose(ours[:, 0], theirs.mean(dim=1), atol=1e-6)
+        assert torch.allclose(ours[:, 0], theirs.mean(dim=1), atol=1e-5)
     similarity = encoder_similarity(model, pixels, 2)
     assert similarity.shape == (2, 64, 64) and torch.allclose(similarity, similarity.transpose(1, 2))
 
 
-def test_unmasked_encoder_output_is_upstreams_forward():
-    model = make_model().eval()
+def test_evolved_similarity_in_training_mode_is_deterministic_and_draws_nothing():
+    # the trainer draws evolved masks with the model in training mode: drop path and dropout must stay off there
+    model = make_model(drop_path_rate=0.5, hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
     pixels = torch.randn(2, 3, 32, 32)
-    assert torch.equal(BeitMTOMethod.unmasked_encoder_output(model, pixels), model.beit(pixels).last_hidden_state)
+    expected = BeitMTOMethod.encoder_attention_maps(model.eval(), pixels, 2)
+    model.train()
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        maps = BeitMTOMethod.encoder_attention_maps(model, pixels, 2)
+    assert torch.equal(torch.get_rng_state(), state)
+    for ours, theirs in zip(maps, expected, strict=True):
+        assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_frozen_encoder_features_are_the_exported_encoders_and_the_last_blocks(pooling, tmp_path):
+    from hf_mto.evaluation import encoder_features
+    from hf_mto.export import export_encoder
+
+    model = make_model().eval()
+    export_encoder(model, tmp_path / "encoder")
+    exported = BeitModel.from_pretrained(tmp_path / "encoder").eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours, theirs = encoder_features(model, pixels, pooling), encoder_features(exported, pixels, pooling)
+        # with use_mean_pooling the encoder has no final norm: the last block's output, as documented
+        last = model.beit(pixels, output_hidden_states=True).hidden_states[-1]
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    assert torch.allclose(ours, last[:, 0] if pooling == "cls" else last[:, 1:].mean(dim=1), atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -524,6 +710,17 @@ def test_export_to_stock_beit_classification_with_no_new_encoder_weight(tmp_path
     assert "BeitModel" in (tmp_path / "encoder" / "README.md").read_text()
 
 
+def test_export_fails_naming_a_stock_key_the_encoder_does_not_fill(tmp_path, monkeypatch):
+    from hf_mto.export import export_encoder
+
+    model = make_model().eval()
+    # only the pooler (BEiT's fine-tuning head norm) may be new: a missing block weight is an error, not a fresh init
+    monkeypatch.setattr(BeitMTOMethod, "export_dropped_keys", ("embeddings.mask_token", "layers.1.lambda_2"))
+    with pytest.raises(ValueError, match=r"does not fill BeitModel: missing \['layers.1.lambda_2'\]"):
+        export_encoder(model, tmp_path / "encoder")
+    assert not (tmp_path / "encoder").exists()
+
+
 def test_finetuning_builds_stock_beit_classifier_from_a_pretraining_checkpoint(tmp_path):
     from transformers import BeitForImageClassification
 
@@ -543,3 +740,28 @@ def test_finetuning_builds_stock_beit_classifier_from_a_pretraining_checkpoint(t
     assert len({group["lr_scale"] for group in groups}) == model.config.num_hidden_layers + 2
     with pytest.raises(ValueError, match="--global_pool true"):
         build_classification_model(FinetuneArguments(model_name_or_path=str(tmp_path), global_pool=False), ["a"])
+
+
+def test_vit_b_preset_decays_the_learning_rate_to_beits_min_lr(tmp_path):
+    from pathlib import Path
+
+    from transformers import get_scheduler
+
+    from hf_mto.cli import ModelArguments, parse_args
+    from hf_mto.data import DataArguments
+    from hf_mto.evaluation import EncoderEvalArguments
+    from hf_mto.training_args import MTOTrainingArguments
+
+    preset = Path(__file__).resolve().parents[3] / "recipes" / "configs" / "vit_base_beit_mto_in1k.yaml"
+    *_, args = parse_args(
+        (ModelArguments, DataArguments, EncoderEvalArguments, MTOTrainingArguments),
+        ["--config", str(preset), "--bf16", "false", "--output_dir", str(tmp_path)],
+    )
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.5e-3)
+    scheduler = get_scheduler(
+        args.lr_scheduler_type, optimizer, 10, 100, scheduler_specific_kwargs=args.lr_scheduler_kwargs
+    )
+    for _ in range(100):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-5)  # run_beit_pretraining.py's --min_lr
