@@ -183,7 +183,8 @@ def encoder_features(model: torch.nn.Module, pixel_values: torch.Tensor, pooling
     (`pooling="cls"`) or mean of the patch tokens (`"mean"`). Runs with the model's current autograd and train/eval
     state; `extract_features` wraps it in `no_grad` and eval mode.
 
-    The encoder runs over every patch through its method's `unmasked_encoder_output` (a pre-training embedding
+    The encoder is the method's `released_encoder` (the one the export writes); it runs over every patch through its
+    method's `unmasked_encoder_output` (a pre-training embedding
     module may always mask, as MAE's drops patches); a ViT no method declares (a classifier, an exported encoder) takes the generic declarations of `PreTrainingMethod`.
     """
     if pooling not in POOLINGS:
@@ -193,6 +194,9 @@ def encoder_features(model: torch.nn.Module, pixel_values: torch.Tensor, pooling
         method = method_for(encoder)
     except ValueError:
         method = PreTrainingMethod
+    else:  # the encoder the run releases (ConMIM: its momentum encoder), as the export writes it
+        whole = getattr(model, "module", model)
+        encoder = encoder if whole is encoder else method.released_encoder(whole)
     pixel_values = pixel_values.to(encoder.embeddings.patch_embeddings.projection.weight.dtype)
     hidden = method.unmasked_encoder_output(encoder, pixel_values)  # [B, 1 + N, D]
     return hidden[:, 0] if pooling == "cls" else hidden[:, 1:].mean(dim=1)

@@ -105,10 +105,11 @@ def encoder_config(config: PreTrainedConfig) -> ViTConfig:
 
 
 def _split(model: PreTrainedModel) -> tuple[type[PreTrainingMethod], PreTrainedModel]:
-    """(its method, its ViT encoder) for a pre-training model or its encoder alone; ValueError for anything else."""
+    """(its method, the encoder to export: `PreTrainingMethod.released_encoder`) for a pre-training model, or its encoder
+    alone; ValueError for anything else."""
     method = _method(model, f"the given {type(model).__name__}")
     encoder_classes = (method.base_model_class, *method.upstream_encoder_classes)
-    return method, model if isinstance(model, encoder_classes) else method.encoder(model)
+    return method, model if isinstance(model, encoder_classes) else method.released_encoder(model)
 
 
 def encoder_state_dict(encoder: PreTrainedModel, dropped: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:

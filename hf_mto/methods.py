@@ -157,6 +157,13 @@ class PreTrainingMethod:
         return model.base_model
 
     @classmethod
+    def released_encoder(cls, model: PreTrainedModel) -> PreTrainedModel:
+        """The encoder a pre-training run gives its users: the one `hf_mto.export` writes and the frozen-encoder
+        evaluation (k-NN, linear probe) scores. Default: `encoder`, the network that trains (ConMIM: its momentum
+        encoder, as the official code releases and fine-tunes it)."""
+        return cls.encoder(model)
+
+    @classmethod
     def unmasked_embeddings(cls, model: PreTrainedModel, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[B, 1 + N, D]`` token embeddings of the whole image (CLS first), nothing masked: patch projection plus
         position embedding, CLS plus its position. Built from the embedding module's parameters because a

@@ -8,33 +8,13 @@ from collections.abc import Callable
 import torch
 import torchvision.transforms as T
 from PIL import Image, ImageFilter
-from transformers import BeitConfig, BeitModel
+from transformers import BeitModel
 
 from ...data import to_rgb
 from ...methods import PreTrainingMethod, register_method
 from ..beit_mto.method_beit_mto import BeitMTOMethod
 from .configuration_conmim_mto import ConMIMMTOConfig
 from .modeling_conmim_mto import ConMIMMTOForPreTraining, ConMIMMTOModel, teacher_momentum
-
-# The BeitConfig fields an exported encoder carries over from the pre-training config (each shapes or runs it).
-EXPORTED_FIELDS = (
-    "image_size",
-    "patch_size",
-    "num_channels",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "hidden_act",
-    "hidden_dropout_prob",
-    "attention_probs_dropout_prob",
-    "layer_norm_eps",
-    "initializer_range",
-    "use_absolute_position_embeddings",
-    "use_shared_relative_position_bias",
-    "layer_scale_init_value",
-    "use_mean_pooling",
-)
 
 
 class _RandomGaussianBlur:
@@ -111,9 +91,9 @@ class ConMIMMTOMethod(PreTrainingMethod):
   year      = {2023}
 }"""
     card_notes = (
-        "This is the online encoder of ConMIM (not its momentum encoder), a BEiT encoder: relative position bias "
-        "shared by all blocks, layer scale, no absolute position embeddings. ConMIM's mask token and projector were "
-        "dropped. The config keeps `use_mean_pooling: false` so that every pre-trained weight (the final LayerNorm "
+        "This is ConMIM's momentum encoder (the EMA copy of the online encoder that the official code saves for "
+        "fine-tuning), a BEiT encoder: relative position bias shared by all blocks, layer scale. The online encoder, "
+        "its mask token and both projectors were dropped. The config keeps `use_mean_pooling: false` so that every pre-trained weight (the final LayerNorm "
         "included) is used and a classifier takes the CLS token; the official fine-tuning instead averages the patch "
         "tokens under a new LayerNorm (`use_mean_pooling: true`, whose new `fc_norm` is initialised then) and turns "
         "the shared bias into one per block."
@@ -141,6 +121,14 @@ class ConMIMMTOMethod(PreTrainingMethod):
     def pretraining_transform(cls, image_size: int, image_mean, image_std, config=None) -> Callable:
         return ConMIMViews(image_size, image_mean, image_std)
 
+    @classmethod
+    def released_encoder(cls, model):
+        """The momentum encoder (without its projector): the official code saves it as the checkpoint to fine-tune
+        (`checkpoint_copy-*.pth`, README's fine-tuning command). The online encoder alone when no teacher is at hand
+        (a `ConMIMMTOModel`)."""
+        teacher = getattr(model, "teacher", None)
+        return cls.encoder(model) if teacher is None else teacher.beit
+
     # BEiT's declarations for the encoder over whole images (its relative position bias and layer scale included)
     unmasked_embeddings = BeitMTOMethod.__dict__["unmasked_embeddings"]
     unmasked_encoder_output = BeitMTOMethod.__dict__["unmasked_encoder_output"]
@@ -163,7 +151,5 @@ class ConMIMMTOMethod(PreTrainingMethod):
         """One EMA step of the momentum encoder at the progress after this optimizer step."""
         model.update_teacher(progress)
 
-    @classmethod
-    def stock_encoder_config(cls, config) -> BeitConfig:
-        """The `BeitConfig` of the encoder alone: its fields, no mask token, no pre-training field."""
-        return BeitConfig(**{field: getattr(config, field) for field in EXPORTED_FIELDS}, use_mask_token=False)
+    # the stock BeitConfig of the encoder alone, as BEiT's (every BeitConfig field of the config, no mask token)
+    stock_encoder_config = BeitMTOMethod.__dict__["stock_encoder_config"]

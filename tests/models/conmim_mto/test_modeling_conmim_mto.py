@@ -471,7 +471,7 @@ def test_two_views_share_the_crop_and_only_the_teachers_is_strongly_augmented():
     assert torch.equal(example["pixel_values"], example["teacher_pixel_values"])
 
 
-def test_export_gives_a_stock_beit_with_the_students_features_and_no_new_key(tmp_path):
+def test_export_gives_a_stock_beit_with_the_momentum_encoders_features_and_no_new_key(tmp_path):
     from hf_mto.evaluation import encoder_features
     from hf_mto.export import export_encoder
 
@@ -486,9 +486,11 @@ def test_export_gives_a_stock_beit_with_the_students_features_and_no_new_key(tmp
     assert "auto_map" not in (output / "config.json").read_text()
     pixels, _ = batch()
     with torch.no_grad():
-        expected = model.beit(pixels).last_hidden_state
+        # the momentum encoder, which the official code saves for fine-tuning; the online one has moved away from it
+        expected = model.teacher.beit(pixels).last_hidden_state
+        assert not torch.allclose(model.beit(pixels).last_hidden_state, expected, atol=1e-3)
         torch.testing.assert_close(encoder.eval()(pixels).last_hidden_state, expected, rtol=1e-5, atol=1e-5)
-        # the frozen-encoder evaluation runs the same encoder through the declarations (relative bias included)
+        # the frozen-encoder evaluation scores the same encoder through the declarations (relative bias included)
         torch.testing.assert_close(encoder_features(model, pixels), expected[:, 0], rtol=1e-5, atol=1e-5)
     from transformers import AutoModelForImageClassification
 
@@ -512,10 +514,10 @@ def test_fine_tuning_takes_a_conmim_checkpoint_as_a_beit_classifier(tmp_path):
     assert type(classifier) is BeitForImageClassification and classifier.config.num_labels == 3
     assert classifier.config.drop_path_rate == 0.1  # BEiT's own stochastic depth, the linear rule over the blocks
     assert classifier.beit.layers[-1].drop_path.drop_prob == pytest.approx(0.1)
-    # every encoder weight is the student's (not the teacher's); only the classifier is new
-    for name, tensor in model.beit.state_dict().items():
-        if name != "embeddings.mask_token":
-            assert torch.equal(classifier.beit.state_dict()[name], tensor), name
+    # every encoder weight is the momentum encoder's (not the online encoder's); only the classifier is new
+    for name, tensor in model.teacher.beit.state_dict().items():
+        assert torch.equal(classifier.beit.state_dict()[name], tensor), name
+    assert not torch.equal(classifier.beit.state_dict()[name], model.beit.state_dict()[name])
     with pytest.raises(ValueError, match="'beit' encoder's classifier takes the CLS token.*--global_pool false"):
         build_classification_model(
             FinetuneArguments(model_name_or_path=str(tmp_path / "ckpt"), global_pool=True), ["a"]
