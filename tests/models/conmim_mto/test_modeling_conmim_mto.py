@@ -469,6 +469,11 @@ def test_two_views_share_the_crop_and_only_the_teachers_is_strongly_augmented():
     views.strong = lambda crop: crop
     example = views(image)
     assert torch.equal(example["pixel_values"], example["teacher_pixel_values"])
+    # and it reaches the teacher's view only: a strong augmentation that blanks the crop blanks that view alone
+    views.strong = lambda crop: Image.new("RGB", crop.size)
+    example = views(image)
+    per_channel_std = {name: view.flatten(1).std(dim=1) for name, view in example.items()}
+    assert per_channel_std["teacher_pixel_values"].max() == 0 and per_channel_std["pixel_values"].min() > 0
 
 
 def test_export_gives_a_stock_beit_with_the_momentum_encoders_features_and_no_new_key(tmp_path):
