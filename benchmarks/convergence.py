@@ -148,7 +148,7 @@ ARMS = {
     "conmim_mto": Arm(CONMIM, True, None, "conmim", finetune_flags=("--global_pool", "false")),
     "random_init": Arm(MAE, False, None, None, pretrain=False),
 }
-BASELINES = ("mae", "simmim", "beit")  # the methods of the learning-rate sweep
+BASELINES = ("mae", "simmim", "beit", "conmim")  # the methods of the learning-rate sweep
 SMOKE_ARMS = ["mae", "mae_mto_dot", "conmim_mto", "random_init"]
 METRICS = ("eval_knn_accuracy", "eval_linear_probe_accuracy")
 MEASURES = {"knn": "eval_knn_accuracy", "probe": "eval_linear_probe_accuracy", "finetune": "finetune_accuracy"}
