@@ -120,6 +120,7 @@ class BeitMTOOnTest(MaskedImageModelingLabels, ConformanceTest, unittest.TestCas
     config_overrides = {"use_mto": True}
 
 
+@pytest.mark.slow  # the generic suite again with MTO off (the On suite runs by default): in the slow set
 class BeitMTOOffTest(MaskedImageModelingLabels, ConformanceTest, unittest.TestCase):
     all_model_classes = (BeitMTOForMaskedImageModeling,)
     model_tester_class = BeitMTOModelTester
@@ -362,6 +363,7 @@ def test_auto_model_gives_the_encoder(tmp_path):
     assert type(AutoModel.from_pretrained(tmp_path)) is BeitMTOModel
 
 
+@pytest.mark.slow  # a fresh Python process importing transformers (~6 s): in the slow set
 def test_trust_remote_code_load_in_fresh_process_without_hf_mto(tmp_path):
     model = make_model().eval()
     model.save_pretrained(tmp_path / "ckpt")

@@ -42,6 +42,7 @@ class BootMAEMTOOnTest(ConformanceTest, unittest.TestCase):
     config_overrides = {"use_mto": True}
 
 
+@pytest.mark.slow  # the generic suite again with MTO off (the On suite runs by default): in the slow set
 class BootMAEMTOOffTest(ConformanceTest, unittest.TestCase):
     all_model_classes = (BootMAEMTOModel, BootMAEMTOForPreTraining)
     model_tester_class = BootMAEMTOModelTester
@@ -469,6 +470,7 @@ def test_save_and_load_round_trip_keeps_teacher_and_progress(tmp_path):
     assert torch.equal(model(pixels, noise=noise).loss, loaded(pixels, noise=noise).loss)
 
 
+@pytest.mark.slow  # a fresh Python process importing transformers (~6 s): in the slow set
 def test_trust_remote_code_load_in_fresh_process_without_hf_mto(tmp_path):
     model = make_model().eval()
     model.update_teacher(0.5)

@@ -49,6 +49,7 @@ class ConMIMMTOOnTest(ConformanceTest, unittest.TestCase):
     config_overrides = {"use_mto": True}
 
 
+@pytest.mark.slow  # the generic suite again with MTO off (the On suite runs by default): in the slow set
 class ConMIMMTOOffTest(ConformanceTest, unittest.TestCase):
     all_model_classes = (ConMIMMTOModel, ConMIMMTOForPreTraining)
     model_tester_class = ConMIMMTOModelTester
@@ -416,6 +417,7 @@ def test_a_checkpoint_without_teacher_loads_it_as_a_copy_of_the_student(tmp_path
     assert torch.equal(loaded.beit.layers[0].mlp.fc1.weight, model.beit.layers[0].mlp.fc1.weight)
 
 
+@pytest.mark.slow  # a fresh Python process importing transformers (~6 s): in the slow set
 def test_trust_remote_code_load_in_fresh_process_without_hf_mto(tmp_path):
     model = make_model().eval()
     move_student(model)

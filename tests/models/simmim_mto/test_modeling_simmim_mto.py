@@ -62,6 +62,7 @@ class SimMIMMTOOnTest(ConformanceTest, unittest.TestCase):
     config_overrides = {"use_mto": True}
 
 
+@pytest.mark.slow  # the generic suite again with MTO off (the On suite runs by default): in the slow set
 class SimMIMMTOOffTest(ConformanceTest, unittest.TestCase):
     all_model_classes = (SimMIMMTOForMaskedImageModeling,)
     model_tester_class = SimMIMMTOModelTester
@@ -289,6 +290,7 @@ def test_auto_model_gives_the_encoder_and_saves_its_auto_map(tmp_path):
     assert type(AutoModel.from_pretrained(tmp_path)) is SimMIMMTOModel
 
 
+@pytest.mark.slow  # a fresh Python process importing transformers (~6 s): in the slow set
 def test_trust_remote_code_load_in_fresh_process_without_hf_mto(tmp_path):
     model = make_model().eval()
     model.save_pretrained(tmp_path / "ckpt")

@@ -44,6 +44,7 @@ class ViTMAEMTOOnTest(ConformanceTest, unittest.TestCase):
     config_overrides = {"use_mto": True}
 
 
+@pytest.mark.slow  # the generic suite again with MTO off (the On suite runs by default): in the slow set
 class ViTMAEMTOOffTest(ConformanceTest, unittest.TestCase):
     all_model_classes = (ViTMAEMTOModel, ViTMAEMTOForPreTraining)
     model_tester_class = ViTMAEMTOModelTester
@@ -182,6 +183,7 @@ def test_the_sin_cos_tables_stay_frozen_after_loading(tmp_path):
     assert not model.decoder.decoder_pos_embed.requires_grad and model.decoder.mask_token.requires_grad
 
 
+@pytest.mark.slow  # a fresh Python process importing transformers (~6 s): in the slow set
 def test_trust_remote_code_load_in_fresh_process_without_hf_mto(tmp_path):
     model = make_model().eval()
     model.save_pretrained(tmp_path / "ckpt")
