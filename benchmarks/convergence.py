@@ -210,10 +210,39 @@ def subprocess_env() -> dict[str, str]:
     return os.environ | {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
 
 
-def run_name(arm: str, seed: int, weight: float, lr: float, epochs: int) -> str:
+def shape_tag(args) -> str:
+    """The part of a run's name that --width / --depth add (empty at the presets' shapes)."""
+    return (f"-d{args.width}" if args.width else "") + (f"-L{args.depth}" if args.depth else "")
+
+
+def run_name(arm: str, seed: int, weight: float, lr: float, args) -> str:
     if not ARMS[arm].pretrain:
-        return f"{arm}-seed{seed}"
-    return f"{arm}-w{weight:g}-lr{lr:g}-e{epochs}-seed{seed}"
+        return f"{arm}{shape_tag(args)}-seed{seed}"
+    return f"{arm}-w{weight:g}-lr{lr:g}-e{args.epochs}{shape_tag(args)}-seed{seed}"
+
+
+def config_overrides(preset: Path, width: int | None, depth: int | None) -> str:
+    """The preset's `config_overrides` with the widths and depths of --width / --depth.
+
+    Width D: hidden size D (the MAE decoder's too, so that MTO's states H^0.. have the width studied), MLP 4 D, heads
+    of 64 dims as in ViT-Ti/S/B (D / 64 of them). Depth L: L encoder blocks, and L / 2 (at least 1) decoder blocks
+    where the preset has a decoder (its 4 / 2 ratio)."""
+    fields = dict(item.split("=", 1) for item in yaml.safe_load(preset.read_text())["config_overrides"].split(","))
+    if width is not None:
+        if width % 64:
+            raise ValueError(f"--width must be a multiple of 64 (heads of 64 dims), got {width}")
+        for prefix in ("", "decoder_"):
+            if f"{prefix}hidden_size" in fields:
+                fields[f"{prefix}hidden_size"] = str(width)
+                fields[f"{prefix}intermediate_size"] = str(4 * width)
+                fields[f"{prefix}num_attention_heads"] = str(width // 64)
+    if depth is not None:
+        if depth < 1:
+            raise ValueError(f"--depth must be >= 1, got {depth}")
+        fields["num_hidden_layers"] = str(depth)
+        if "decoder_num_hidden_layers" in fields:
+            fields["decoder_num_hidden_layers"] = str(max(1, depth // 2))
+    return ",".join(f"{key}={value}" for key, value in fields.items())
 
 
 def run_flags(arm: str, seed: int, weight: float, lr: float, args, run_dir: Path) -> list[str]:
@@ -221,6 +250,8 @@ def run_flags(arm: str, seed: int, weight: float, lr: float, args, run_dir: Path
     spec = ARMS[arm]
     mto_weight = weight if spec.mto else 0.0
     flags = ["--config", str(spec.preset), "--output_dir", str(run_dir)]
+    if args.width or args.depth:
+        flags += ["--config_overrides", config_overrides(spec.preset, args.width, args.depth)]
     flags += ["--seed", str(seed)]
     flags += ["--num_train_epochs", str(args.epochs)] if spec.pretrain else []  # the floor: one folder per seed
     flags += ["--max_train_samples", str(args.train_samples), "--max_eval_samples", str(args.test_samples)]
@@ -274,7 +305,7 @@ def launch(cmd: list[str], run_dir: Path, what: str) -> float:
 
 
 def run_arm(arm: str, seed: int, weight: float, lr: float, args, output_dir: Path) -> dict:
-    run_dir = output_dir / run_name(arm, seed, weight, lr, args.epochs)
+    run_dir = output_dir / run_name(arm, seed, weight, lr, args)
     times_file = run_dir / "epoch_seconds.json"
     flags = run_flags(arm, seed, weight, lr, args, run_dir)
     # A finished run is reused only if it ran with exactly these flags (delete the folder to rerun it anyway).
@@ -284,6 +315,7 @@ def run_arm(arm: str, seed: int, weight: float, lr: float, args, output_dir: Pat
         prune_checkpoints(run_dir)
         (run_dir / RUNS_REUSED).write_text(json.dumps(flags))
     run = collect(arm, seed, weight, lr, run_dir)
+    run |= {"name": run_dir.name, "width": args.width, "depth": args.depth}
     run["num_epochs"] = args.epochs if ARMS[arm].pretrain else 0
     run["finetune"] = finetune_points(run, run_dir, args)
     return run
@@ -420,11 +452,23 @@ def spread(values: list[float], digits: int = 4) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def shape(run: dict) -> tuple:
+    """(width, depth) of a run; (None, None) at its preset's (and in JSON written before --width existed)."""
+    return run.get("width"), run.get("depth")
+
+
 def group_runs(runs: list[dict]) -> dict[tuple, list[dict]]:
+    """(arm, weight, lr, width, depth) -> the runs of its seeds."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        groups.setdefault((run["arm"], run["weight"], run["lr"]), []).append(run)
+        groups.setdefault((run["arm"], run["weight"], run["lr"], *shape(run)), []).append(run)
     return groups
+
+
+def arm_label(arm: str, width: int | None, depth: int | None) -> str:
+    """`arm`, with its width and depth where they are not the preset's: "mae (192-d, 2 blocks)"."""
+    shape = ", ".join(([f"{width}-d"] if width else []) + ([f"{depth} blocks"] if depth else []))
+    return f"{arm} ({shape})" if shape else arm
 
 
 def lr_of(arm: str, args) -> float:
@@ -440,17 +484,21 @@ def lr_of(arm: str, args) -> float:
 
 def report(runs: list[dict]) -> str:
     groups = group_runs(runs)
-    baselines = {(run["arm"], run["lr"], run["seed"]): run for run in runs if ARMS[run["arm"]].baseline == run["arm"]}
+    baselines = {
+        (run["arm"], run["lr"], run["seed"], *shape(run)): run
+        for run in runs
+        if ARMS[run["arm"]].baseline == run["arm"]
+    }
     measures = [m for m in MEASURES if any(curve(run, m)[0] for run in runs)]
     head = ["arm", "MTO weight", "base LR", "seeds"]
     head += [f"final {m}" for m in measures] + [f"RAUC {m}" for m in measures]
     head += [f"epochs to base final {m}" for m in measures] + ["s/epoch vs baseline", "min/run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (arm, weight, lr), group in groups.items():
+    for (arm, weight, lr, width, depth), group in groups.items():
         spec = ARMS[arm]
-        cells = [arm, f"{weight:g}", "-" if lr is None else f"{lr:g}", str(len(group))]
+        cells = [arm_label(arm, width, depth), f"{weight:g}", "-" if lr is None else f"{lr:g}", str(len(group))]
         cells += [spread([curve(run, m)[1][-1] for run in group if curve(run, m)[1]]) for m in measures]
-        base_group = [baselines.get((spec.baseline, lr, run["seed"])) for run in group]
+        base_group = [baselines.get((spec.baseline, lr, run["seed"], width, depth)) for run in group]
         if not spec.pretrain or None in base_group:
             cells += ["n/a"] * (2 * len(measures)) + ["n/a"]
         else:
@@ -483,18 +531,20 @@ def report(runs: list[dict]) -> str:
         epochs = curve(trained[0], m)[0]
         lines += ["", f"| arm | MTO weight | base LR | {m} | " + " | ".join(f"epoch {e:g}" for e in epochs) + " |"]
         lines.append("|---|---|---|---|" + "---|" * len(epochs))
-        for (arm, weight, lr), group in groups.items():
+        for (arm, weight, lr, width, depth), group in groups.items():
             if not ARMS[arm].pretrain:  # the floor: one evaluation, in the table above
                 continue
             columns = zip(*(curve(run, m)[1] for run in group), strict=True)
             cells = [spread(list(column)) for column in columns]
             shown_lr = "-" if lr is None else f"{lr:g}"
-            lines.append(f"| {arm} | {weight:g} | {shown_lr} | {m} | " + " | ".join(cells) + " |")
+            lines.append(
+                f"| {arm_label(arm, width, depth)} | {weight:g} | {shown_lr} | {m} | " + " | ".join(cells) + " |"
+            )
     return "\n".join(lines)
 
 
-def label(arm: str, weight: float, lr: float | None) -> str:
-    text = arm + (f" (w={weight:g})" if ARMS[arm].mto else "")
+def label(arm: str, weight: float, lr: float | None, width: int | None, depth: int | None) -> str:
+    text = arm_label(arm, width, depth) + (f" (w={weight:g})" if ARMS[arm].mto else "")
     return text + (f" lr={lr:g}" if lr is not None else "")
 
 
@@ -507,18 +557,18 @@ def plot(runs: list[dict], path: Path) -> None:
     measures = [m for m in MEASURES if any(curve(run, m)[0] for run in runs)]
     fig, axes = plt.subplots(1, len(measures), figsize=(6 * len(measures), 4.5), squeeze=False)
     for ax, m in zip(axes[0], measures, strict=True):
-        for (arm, weight, lr), group in group_runs(runs).items():
+        for (arm, weight, lr, width, depth), group in group_runs(runs).items():
             epochs = curve(group[0], m)[0]
             if not epochs:
                 continue
             values = list(zip(*(curve(run, m)[1] for run in group), strict=True))
             means = [statistics.mean(v) for v in values]
             if not ARMS[arm].pretrain:  # the floor: a level, not a curve
-                ax.axhline(means[0], color="grey", linestyle=":", label=f"{arm} (floor)")
+                ax.axhline(means[0], color="grey", linestyle=":", label=f"{arm_label(arm, width, depth)} (floor)")
                 continue
             low, high = [min(v) for v in values], [max(v) for v in values]
             style = "--" if ARMS[arm].preset == SIMMIM else "-"
-            (line,) = ax.plot(epochs, means, style, marker="o", label=label(arm, weight, lr))
+            (line,) = ax.plot(epochs, means, style, marker="o", label=label(arm, weight, lr, width, depth))
             ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.15)
         ax.set_xlabel("pre-training epoch")
         ax.set_ylabel(f"{m} accuracy")
@@ -531,22 +581,24 @@ def plot(runs: list[dict], path: Path) -> None:
 
 
 def lr_sweep_summary(runs: list[dict]) -> list[dict]:
-    """Per (method, LR) and the floor: final k-NN / probe over seeds, their gain over the floor, and the share of
-    seeds whose last epoch still improved on the one before."""
-    floor = [run for run in runs if not ARMS[run["arm"]].pretrain]
-    floor_level = (
-        {m: statistics.mean(run[MEASURES[m]][-1] for run in floor) for m in ("knn", "probe")} if floor else {}
-    )
+    """Per (method, LR, length, shape) and the floor: final k-NN / probe over seeds, their gain over the floor of the
+    same shape, and the share of seeds whose last epoch still improved on the one before."""
+    floors: dict[tuple, list[dict]] = {}
+    for run in runs:
+        if not ARMS[run["arm"]].pretrain:
+            floors.setdefault(shape(run), []).append(run)
     rows = []
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        groups.setdefault((run["arm"], run["lr"], run["num_epochs"]), []).append(run)
-    for (arm, lr, epochs), group in groups.items():
-        row = {"method": arm, "lr": lr, "epochs": epochs, "seeds": len(group)}
+        groups.setdefault((run["arm"], run["lr"], run["num_epochs"], *shape(run)), []).append(run)
+    for (arm, lr, epochs, width, depth), group in groups.items():
+        row = {"method": arm, "lr": lr, "epochs": epochs, "width": width, "depth": depth, "seeds": len(group)}
+        floor = floors.get((width, depth))
         for m in ("knn", "probe"):
             finals = [run[MEASURES[m]][-1] for run in group]
             row[m] = finals
-            row[f"{m}_gain_over_floor"] = statistics.mean(finals) - floor_level[m] if floor_level else None
+            level = statistics.mean(run[MEASURES[m]][-1] for run in floor) if floor else None
+            row[f"{m}_gain_over_floor"] = None if level is None else statistics.mean(finals) - level
             improved = [len(run[MEASURES[m]]) > 1 and run[MEASURES[m]][-1] > run[MEASURES[m]][-2] for run in group]
             row[f"{m}_last_epoch_improved"] = sum(improved) / len(improved) if ARMS[arm].pretrain else None
         rows.append(row)
@@ -571,7 +623,7 @@ def lr_sweep_report(rows: list[dict]) -> str:
         )
         lr = "-" if row["lr"] is None else f"{row['lr']:g}"
         cells = [
-            row["method"],
+            arm_label(row["method"], row.get("width"), row.get("depth")),
             lr,
             str(row["epochs"]),
             str(row["seeds"]),
@@ -592,21 +644,28 @@ def lr_sweep_plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, m in zip(axes, ("knn", "probe"), strict=True):
-        lengths = sorted({row["epochs"] for row in rows if row["lr"] is not None})
-        for method, epochs in ((method, epochs) for method in BASELINES for epochs in lengths):
-            points = sorted((row["lr"], row[m]) for row in rows if (row["method"], row["epochs"]) == (method, epochs))
-            if not points:
-                continue
+        curves = sorted(
+            {(row["method"], row["epochs"], *shape(row)) for row in rows if row["lr"] is not None},
+            key=lambda key: (BASELINES.index(key[0]), key[1], key[2] or 0, key[3] or 0),
+        )
+        for method, epochs, width, depth in curves:
+            points = sorted(
+                (row["lr"], row[m])
+                for row in rows
+                if (row["method"], row["epochs"], *shape(row)) == (method, epochs, width, depth)
+            )
             lrs = [lr for lr, _ in points]
             means = [statistics.mean(values) for _, values in points]
             errors = [
                 [mean - min(values) for mean, (_, values) in zip(means, points, strict=True)],
                 [max(values) - mean for mean, (_, values) in zip(means, points, strict=True)],
             ]
-            ax.errorbar(lrs, means, yerr=errors, marker="o", capsize=3, label=f"{method}, {epochs} epochs")
+            name = f"{arm_label(method, width, depth)}, {epochs} epochs"
+            ax.errorbar(lrs, means, yerr=errors, marker="o", capsize=3, label=name)
         for row in rows:
             if row["lr"] is None:
-                ax.axhline(statistics.mean(row[m]), color="grey", linestyle=":", label="random init (floor)")
+                name = f"{arm_label('random init', row.get('width'), row.get('depth'))} (floor)"
+                ax.axhline(statistics.mean(row[m]), color="grey", linestyle=":", label=name)
         ax.set_xscale("log")
         ax.set_xlabel("base learning rate (lr = base x batch / preset's scaling batch)")
         ax.set_ylabel(f"final {m} accuracy")
@@ -625,7 +684,7 @@ def execute(plan: list[tuple[str, float, float]], args) -> list[dict]:
             runs.append(run_arm(arm, seed, weight, lr, args, args.output_dir))
             last = runs[-1]
             print(
-                f"{run_name(arm, seed, weight, lr, args.epochs)}: k-NN {last['eval_knn_accuracy']}, "
+                f"{run_name(arm, seed, weight, lr, args)}: k-NN {last['eval_knn_accuracy']}, "
                 f"probe {last['eval_linear_probe_accuracy']}, fine-tune {last['finetune']['finetune_accuracy']} "
                 f"at epochs {last['finetune']['epochs']}, s/epoch {last['epoch_seconds']}, "
                 f"wall {last['wall_seconds'] + sum(last['finetune']['wall_seconds']):.0f} s",
@@ -634,7 +693,50 @@ def execute(plan: list[tuple[str, float, float]], args) -> list[dict]:
     return runs
 
 
+# What makes two invocations one study (their runs can share a JSON); arms, seeds, weights, learning rates, lengths
+# and shapes are in each run's record instead.
+STUDY_SETTINGS = (
+    "train_samples",
+    "test_samples",
+    "bank_samples",
+    "pooling",
+    "finetune_epochs",
+    "finetune_num_epochs",
+    "finetune_train_samples",
+    "finetune_eval_samples",
+    "smoke",
+)
+
+
+def run_key(run: dict) -> tuple:
+    return (run["arm"], run["seed"], run["weight"], run["lr"], run["num_epochs"], *shape(run))
+
+
+def merge(runs: list[dict], name: str, args) -> list[dict]:
+    """The runs of `<output_dir>/<name>.json` (earlier invocations of this study) updated with this invocation's.
+
+    A study can so be run in pieces (some arms or seeds at a time, in 15-minute GPU slots, in parallel processes
+    with disjoint arms) and each piece's report covers everything done so far. A JSON written with other study
+    settings is refused, naming them, rather than mixed in."""
+    path = args.output_dir / f"{name}.json"
+    if not path.is_file():
+        return runs
+    recorded = json.loads(path.read_text())
+    differing = {
+        key: (recorded["args"].get(key), vars(args)[key])
+        for key in STUDY_SETTINGS
+        if recorded["args"].get(key) != vars(args)[key]
+    }
+    if differing:
+        shown = ", ".join(f"{key} {old!r} there, {new!r} now" for key, (old, new) in differing.items())
+        raise SystemExit(f"{path} holds a study with other settings ({shown}): give another --output_dir")
+    merged = {run_key(run): run for run in recorded["runs"]}
+    merged |= {run_key(run): run for run in runs}
+    return list(merged.values())
+
+
 def write(runs: list[dict], name: str, args, extra: dict | None = None) -> None:
+    """Writes `<output_dir>/<name>.json`: the study's settings and all its runs (see `merge`)."""
     args.output_dir.mkdir(parents=True, exist_ok=True)
     settings = vars(args) | {"output_dir": str(args.output_dir)}
     (args.output_dir / f"{name}.json").write_text(
@@ -653,7 +755,7 @@ def study(args) -> None:
         plan = [("mae", 0.0, args.mae_lr)] + [("mae_mto", weight, args.mae_lr) for weight in args.sweep]
         name = "convergence_sweep"
     start = time.perf_counter()
-    runs = execute(plan, args)
+    runs = merge(execute(plan, args), name, args)
     write(runs, name, args, {"wall_seconds_this_invocation": time.perf_counter() - start})
     plot(runs, args.output_dir / f"{name}.png")
     print(report(runs))
@@ -667,6 +769,7 @@ def lr_sweep(args) -> None:
         args.epochs = epochs
         runs += execute([(arm, 0.0, lr) for arm in methods for lr in args.learning_rates], args)
     runs += execute([("random_init", 0.0, args.mae_lr)], args)
+    runs = merge(runs, "lr_sweep", args)
     rows = lr_sweep_summary(runs)
     extra = {"table": rows, "wall_seconds_this_invocation": time.perf_counter() - start}
     write(runs, "lr_sweep", args, extra)
@@ -725,6 +828,19 @@ def main(argv=None):
         type=float,
         default=preset_lr(CONMIM),
         help="Base LR of every ConMIM arm (default: the preset's).",
+    )
+    parser.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="Model width D instead of the presets' (a multiple of 64): hidden size D for the encoder and the MAE "
+        "decoder, MLP 4 D, heads of 64 dims (192: ViT-Ti's, 384: ViT-S's). Part of each run's name and record.",
+    )
+    parser.add_argument(
+        "--depth",
+        type=int,
+        default=None,
+        help="Encoder blocks instead of the presets' (the MAE decoder gets half, at least 1). Part of each run's name.",
     )
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--train_samples", type=int, default=10000, help="Fashion-MNIST train images pre-trained on.")

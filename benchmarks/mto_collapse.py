@@ -10,7 +10,9 @@ test images and fixed masks (drawn from `--seed`):
 - the norms of the stack's first states (H^0): largest / median visible token, and the fraction of visible rows whose
   affinity puts the most mass on the same token (one "sink" token taking every row);
 - the gradient each loss part sends into the encoder (norm over the encoder's parameters), at the run's MTO weight:
-  reconstruction, w * L_spa, w * L_e, w * L_r, so the term that drives the encoder is visible.
+  reconstruction, w * L_spa, w * L_e, w * L_r, so the term that drives the encoder is visible; and the same parts'
+  gradient on the mask token (the learned token every masked patch starts from: in the encoder for SimMIM and
+  BEiT, in the decoder for MAE), which MTO's terms act on through the masked rows.
 
     python benchmarks/mto_collapse.py outputs/convergence/mae_mto-w0.003-lr0.0015-e10-seed1 --weight 0.003
 
@@ -47,6 +49,10 @@ COLUMNS = (
     "grad_spa",
     "grad_e",
     "grad_r",
+    "mask_token_grad_reconstruction",
+    "mask_token_grad_spa",
+    "mask_token_grad_e",
+    "mask_token_grad_r",
 )
 
 
@@ -99,6 +105,8 @@ def score(checkpoint: Path, weight: float, count: int, seed: int, affinity: str 
     row["shared_argmax"] = float(torch.cat(shared).float().mean())
 
     encoder = [p for p in resolve_encoder(model).parameters() if p.requires_grad]
+    # the learned token that stands in for every masked patch: in the encoder (SimMIM, BEiT) or the decoder (MAE)
+    (mask_token,) = [p for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] == "mask_token"]
     model.train()
     outputs = model(pixel_values=pixels, **mask_inputs, use_mto=True)
     terms = method.mto_outputs(outputs)[stack]
@@ -110,8 +118,9 @@ def score(checkpoint: Path, weight: float, count: int, seed: int, affinity: str 
     heterogeneity = terms.heterogeneity.mean(0)
     row["h_first"], row["h_last"] = heterogeneity[0].item(), heterogeneity[-1].item()
     for key, part in parts.items():
-        grads = torch.autograd.grad(part, encoder, retain_graph=True, allow_unused=True)
+        *grads, token_grad = torch.autograd.grad(part, [*encoder, mask_token], retain_graph=True, allow_unused=True)
         row[key] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
+        row[f"mask_token_{key}"] = 0.0 if token_grad is None else float(token_grad.float().norm())
     return row
 
 

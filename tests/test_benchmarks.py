@@ -350,5 +350,95 @@ def test_mto_collapse_measures_features_and_each_terms_gradient(tmp_path, monkey
     for row in rows:
         assert set(row) == set(mto_collapse.COLUMNS)
         assert row["grad_reconstruction"] > 0 and row["grad_spa"] > 0  # both reach the encoder
+        # MAE's mask token (in the decoder) is what the masked rows of L_e start from
+        assert row["mask_token_grad_reconstruction"] > 0 and row["mask_token_grad_e"] > 0
         assert 0 < row["shared_argmax"] <= 1 and row["norm_max_over_median"] >= 1
     assert "| step | feature_rank" in capsys.readouterr().out
+
+    from hf_mto import SimMIMMTOConfig, SimMIMMTOForMaskedImageModeling
+
+    simmim = SimMIMMTOConfig(
+        image_size=8, patch_size=4, encoder_stride=4, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=16, mask_ratio=0.5, mask_patch_size=4,
+    )  # fmt: skip
+    SimMIMMTOForMaskedImageModeling(simmim).save_pretrained(tmp_path / "simmim")
+    (row,) = mto_collapse.main([str(tmp_path / "simmim"), "--weight", "0.1", "--images", "8"])[
+        str(tmp_path / "simmim")
+    ]
+    # SimMIM's mask token is in the encoder: every term's gradient reaches it (MAE's L_spa never sees the encoder's)
+    assert row["grad_reconstruction"] > 0 and row["mask_token_grad_reconstruction"] > 0
+    assert row["mask_token_grad_spa"] > 0 and row["mask_token_grad_e"] > 0 and row["mask_token_grad_r"] > 0
+
+
+def _fake_run(arm, seed, knn, width=None, depth=None, lr=1.5e-3, weight=0.0):
+    """A convergence.py run record with a 2-epoch k-NN / probe curve and no fine-tuning."""
+    return {
+        "arm": arm, "seed": seed, "weight": weight, "lr": lr, "epochs": [1.0, 2.0], "num_epochs": 2,
+        "eval_knn_accuracy": knn, "eval_linear_probe_accuracy": knn, "epoch_seconds": [1.0, 1.0],
+        "wall_seconds": 60.0, "finetune": {"epochs": [], "finetune_accuracy": [], "wall_seconds": []},
+        "width": width, "depth": depth,
+    }  # fmt: skip
+
+
+def test_convergence_width_and_depth_reshape_each_preset(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import convergence
+
+    from hf_mto import SimMIMMTOConfig, ViTMAEMTOConfig
+    from hf_mto.cli import _parse_overrides
+
+    mae = _parse_overrides(convergence.config_overrides(convergence.MAE, 192, 2), ViTMAEMTOConfig)
+    assert (mae["hidden_size"], mae["intermediate_size"], mae["num_attention_heads"]) == (192, 768, 3)  # ViT-Ti
+    assert (mae["decoder_hidden_size"], mae["decoder_intermediate_size"], mae["decoder_num_attention_heads"]) == (
+        192, 768, 3,
+    )  # fmt: skip
+    assert (mae["num_hidden_layers"], mae["decoder_num_hidden_layers"]) == (2, 1)
+    assert (mae["image_size"], mae["patch_size"]) == (32, 4)  # the rest of the preset's shape is kept
+    ViTMAEMTOConfig(**mae)  # a valid config
+    simmim = _parse_overrides(convergence.config_overrides(convergence.SIMMIM, 384, None), SimMIMMTOConfig)
+    assert (simmim["hidden_size"], simmim["num_attention_heads"], simmim["num_hidden_layers"]) == (384, 6, 4)
+    assert not any(key.startswith("decoder") for key in simmim)  # SimMIM has no decoder to widen
+    with pytest.raises(ValueError, match="100"):
+        convergence.config_overrides(convergence.MAE, 100, None)
+    with pytest.raises(ValueError, match="0"):
+        convergence.config_overrides(convergence.MAE, None, 0)
+
+    args = convergence.argparse.Namespace(width=384, depth=2, epochs=6)
+    assert convergence.run_name("mae_mto", 1, 0.003, 5e-4, args) == "mae_mto-w0.003-lr0.0005-e6-d384-L2-seed1"
+    assert convergence.run_name("random_init", 1, 0.0, 5e-4, args) == "random_init-d384-L2-seed1"
+    args.width = args.depth = None
+    assert convergence.run_name("mae", 0, 0.0, 1.5e-3, args) == "mae-w0-lr0.0015-e6-seed0"  # the old names
+
+
+def test_convergence_json_gathers_the_pieces_of_a_study(tmp_path, monkeypatch):
+    """A study run in pieces (arms, seeds, widths at a time) keeps every piece's runs in its JSON and reports them
+    together, each arm against its baseline of the same width; a JSON of other settings is refused."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import convergence
+
+    args = convergence.main.__globals__["argparse"].Namespace(
+        train_samples=4000, test_samples=1000, bank_samples=2000, pooling="mean", finetune_epochs=[],
+        finetune_num_epochs=2, finetune_train_samples=3000, finetune_eval_samples=2000, smoke=False,
+        output_dir=tmp_path,
+    )  # fmt: skip
+    first = [_fake_run("mae", 0, [0.5, 0.6], width=64), _fake_run("mae_mto_cosine", 0, [0.5, 0.5], width=64)]
+    convergence.write(convergence.merge(first, "convergence", args), "convergence", args)
+    redone = _fake_run("mae_mto_cosine", 0, [0.6, 0.7], width=64)  # the same run again: replaces its record
+    second = [redone, _fake_run("mae", 0, [0.4, 0.45], width=192), _fake_run("mae_mto_cosine", 0, [0.4, 0.5], 192)]
+    runs = convergence.merge(second, "convergence", args)
+    assert [(run["arm"], run["width"]) for run in runs] == [
+        ("mae", 64), ("mae_mto_cosine", 64), ("mae", 192), ("mae_mto_cosine", 192),
+    ]  # fmt: skip
+    assert runs[1]["eval_knn_accuracy"] == [0.6, 0.7]
+    text = convergence.report(runs)
+    # each width's MTO arm reaches its own baseline's final k-NN (0.6 at 64-d, 0.45 at 192-d) at its own epoch
+    assert "| mae_mto_cosine (64-d) | 0 | 0.0015 | 1 | 0.7000 |" in text
+    assert "| mae_mto_cosine (192-d) | 0 | 0.0015 | 1 | 0.5000 |" in text
+    head = text.splitlines()[0].split(" | ")
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| mae_mto_cosine")][:2]
+    column = head.index("epochs to base final knn")
+    assert (rows[0][column], rows[1][column]) == ("1.00", "1.50")
+
+    args.train_samples = 8000
+    with pytest.raises(SystemExit, match="train_samples 4000 there, 8000 now"):
+        convergence.merge(second, "convergence", args)
