@@ -76,8 +76,8 @@ accuracies per learning rate, their margin over the floor and whether the last e
         --finetune_epochs 2 4 7 10 --finetune_num_epochs 2 --finetune_train_samples 3000 \
         --finetune_eval_samples 2000 --output_dir outputs/convergence     # reuses the 9 runs: the report
 
-Writes `<output_dir>/convergence.json` (every run's curves, fine-tuning accuracies and timings) and
-`convergence.png` (with `--sweep`: `convergence_sweep.*`; with `--lr_sweep`: `lr_sweep.*`), and prints the tables in
+Writes `<output_dir>/<study>.json` (default `convergence.json`: every run's curves, fine-tuning accuracies and
+timings) and `<study>.png` (with `--sweep`: `convergence_sweep.*`; with `--lr_sweep`: `lr_sweep.*`), and prints the tables in
 the Markdown of docs/RESULTS.md. Runs are resumable: a finished run (pre-training or fine-tuning) is reused from its
 folder when it ran with exactly the same flags, an interrupted pre-training run resumes from its last epoch
 checkpoint, and a folder left by different flags is deleted and rerun; so every command above can be stopped and
@@ -354,7 +354,8 @@ def finetune_points(run: dict, run_dir: Path, args) -> dict:
         points = dict(available) if args.finetune_epochs else {}
     result = {"epochs": [], "finetune_accuracy": [], "wall_seconds": []}
     for epoch, checkpoint in sorted(points.items()):
-        ft_dir = run_dir / f"finetune-e{epoch:g}"
+        # named by the protocol too, so that two fine-tuning protocols of one run (two studies) keep their folders
+        ft_dir = run_dir / f"finetune-e{epoch:g}-{args.finetune_num_epochs}x{args.finetune_train_samples}"
         accuracy, seconds = finetune(checkpoint, ft_dir, run["seed"], args, ARMS[run["arm"]].finetune_flags)
         result["epochs"].append(epoch)
         result["finetune_accuracy"].append(accuracy)
@@ -549,32 +550,37 @@ def label(arm: str, weight: float, lr: float | None, width: int | None, depth: i
 
 
 def plot(runs: list[dict], path: Path) -> None:
+    """One column per measure, one row per model shape (a study across widths: a row per width)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     measures = [m for m in MEASURES if any(curve(run, m)[0] for run in runs)]
-    fig, axes = plt.subplots(1, len(measures), figsize=(6 * len(measures), 4.5), squeeze=False)
-    for ax, m in zip(axes[0], measures, strict=True):
-        for (arm, weight, lr, width, depth), group in group_runs(runs).items():
-            epochs = curve(group[0], m)[0]
-            if not epochs:
-                continue
-            values = list(zip(*(curve(run, m)[1] for run in group), strict=True))
-            means = [statistics.mean(v) for v in values]
-            if not ARMS[arm].pretrain:  # the floor: a level, not a curve
-                ax.axhline(means[0], color="grey", linestyle=":", label=f"{arm_label(arm, width, depth)} (floor)")
-                continue
-            low, high = [min(v) for v in values], [max(v) for v in values]
-            style = "--" if ARMS[arm].preset == SIMMIM else "-"
-            (line,) = ax.plot(epochs, means, style, marker="o", label=label(arm, weight, lr, width, depth))
-            ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.15)
-        ax.set_xlabel("pre-training epoch")
-        ax.set_ylabel(f"{m} accuracy")
-        ax.set_title(f"Fashion-MNIST test, {m} (mean, min-max over seeds)")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    shapes = list(dict.fromkeys(shape(run) for run in runs))
+    fig, axes = plt.subplots(len(shapes), len(measures), figsize=(6 * len(measures), 4.5 * len(shapes)), squeeze=False)
+    groups = group_runs(runs)
+    for row, (width, depth) in zip(axes, shapes, strict=True):
+        for ax, m in zip(row, measures, strict=True):
+            for (arm, weight, lr, *_), group in ((key, g) for key, g in groups.items() if key[3:] == (width, depth)):
+                epochs = curve(group[0], m)[0]
+                if not epochs:
+                    continue
+                values = list(zip(*(curve(run, m)[1] for run in group), strict=True))
+                means = [statistics.mean(v) for v in values]
+                if not ARMS[arm].pretrain:  # the floor: a level, not a curve
+                    ax.axhline(means[0], color="grey", linestyle=":", label=f"{arm} (floor)")
+                    continue
+                low, high = [min(v) for v in values], [max(v) for v in values]
+                style = "--" if ARMS[arm].preset == SIMMIM else "-"
+                (line,) = ax.plot(epochs, means, style, marker="o", label=label(arm, weight, lr, None, None))
+                ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.15)
+            ax.set_xlabel("pre-training epoch")
+            ax.set_ylabel(f"{m} accuracy")
+            where = arm_label("", width, depth).strip(" ()") or "the presets' shapes"
+            ax.set_title(f"Fashion-MNIST test, {m}, {where} (mean, min-max over seeds)", fontsize=9)
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -750,7 +756,7 @@ def study(args) -> None:
         for arm in args.arms
         for weight in (weights_of(arm, args) if ARMS[arm].mto else [0.0])
     ]
-    name = "convergence"
+    name = args.study
     if args.sweep:
         plan = [("mae", 0.0, args.mae_lr)] + [("mae_mto", weight, args.mae_lr) for weight in args.sweep]
         name = "convergence_sweep"
@@ -866,6 +872,12 @@ def main(argv=None):
     parser.add_argument("--finetune_train_samples", type=int, default=3000, help="Fine-tuning train images.")
     parser.add_argument("--finetune_eval_samples", type=int, default=2000, help="Fashion-MNIST test images scored.")
     parser.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT_DIR)
+    parser.add_argument(
+        "--study",
+        default="convergence",
+        help="Name of the study's JSON and plot in --output_dir (<study>.json / .png). Runs of one folder can so "
+        "serve several studies: e.g. a second fine-tuning protocol of the same pre-training runs.",
+    )
     parser.add_argument(
         "--smoke",
         action="store_true",

@@ -28,7 +28,7 @@ def test_convergence_smoke_runs_every_path(tmp_path):
     conmim = runs["conmim_mto"]
     assert conmim["finetune"]["epochs"] == [1.0, 2.0] and len(conmim["eval_knn_accuracy"]) == 2
     ft_flags = json.loads(
-        (tmp_path / "conmim_mto-w0.003-lr0.0015-e2-seed0" / "finetune-e1" / "flags.json").read_text()
+        (tmp_path / "conmim_mto-w0.003-lr0.0015-e2-seed0" / "finetune-e1-2x64" / "flags.json").read_text()
     )
     assert ft_flags[ft_flags.index("--global_pool") + 1] == "false"
     for arm in ("mae", "mae_mto_dot"):
