@@ -165,7 +165,7 @@ def run_model(model, pixel_values: torch.Tensor, mask_inputs: dict[str, torch.Te
 
 
 def layer_entropies(
-    states: Sequence[torch.Tensor], mask: torch.Tensor, affinity: str = "scaled", temperature: float = 0.1
+    states: Sequence[torch.Tensor], mask: torch.Tensor, affinity: str = "cosine", temperature: float = 0.1
 ) -> dict[str, torch.Tensor]:
     """Per layer and image: ``"heterogeneity"`` (Eq. 2, masked rows over visible columns, = `mto.heterogeneity`)
     and ``"sparsity_loss"`` (the entropy L_spa averages, Eq. 3: visible rows over all columns), each
@@ -360,7 +360,7 @@ def affinity_maps(
     mask: torch.Tensor,
     index: int = 0,
     layers: Iterable[int] | None = None,
-    affinity: str = "scaled",
+    affinity: str = "cosine",
     temperature: float = 0.1,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Fig. 2: the affinity ψ(X Xᵀ) (row-wise softmax over all tokens) of image `index` at each of `layers`, with

@@ -48,7 +48,10 @@ class ModelArguments:
         default=None, metadata={"help": "States where L_spa applies (0 = initial embedding). Config default [0]."}
     )
     mto_affinity: str | None = field(
-        default=None, metadata={"help": "Affinity logits: scaled (x.y / sqrt(D), default), dot (paper) or cosine."}
+        default=None,
+        metadata={
+            "help": "Affinity logits: cosine (/ mto_temperature, default), scaled (x.y / sqrt(D)) or dot (paper)."
+        },
     )
     mto_temperature: float | None = field(default=None, metadata={"help": "Temperature of the cosine affinity."})
     mto_ranking: str | None = field(

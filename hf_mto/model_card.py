@@ -305,7 +305,7 @@ def _mto_info(config, args, model: dict) -> dict:
     ]
     settings = []
     if enabled:
-        affinity = getattr(config, "mto_affinity", "scaled")
+        affinity = getattr(config, "mto_affinity", "cosine")
         if affinity == "cosine":
             affinity = f"cosine / temperature {fmt(getattr(config, 'mto_temperature', None))}"
         settings = [

@@ -92,7 +92,7 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
     convergence = report["convergence"]
     assert convergence["pretrain_steps"] >= 1 and convergence["finetune_steps"] >= 1
     assert set(convergence["arms"]) == {"mae", "mae_mto"}
-    assert convergence["hyper_parameters"]["mto_affinity"] == "dot"  # the tiny MAE preset's, as its LR and weights
+    assert convergence["hyper_parameters"]["mto_affinity"] == "cosine"  # the tiny MAE preset's: the default
     for arm in convergence["arms"].values():
         assert 0 <= arm["knn_accuracy"] <= 1 and 0 <= arm["finetune_accuracy"] <= 1
     text = (tmp_path / "gpu_check.md").read_text()

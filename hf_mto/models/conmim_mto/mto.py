@@ -11,8 +11,9 @@ as decided in DESIGN.md:
 - ``ranking_loss``      Eq. 7   L_r: softplus ranking that makes H decrease with depth.
 
 Conventions: ``hidden`` is ``[B, N, D]`` (patch tokens only, never the CLS token); ``mask`` is ``[B, N]`` bool,
-True = masked. Affinity logits default to ``x_i . x_j / sqrt(D)`` (``"scaled"``): the paper's raw dot product
-saturates the softmax at ViT-B widths (DESIGN.md, "MTO math"). Everything is computed in float32 with autocast
+True = masked. Affinity logits default to the cosine similarity / 0.1 (``"cosine"``): the paper's raw dot product
+saturates the softmax at ViT-B widths (DESIGN.md, "MTO math"), and ``x_i . x_j / sqrt(D)`` (``"scaled"``) lets L_spa
+be met by one large-norm "sink" token that every row points at (docs/RESULTS.md, docs/DECISIONS.md). Everything is computed in float32 with autocast
 disabled, through ``log_softmax`` (never ``log(softmax)``), and is finite (values and gradients) for every mask: an
 image with no masked or no visible token has nothing to measure, contributes 0 and is left out of batch means.
 """
@@ -36,11 +37,13 @@ MTO_CONFIG_ARGS = """\
             States of the MTO stack where the sparsity loss L_spa applies: 0 is the stack's initial embedding (with
             the mask token in place and the position embedding added), l the output of block l. The paper uses
             `[0]`, "the initial embedding stage".
-        mto_affinity (`str`, *optional*, defaults to `"scaled"`):
-            Affinity logits between tokens: `"scaled"` (dot product divided by the square root of the stack's
-            width, attention's convention), `"dot"` (the raw dot product, as the paper writes it; at ViT-B widths it
-            saturates the softmax, so L_spa vanishes with zero gradient) or `"cosine"` (cosine similarity divided by
-            `mto_temperature`).
+        mto_affinity (`str`, *optional*, defaults to `"cosine"`):
+            Affinity logits between tokens: `"cosine"` (cosine similarity divided by `mto_temperature`: no token's
+            norm enters, so every token's largest affinity is its own), `"scaled"` (dot product divided by the square
+            root of the stack's width, attention's convention; L_spa can then be met by one large-norm token that
+            takes every row's affinity, which stalls the reconstruction's gradient into the encoder) or `"dot"` (the
+            raw dot product, as the paper writes it; at ViT-B widths it saturates the softmax, so L_spa vanishes with
+            zero gradient).
         mto_temperature (`float`, *optional*, defaults to 0.1):
             Temperature of the `"cosine"` affinity; unused otherwise.
         mto_ranking (`str`, *optional*, defaults to `"intended"`):
@@ -66,7 +69,7 @@ class MTOConfigMixin:
 
     use_mto: bool = True
     mto_spa_layers: list[int] | tuple[int, ...] = (0,)
-    mto_affinity: str = "scaled"
+    mto_affinity: str = "cosine"
     mto_temperature: float | int = 0.1
     mto_ranking: str = "intended"
     mto_eps: float = 1e-6
@@ -132,14 +135,14 @@ def _affinity_features(hidden: torch.Tensor, affinity: str, temperature: float) 
     return x, 1.0
 
 
-def affinity_logits(hidden: torch.Tensor, affinity: str = "scaled", temperature: float = 0.1) -> torch.Tensor:
+def affinity_logits(hidden: torch.Tensor, affinity: str = "cosine", temperature: float = 0.1) -> torch.Tensor:
     """Token-token affinity logits in float32.
 
     Args:
         hidden: ``[B, N, D]`` token states (any float dtype).
-        affinity: ``"scaled"`` (default: ``x_i . x_j / sqrt(D)``, attention's convention), ``"dot"`` (raw
-            ``x_i . x_j``, the paper's literal form, which saturates the softmax at ViT-B widths; see DESIGN.md) or
-            ``"cosine"`` (cosine similarity divided by ``temperature``).
+        affinity: ``"cosine"`` (default: cosine similarity divided by ``temperature``), ``"scaled"``
+            (``x_i . x_j / sqrt(D)``, attention's convention) or ``"dot"`` (raw ``x_i . x_j``, the paper's literal
+            form, which saturates the softmax at ViT-B widths; see DESIGN.md).
         temperature: only used by ``"cosine"``.
 
     Returns:
@@ -223,7 +226,7 @@ def mean_heterogeneity(heterogeneity: torch.Tensor, mask: torch.Tensor) -> torch
 
 
 def heterogeneity(
-    hidden: torch.Tensor, mask: torch.Tensor, affinity: str = "scaled", temperature: float = 0.1
+    hidden: torch.Tensor, mask: torch.Tensor, affinity: str = "cosine", temperature: float = 0.1
 ) -> torch.Tensor:
     """Eq. 2: heterogeneity H of masked tokens with respect to visible tokens, per image.
 
@@ -241,7 +244,7 @@ def heterogeneity(
 
 
 def sparsity_loss(
-    hidden: torch.Tensor, mask: torch.Tensor, affinity: str = "scaled", temperature: float = 0.1
+    hidden: torch.Tensor, mask: torch.Tensor, affinity: str = "cosine", temperature: float = 0.1
 ) -> torch.Tensor:
     """Eq. 3 (L_spa): entropy of each visible token's affinity over **all** tokens, averaged.
 
@@ -349,7 +352,7 @@ def mto_terms(
     hidden_states: list[torch.Tensor] | tuple[torch.Tensor, ...],
     mask: torch.Tensor,
     spa_layers: list[int] | tuple[int, ...] = (0,),
-    affinity: str = "scaled",
+    affinity: str = "cosine",
     temperature: float = 0.1,
     eps: float = 1e-6,
     ranking: str = "intended",
@@ -489,7 +492,7 @@ def mto_terms_visible_first(
     hidden_states: list[torch.Tensor] | tuple[torch.Tensor, ...],
     num_visible: int,
     spa_layers: list[int] | tuple[int, ...] = (0,),
-    affinity: str = "scaled",
+    affinity: str = "cosine",
     temperature: float = 0.1,
     eps: float = 1e-6,
     ranking: str = "intended",
