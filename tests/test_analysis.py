@@ -190,7 +190,8 @@ def test_affinity_maps_are_the_softmax_permuted_masked_first():
     maps, order, num_masked = affinity_maps(states, mask, index=1, layers=[1])
     assert num_masked == 2 and order.tolist() == [0, 4, 1, 2, 3, 5]
     assert mask[1, order[:num_masked]].all() and not mask[1, order[num_masked:]].any()
-    probs = torch.softmax(states[1][1] @ states[1][1].T / math.sqrt(4), dim=-1)  # the default affinity, D = 4
+    unit = torch.nn.functional.normalize(states[1][1], dim=-1)
+    probs = torch.softmax(unit @ unit.T / 0.1, dim=-1)  # the default affinity: the cosine / 0.1
     assert maps.shape == (1, 6, 6)
     for i in range(6):
         for j in range(6):

@@ -29,18 +29,22 @@ def test_heterogeneity_by_hand():
     # masked row 1 over visible columns {0, 2}: logits x1.x0 = 1, x1.x2 = 0
     expected = entropy([1.0, 0.0])
     assert mto.heterogeneity(HIDDEN, MASK, affinity="dot").item() == pytest.approx(expected, rel=1e-6)
-    # the default affinity divides the logits by sqrt(D) = sqrt(2)
-    expected = entropy([1.0 / math.sqrt(2), 0.0])
-    assert mto.heterogeneity(HIDDEN, MASK).item() == pytest.approx(expected, rel=1e-6)
+    # the default affinity is the cosine / 0.1: cos(x1, x0) = 1 / sqrt(2); the zero token x2 has cosine 0
+    expected = entropy([10.0 / math.sqrt(2), 0.0])  # ~0.007: float32's 1 / sqrt(2), times 10, moves it by 6e-6
+    assert mto.heterogeneity(HIDDEN, MASK).item() == pytest.approx(expected, rel=2e-5)
+    expected = entropy([1.0 / math.sqrt(2), 0.0])  # "scaled" divides the dot products by sqrt(D) = sqrt(2)
+    assert mto.heterogeneity(HIDDEN, MASK, affinity="scaled").item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_sparsity_loss_by_hand():
     # visible rows over all columns: row 0 logits [1, 1, 0]; row 2 logits [0, 0, 0] (uniform over 3)
     expected = (entropy([1.0, 1.0, 0.0]) + math.log(3)) / 2
     assert mto.sparsity_loss(HIDDEN, MASK, affinity="dot").item() == pytest.approx(expected, rel=1e-6)
-    # the default affinity divides the logits by sqrt(D) = sqrt(2)
-    expected = (entropy([1.0 / math.sqrt(2), 1.0 / math.sqrt(2), 0.0]) + math.log(3)) / 2
+    # the default cosine / 0.1: row 0 logits [10, 10 / sqrt(2), 0]; the zero row 2 stays uniform
+    expected = (entropy([10.0, 10.0 / math.sqrt(2), 0.0]) + math.log(3)) / 2
     assert mto.sparsity_loss(HIDDEN, MASK).item() == pytest.approx(expected, rel=1e-6)
+    expected = (entropy([1.0 / math.sqrt(2), 1.0 / math.sqrt(2), 0.0]) + math.log(3)) / 2  # "scaled": / sqrt(2)
+    assert mto.sparsity_loss(HIDDEN, MASK, affinity="scaled").item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_sparsity_loss_is_mean_over_images_of_mean_over_visible_rows():
