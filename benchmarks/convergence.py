@@ -8,13 +8,12 @@ T=0.07) and linear-probe accuracy (`hf_mto.evaluation`) of the mean-pooled patch
 (recipes/configs/tiny_cpu_finetune.yaml) on the same budget for every arm (`--finetune_num_epochs`,
 `--finetune_train_samples`, `--finetune_eval_samples`), and its accuracy on Fashion-MNIST test images recorded.
 
-Arms: `mae`, `simmim` (the baselines, at `--mae_lr` / `--simmim_lr`), `mae_mto`, `simmim_mto` (MTO with the
-`"scaled"` affinity, the config default; `mae_mto` passes it explicitly, since the tiny MAE preset uses `"dot"`),
-`mae_mto_dot` and `mae_mto_cosine` (the affinity ablations: MTO with the raw dot product, with the cosine at the
-config's `mto_temperature`), `mae_evolved`, `mae_mto_evolved` (evolved masking), `bootmae`, `bootmae_mto` (at
-`--bootmae_lr`), `beit` (BEiT's block-wise masking, k-means tokenizer, the tiny BEiT preset), `beit_evolved`,
-`beit_mto` (at `--beit_lr`), `conmim`, `conmim_mto` (at `--conmim_lr`, MTO with the preset's cosine affinity;
-fine-tuned by the CLS token of their BEiT encoder, `--global_pool false`), and `random_init`, the floor: the MAE
+Arms: `mae`, `simmim` (the baselines, at `--mae_lr` / `--simmim_lr`), `simmim_mto` (MTO with the presets'
+affinity, the config default: the cosine / 0.1), the MAE affinity arms `mae_mto` (`"scaled"`, the default before issue
+24, kept for its studies), `mae_mto_dot` (the raw dot product) and `mae_mto_cosine` (the default), `mae_evolved`,
+`mae_mto_evolved` (evolved masking), `bootmae`, `bootmae_mto` (at `--bootmae_lr`), `beit` (BEiT's block-wise
+masking, k-means tokenizer, the tiny BEiT preset), `beit_evolved`, `beit_mto` (at `--beit_lr`), `conmim`,
+`conmim_mto` (at `--conmim_lr`; fine-tuned by the CLS token of their BEiT encoder, `--global_pool false`), and `random_init`, the floor: the MAE
 preset's encoder at initialisation (seeded like every run), not trained, scored and fine-tuned through the same code
 as the others (a `--do_train false` run of the recipe whose model is then saved).
 
@@ -57,6 +56,17 @@ accuracies per learning rate, their margin over the floor and whether the last e
         --test_samples 1000 --bank_samples 2000 --finetune_epochs 2 4 6 8 --finetune_num_epochs 2 \
         --finetune_train_samples 3000 --finetune_eval_samples 2000 --output_dir outputs/convergence-conmim
 
+    # 5. MTO's affinity across widths (issue 24; docs/RESULTS.md section A): per width, the baseline's LR sweep, then
+    #    the floor, MAE and MAE + MTO with each affinity x 3 seeds at the chosen LR; every invocation (any subset of
+    #    arms or seeds, side by side with one thread each) appends to the one convergence.json of the folder
+    for w in 64 192 384; do OMP_NUM_THREADS=1 python benchmarks/convergence.py --lr_sweep --arms mae \
+        --learning_rates 5e-4 1.5e-3 5e-3 --width $w --depth 2 --seeds 0 --epochs 6 --train_samples 4000 \
+        --test_samples 1000 --bank_samples 2000 --output_dir outputs/widths-lr; done
+    for w_lr in 64:5e-3 192:1.5e-3 384:1.5e-3; do OMP_NUM_THREADS=1 python benchmarks/convergence.py \
+        --arms random_init mae mae_mto mae_mto_dot mae_mto_cosine --weights 0.003 --width ${w_lr%:*} --depth 2 \
+        --mae_lr ${w_lr#*:} --seeds 0 1 2 --epochs 6 --train_samples 4000 --test_samples 1000 \
+        --bank_samples 2000 --finetune_epochs --output_dir outputs/widths-lr; done
+
     python benchmarks/convergence.py --smoke      # a few steps of every path (study arms, fine-tuning, LR sweep): CI
 
     # 4. BEiT (not run yet): its baseline LR sweep, then BEiT / + evolved masking / + MTO x 3 seeds with step 3's
@@ -78,11 +88,16 @@ accuracies per learning rate, their margin over the floor and whether the last e
 
 Writes `<output_dir>/<study>.json` (default `convergence.json`: every run's curves, fine-tuning accuracies and
 timings) and `<study>.png` (with `--sweep`: `convergence_sweep.*`; with `--lr_sweep`: `lr_sweep.*`), and prints the tables in
-the Markdown of docs/RESULTS.md. Runs are resumable: a finished run (pre-training or fine-tuning) is reused from its
+the Markdown of docs/RESULTS.md. A study's JSON gathers every invocation's runs (`merge`): run it in pieces (some
+arms, seeds or widths at a time, in parallel processes with disjoint arms or seeds, or in 15-minute GPU slots) and
+each piece's report covers all that is done; a JSON written with other data or fine-tuning settings is refused by
+name. Runs are resumable: a finished run (pre-training or fine-tuning) is reused from its
 folder when it ran with exactly the same flags, an interrupted pre-training run resumes from its last epoch
 checkpoint, and a folder left by different flags is deleted and rerun; so every command above can be stopped and
 rerun, and later commands reuse the runs of earlier ones. Each run's folder is named after its arm, MTO weight, base
-learning rate, length and seed; its epoch checkpoints are kept without optimizer states (1.4 MB each, so about
+learning rate, length, shape (`-d<width>-L<depth>` with --width / --depth) and seed; a fine-tuning's folder inside it
+after the checkpoint's epoch and the fine-tuning protocol (`finetune-e4-2x3000`: 2 epochs on 3,000 images); its epoch
+checkpoints are kept without optimizer states (1.4 MB each, so about
 14 MB per 10-epoch run) for later fine-tuning.
 
 On 2 cores, two invocations with disjoint `--arms` side by side, each with `OMP_NUM_THREADS=1`, do about 1.3 times
@@ -134,7 +149,7 @@ ARMS = {
     "mae_mto_dot": Arm(MAE, True, None, "mae", affinity="dot"),
     "mae_mto_cosine": Arm(MAE, True, None, "mae", affinity="cosine"),
     "mae_evolved": Arm(MAE, False, "evolved", "mae"),
-    "mae_mto_evolved": Arm(MAE, True, "evolved", "mae", affinity="scaled"),
+    "mae_mto_evolved": Arm(MAE, True, "evolved", "mae"),
     "simmim": Arm(SIMMIM, False, None, "simmim"),
     "simmim_mto": Arm(SIMMIM, True, None, "simmim"),
     "bootmae": Arm(BOOTMAE, False, None, "bootmae"),
