@@ -330,7 +330,7 @@ def run_arm(arm: str, seed: int, weight: float, lr: float, args, output_dir: Pat
         prune_checkpoints(run_dir)
         (run_dir / RUNS_REUSED).write_text(json.dumps(flags))
     run = collect(arm, seed, weight, lr, run_dir)
-    run |= {"name": run_dir.name, "width": args.width, "depth": args.depth}
+    run |= {"width": args.width, "depth": args.depth}
     run["num_epochs"] = args.epochs if ARMS[arm].pretrain else 0
     run["finetune"] = finetune_points(run, run_dir, args)
     return run
@@ -481,9 +481,14 @@ def group_runs(runs: list[dict]) -> dict[tuple, list[dict]]:
     return groups
 
 
+def shape_text(width: int | None, depth: int | None) -> str:
+    """ "192-d, 2 blocks" for --width / --depth; empty at the presets' shapes."""
+    return ", ".join(([f"{width}-d"] if width else []) + ([f"{depth} blocks"] if depth else []))
+
+
 def arm_label(arm: str, width: int | None, depth: int | None) -> str:
     """`arm`, with its width and depth where they are not the preset's: "mae (192-d, 2 blocks)"."""
-    shape = ", ".join(([f"{width}-d"] if width else []) + ([f"{depth} blocks"] if depth else []))
+    shape = shape_text(width, depth)
     return f"{arm} ({shape})" if shape else arm
 
 
@@ -559,8 +564,8 @@ def report(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def label(arm: str, weight: float, lr: float | None, width: int | None, depth: int | None) -> str:
-    text = arm_label(arm, width, depth) + (f" (w={weight:g})" if ARMS[arm].mto else "")
+def label(arm: str, weight: float, lr: float | None) -> str:
+    text = arm + (f" (w={weight:g})" if ARMS[arm].mto else "")
     return text + (f" lr={lr:g}" if lr is not None else "")
 
 
@@ -588,11 +593,11 @@ def plot(runs: list[dict], path: Path) -> None:
                     continue
                 low, high = [min(v) for v in values], [max(v) for v in values]
                 style = "--" if ARMS[arm].preset == SIMMIM else "-"
-                (line,) = ax.plot(epochs, means, style, marker="o", label=label(arm, weight, lr, None, None))
+                (line,) = ax.plot(epochs, means, style, marker="o", label=label(arm, weight, lr))
                 ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.15)
             ax.set_xlabel("pre-training epoch")
             ax.set_ylabel(f"{m} accuracy")
-            where = arm_label("", width, depth).strip(" ()") or "the presets' shapes"
+            where = shape_text(width, depth) or "the presets' shapes"
             ax.set_title(f"Fashion-MNIST test, {m}, {where} (mean, min-max over seeds)", fontsize=9)
             ax.grid(alpha=0.3)
         row[0].legend(fontsize=7)
@@ -750,7 +755,7 @@ def merge(runs: list[dict], name: str, args) -> list[dict]:
     }
     if differing:
         shown = ", ".join(f"{key} {old!r} there, {new!r} now" for key, (old, new) in differing.items())
-        raise SystemExit(f"{path} holds a study with other settings ({shown}): give another --output_dir")
+        raise SystemExit(f"{path} holds a study with other settings ({shown}): give another --study or --output_dir")
     merged = {run_key(run): run for run in recorded["runs"]}
     merged |= {run_key(run): run for run in runs}
     return list(merged.values())
