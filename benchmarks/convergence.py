@@ -371,6 +371,8 @@ def finetune_points(run: dict, run_dir: Path, args) -> dict:
     for epoch, checkpoint in sorted(points.items()):
         # named by the protocol too, so that two fine-tuning protocols of one run (two studies) keep their folders
         ft_dir = run_dir / f"finetune-e{epoch:g}-{args.finetune_num_epochs}x{args.finetune_train_samples}"
+        if args.finetune_lr is not None:
+            ft_dir = ft_dir.with_name(f"{ft_dir.name}-lr{args.finetune_lr:g}")
         accuracy, seconds = finetune(checkpoint, ft_dir, run["seed"], args, ARMS[run["arm"]].finetune_flags)
         result["epochs"].append(epoch)
         result["finetune_accuracy"].append(accuracy)
@@ -384,6 +386,8 @@ def finetune(checkpoint: Path, ft_dir: Path, seed: int, args, extra_flags=()) ->
     flags += ["--seed", str(seed), "--num_train_epochs", str(args.finetune_num_epochs)]
     flags += ["--max_train_samples", str(args.finetune_train_samples)]
     flags += ["--max_eval_samples", str(args.finetune_eval_samples)]
+    if args.finetune_lr is not None:
+        flags += ["--base_learning_rate", f"{args.finetune_lr:g}"]
     flags += ["--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--logging_steps", "50"]
     flags += ["--dataloader_num_workers", "0"]
     if args.smoke:
@@ -730,6 +734,7 @@ STUDY_SETTINGS = (
     "finetune_num_epochs",
     "finetune_train_samples",
     "finetune_eval_samples",
+    "finetune_lr",
     "smoke",
 )
 
@@ -891,6 +896,12 @@ def main(argv=None):
     parser.add_argument("--finetune_num_epochs", type=int, default=2, help="Fine-tuning epochs, every arm alike.")
     parser.add_argument("--finetune_train_samples", type=int, default=3000, help="Fine-tuning train images.")
     parser.add_argument("--finetune_eval_samples", type=int, default=2000, help="Fashion-MNIST test images scored.")
+    parser.add_argument(
+        "--finetune_lr",
+        type=float,
+        default=None,
+        help="Fine-tuning base learning rate, every arm alike (x batch / 256). Default: the fine-tuning preset's.",
+    )
     parser.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT_DIR)
     parser.add_argument(
         "--study",

@@ -418,8 +418,8 @@ def test_convergence_json_gathers_the_pieces_of_a_study(tmp_path, monkeypatch):
 
     args = convergence.main.__globals__["argparse"].Namespace(
         train_samples=4000, test_samples=1000, bank_samples=2000, pooling="mean", finetune_epochs=[],
-        finetune_num_epochs=2, finetune_train_samples=3000, finetune_eval_samples=2000, smoke=False,
-        output_dir=tmp_path,
+        finetune_num_epochs=2, finetune_train_samples=3000, finetune_eval_samples=2000, finetune_lr=None,
+        smoke=False, output_dir=tmp_path,
     )  # fmt: skip
     first = [_fake_run("mae", 0, [0.5, 0.6], width=64), _fake_run("mae_mto_cosine", 0, [0.5, 0.5], width=64)]
     convergence.write(convergence.merge(first, "convergence", args), "convergence", args)
@@ -442,3 +442,35 @@ def test_convergence_json_gathers_the_pieces_of_a_study(tmp_path, monkeypatch):
     args.train_samples = 8000
     with pytest.raises(SystemExit, match="train_samples 4000 there, 8000 now"):
         convergence.merge(second, "convergence", args)
+
+
+def test_convergence_finetune_lr_is_part_of_the_protocol(tmp_path, monkeypatch):
+    """--finetune_lr reaches the fine-tuning recipe as its base LR and names the fine-tuning's folder, so that two
+    fine-tuning LRs of one checkpoint keep their own runs; without it the preset's LR and the old folder names."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import convergence
+
+    launched = []
+
+    def fake_launch(cmd, run_dir, what):
+        launched.append((run_dir.name, cmd))
+        (run_dir / "eval_results.json").write_text(json.dumps({"eval_accuracy": 0.5 + 0.1 * len(launched)}))
+        (run_dir / "wall_seconds.json").write_text("2.0")
+
+    monkeypatch.setattr(convergence, "launch", fake_launch)
+    monkeypatch.setattr(convergence, "checkpoints", lambda run_dir: {3.0: run_dir / "checkpoint-96"})
+    args = convergence.argparse.Namespace(
+        epochs=6, finetune_epochs=[3.0], finetune_num_epochs=3, finetune_train_samples=10000,
+        finetune_eval_samples=5000, finetune_lr=1.6e-2, smoke=False,
+    )  # fmt: skip
+    run = {"arm": "mae", "seed": 1}
+    tuned = convergence.finetune_points(run, tmp_path, args)
+    args.finetune_lr = None
+    preset = convergence.finetune_points(run, tmp_path, args)
+    assert [name for name, _ in launched] == ["finetune-e3-3x10000-lr0.016", "finetune-e3-3x10000"]
+    assert launched[0][1][launched[0][1].index("--base_learning_rate") + 1] == "0.016"
+    assert "--base_learning_rate" not in launched[1][1]
+    assert (tuned["finetune_accuracy"], preset["finetune_accuracy"]) == ([0.6], [0.7])  # neither overwrote the other
+    args.finetune_lr = 1.6e-2
+    assert convergence.finetune_points(run, tmp_path, args)["finetune_accuracy"] == [0.6]  # reused, not rerun
+    assert len(launched) == 2
