@@ -373,6 +373,8 @@ def finetune_points(run: dict, run_dir: Path, args) -> dict:
         ft_dir = run_dir / f"finetune-e{epoch:g}-{args.finetune_num_epochs}x{args.finetune_train_samples}"
         if args.finetune_lr is not None:
             ft_dir = ft_dir.with_name(f"{ft_dir.name}-lr{args.finetune_lr:g}")
+        if args.finetune_trainable_blocks is not None:
+            ft_dir = ft_dir.with_name(f"{ft_dir.name}-last{args.finetune_trainable_blocks}")
         accuracy, seconds = finetune(checkpoint, ft_dir, run["seed"], args, ARMS[run["arm"]].finetune_flags)
         result["epochs"].append(epoch)
         result["finetune_accuracy"].append(accuracy)
@@ -388,6 +390,8 @@ def finetune(checkpoint: Path, ft_dir: Path, seed: int, args, extra_flags=()) ->
     flags += ["--max_eval_samples", str(args.finetune_eval_samples)]
     if args.finetune_lr is not None:
         flags += ["--base_learning_rate", f"{args.finetune_lr:g}"]
+    if args.finetune_trainable_blocks is not None:
+        flags += ["--trainable_blocks", str(args.finetune_trainable_blocks)]
     flags += ["--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--logging_steps", "50"]
     flags += ["--dataloader_num_workers", "0"]
     if args.smoke:
@@ -735,6 +739,7 @@ STUDY_SETTINGS = (
     "finetune_train_samples",
     "finetune_eval_samples",
     "finetune_lr",
+    "finetune_trainable_blocks",
     "smoke",
 )
 
@@ -901,6 +906,13 @@ def main(argv=None):
         type=float,
         default=None,
         help="Fine-tuning base learning rate, every arm alike (x batch / 256). Default: the fine-tuning preset's.",
+    )
+    parser.add_argument(
+        "--finetune_trainable_blocks",
+        type=int,
+        default=None,
+        help="Partial fine-tuning (MAE, section 4.3): only the last N encoder blocks and the head train, every arm "
+        "alike. Default: full fine-tuning.",
     )
     parser.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT_DIR)
     parser.add_argument(

@@ -129,6 +129,14 @@ class FinetuneArguments:
             "help": "Evaluation: resize to size / crop_pct, then centre-crop (224 -> 256 -> 224). 1.0: no crop."
         },
     )
+    trainable_blocks: int | None = field(
+        default=None,
+        metadata={
+            "help": "Partial fine-tuning (MAE, section 4.3, Fig. 9): train only the last N encoder blocks, the norms "
+            "after them and the classifier; the embeddings and the earlier blocks stay frozen (0: the classifier "
+            "alone, on the frozen encoder's norm). null, or the encoder's depth: full fine-tuning."
+        },
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "Where Hub downloads are cached."})
     model_revision: str | None = field(default=None, metadata={"help": "Hub revision of --model_name_or_path."})
 
@@ -145,6 +153,8 @@ class FinetuneArguments:
             raise ValueError(f"remode must be one of {RANDOM_ERASING_MODES}, got {self.remode!r}")
         if self.recount < 1:
             raise ValueError(f"recount must be >= 1, got {self.recount}")
+        if self.trainable_blocks is not None and self.trainable_blocks < 0:
+            raise ValueError(f"trainable_blocks must be >= 0 (or null), got {self.trainable_blocks}")
         if not 0.0 < self.eval_crop_pct <= 1.0:
             raise ValueError(f"eval_crop_pct must be in (0, 1], got {self.eval_crop_pct}")
         if self.auto_augment == "":
@@ -279,6 +289,34 @@ def layer_decay_param_groups(
         view, weight_decay=weight_decay, no_weight_decay_list=tuple(no_weight_decay), layer_decay=layer_decay
     )
     return sorted(groups, key=lambda group: -group["lr_scale"])
+
+
+def freeze_for_partial_finetuning(model: nn.Module, trainable_blocks: int) -> list[str]:
+    """Partial fine-tuning (MAE, section 4.3): freeze the embeddings and every encoder block but the last
+    `trainable_blocks` (layers as `vit_layer_id`: the embeddings count with the first block, so that all blocks
+    trainable is full fine-tuning); the norms after the blocks and the classifier stay trainable. The optimizer
+    (layer decay's groups and the Trainer's own) then leaves the frozen parameters out.
+
+    Returns:
+        The names of the frozen parameters.
+
+    Raises:
+        ValueError: `trainable_blocks` outside [0, the encoder's number of blocks].
+    """
+    num_layers = _GroupedParameters(model).num_layers
+    if not 0 <= trainable_blocks <= num_layers:
+        raise ValueError(
+            f"trainable_blocks must be in [0, {num_layers}] (the blocks of this {type(model).__name__}), "
+            f"got {trainable_blocks}"
+        )
+    if trainable_blocks == num_layers:
+        return []
+    frozen = []
+    for name, param in model.named_parameters():
+        if vit_layer_id(name, num_layers) <= num_layers - trainable_blocks:
+            param.requires_grad_(False)
+            frozen.append(name)
+    return frozen
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -471,7 +509,8 @@ def build_classification_model(args: FinetuneArguments, label_names: Sequence[st
     encoder comes from an exported / plain ViT checkpoint (model_type vit or vit_gap) or from the encoder of one of our
     pre-training checkpoints (exported first to a temporary folder). Only the head (classifier, and `fc_norm` with
     GAP) may be missing from the checkpoint or have another shape; it is initialised truncated-normal with std
-    `args.head_init_std` (MAE's 2e-5). Drop path at `args.drop_path_rate` is then added (`apply_drop_path`).
+    `args.head_init_std` (MAE's 2e-5). Drop path at `args.drop_path_rate` is then added (`apply_drop_path`), and
+    with `args.trainable_blocks` all but the last blocks are frozen (`freeze_for_partial_finetuning`).
 
     Raises:
         ValueError: a checkpoint of another model type, or one that lacks encoder weights.
@@ -529,6 +568,8 @@ def build_classification_model(args: FinetuneArguments, label_names: Sequence[st
             nn.init.zeros_(model.classifier.bias)
     if args.drop_path_rate > 0 and not own_classifier:
         apply_drop_path(model, args.drop_path_rate)
+    if args.trainable_blocks is not None:
+        freeze_for_partial_finetuning(model, args.trainable_blocks)
     return model
 
 
@@ -656,6 +697,7 @@ __all__ = [
     "argmax_logits",
     "build_classification_model",
     "build_mixup",
+    "freeze_for_partial_finetuning",
     "build_train_transform",
     "layer_decay_param_groups",
     "load_image_processor",

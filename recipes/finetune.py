@@ -67,11 +67,12 @@ def main(argv=None):
     model = build_classification_model(args, label_names)
     image_processor = load_image_processor(args, model.config)
     logger.info(
-        "fine-tuning %s (%s, %.2fM parameters) on %d classes; learning rate %.3g (total batch %d), layer decay %s, "
-        "mixup %s",
+        "fine-tuning %s (%s, %.2fM parameters, %.2fM trainable) on %d classes; learning rate %.3g (total batch %d), "
+        "layer decay %s, mixup %s",
         args.model_name_or_path,
         type(model).__name__,
         model.num_parameters() / 1e6,
+        model.num_parameters(only_trainable=True) / 1e6,
         len(label_names),
         training_args.learning_rate,
         training_args.total_train_batch_size,

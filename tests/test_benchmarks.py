@@ -419,7 +419,7 @@ def test_convergence_json_gathers_the_pieces_of_a_study(tmp_path, monkeypatch):
     args = convergence.main.__globals__["argparse"].Namespace(
         train_samples=4000, test_samples=1000, bank_samples=2000, pooling="mean", finetune_epochs=[],
         finetune_num_epochs=2, finetune_train_samples=3000, finetune_eval_samples=2000, finetune_lr=None,
-        smoke=False, output_dir=tmp_path,
+        finetune_trainable_blocks=None, smoke=False, output_dir=tmp_path,
     )  # fmt: skip
     first = [_fake_run("mae", 0, [0.5, 0.6], width=64), _fake_run("mae_mto_cosine", 0, [0.5, 0.5], width=64)]
     convergence.write(convergence.merge(first, "convergence", args), "convergence", args)
@@ -444,9 +444,10 @@ def test_convergence_json_gathers_the_pieces_of_a_study(tmp_path, monkeypatch):
         convergence.merge(second, "convergence", args)
 
 
-def test_convergence_finetune_lr_is_part_of_the_protocol(tmp_path, monkeypatch):
-    """--finetune_lr reaches the fine-tuning recipe as its base LR and names the fine-tuning's folder, so that two
-    fine-tuning LRs of one checkpoint keep their own runs; without it the preset's LR and the old folder names."""
+def test_convergence_finetune_lr_and_blocks_are_part_of_the_protocol(tmp_path, monkeypatch):
+    """--finetune_lr and --finetune_trainable_blocks reach the fine-tuning recipe (its base LR, partial fine-tuning)
+    and name the fine-tuning's folder, so that two protocols of one checkpoint keep their own runs; without them the
+    preset's LR, full fine-tuning and the old folder names."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import convergence
 
@@ -461,7 +462,7 @@ def test_convergence_finetune_lr_is_part_of_the_protocol(tmp_path, monkeypatch):
     monkeypatch.setattr(convergence, "checkpoints", lambda run_dir: {3.0: run_dir / "checkpoint-96"})
     args = convergence.argparse.Namespace(
         epochs=6, finetune_epochs=[3.0], finetune_num_epochs=3, finetune_train_samples=10000,
-        finetune_eval_samples=5000, finetune_lr=1.6e-2, smoke=False,
+        finetune_eval_samples=5000, finetune_lr=1.6e-2, finetune_trainable_blocks=None, smoke=False,
     )  # fmt: skip
     run = {"arm": "mae", "seed": 1}
     tuned = convergence.finetune_points(run, tmp_path, args)
@@ -474,3 +475,7 @@ def test_convergence_finetune_lr_is_part_of_the_protocol(tmp_path, monkeypatch):
     args.finetune_lr = 1.6e-2
     assert convergence.finetune_points(run, tmp_path, args)["finetune_accuracy"] == [0.6]  # reused, not rerun
     assert len(launched) == 2
+    args.finetune_trainable_blocks = 1
+    assert convergence.finetune_points(run, tmp_path, args)["finetune_accuracy"] == [0.8]
+    name, cmd = launched[-1]
+    assert name == "finetune-e3-3x10000-lr0.016-last1" and cmd[cmd.index("--trainable_blocks") + 1] == "1"

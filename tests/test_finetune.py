@@ -27,6 +27,7 @@ from hf_mto.finetuning import (
     apply_drop_path,
     build_classification_model,
     build_train_transform,
+    freeze_for_partial_finetuning,
     layer_decay_param_groups,
     posterize,
     prepare_labels,
@@ -131,6 +132,53 @@ def test_trainer_optimizer_uses_the_scaled_learning_rates(tmp_path):
     # layer decay off: the stock Trainer's two groups at one learning rate
     stock = FinetuneTrainer(model=tiny_classifier(), args=training_args(tmp_path, layer_decay=None))
     assert {group["lr"] for group in stock.create_optimizer().param_groups} == {stock.args.learning_rate}
+
+
+# ---- partial fine-tuning ------------------------------------------------------------------------------------------
+
+
+def test_partial_finetuning_trains_the_last_blocks_only(tmp_path):
+    """trainable_blocks = 1 of 2: the embeddings and block 0 are frozen and left out of the optimizer (with and
+    without layer decay), a training step leaves them as they were and moves the rest; 0 leaves the head and the
+    final norm; all blocks is full fine-tuning; more than the encoder has is refused by name."""
+    model = tiny_classifier()
+    frozen = freeze_for_partial_finetuning(model, 1)
+    assert frozen and all(name.startswith(("vit.embeddings.", "vit.layers.0.")) for name in frozen)
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert set(frozen) | trainable == {name for name, _ in model.named_parameters()}
+    assert {"vit.embeddings.cls_token", "vit.layers.0.attention.q_proj.weight"} <= set(frozen)
+    assert {"vit.layers.1.attention.q_proj.weight", "vit.layernorm.weight", "classifier.weight"} <= trainable
+    for layer_decay in (0.75, None):
+        args = training_args(tmp_path, layer_decay=layer_decay, max_steps=1, per_device_train_batch_size=4)
+        before = copy.deepcopy(model.state_dict())
+        trainer = FinetuneTrainer(model=model, args=args, train_dataset=labelled(4))
+        optimized = {id(param) for group in trainer.create_optimizer().param_groups for param in group["params"]}
+        names = {id(param): name for name, param in model.named_parameters()}
+        assert {names[key] for key in optimized} == trainable
+        trainer.train()
+        after = model.state_dict()
+        for name in frozen:
+            assert torch.equal(after[name], before[name]), name
+        assert not torch.equal(after["vit.layers.1.mlp.fc1.weight"], before["vit.layers.1.mlp.fc1.weight"])
+
+    head_only = tiny_classifier()
+    freeze_for_partial_finetuning(head_only, 0)
+    assert {name for name, param in head_only.named_parameters() if param.requires_grad} == {
+        "vit.layernorm.weight", "vit.layernorm.bias", "classifier.weight", "classifier.bias",
+    }  # fmt: skip
+    assert freeze_for_partial_finetuning(tiny_classifier(), 2) == []
+    with pytest.raises(ValueError, match=r"trainable_blocks must be in \[0, 2\].*got 3"):
+        freeze_for_partial_finetuning(tiny_classifier(), 3)
+
+
+def test_classifier_with_trainable_blocks_freezes_the_rest(exported_encoder):
+    _, encoder_dir = exported_encoder
+    args = FinetuneArguments(model_name_or_path=str(encoder_dir), global_pool=True, trainable_blocks=1)
+    model = build_classification_model(args, ["a", "b"])
+    assert not model.vit.layers[0].mlp.fc1.weight.requires_grad and not model.vit.embeddings.cls_token.requires_grad
+    assert model.vit.layers[1].mlp.fc1.weight.requires_grad and model.fc_norm.weight.requires_grad
+    with pytest.raises(ValueError, match="trainable_blocks must be in .*got 5"):
+        build_classification_model(FinetuneArguments(model_name_or_path=str(encoder_dir), trainable_blocks=5), ["a"])
 
 
 # ---- Mixup / CutMix -----------------------------------------------------------------------------------------------
@@ -292,6 +340,7 @@ def test_argument_validation():
         ({"eval_crop_pct": 0.0}, "eval_crop_pct"),
         ({"head_init_std": 0.0}, "head_init_std"),
         ({"crop_min_scale": 0.0}, "crop_min_scale"),
+        ({"trainable_blocks": -1}, "trainable_blocks must be >= 0"),
     ):
         with pytest.raises(ValueError, match=message):
             FinetuneArguments(model_name_or_path="x", **kwargs)
