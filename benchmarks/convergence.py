@@ -6,7 +6,8 @@ After every epoch the frozen encoder is scored on the Fashion-MNIST test split: 
 T=0.07) and linear-probe accuracy (`hf_mto.evaluation`) of the mean-pooled patch features. At the epochs of
 `--finetune_epochs` the pre-training checkpoint is fine-tuned with `recipes/finetune.py` and its tiny preset
 (recipes/configs/tiny_cpu_finetune.yaml) on the same budget for every arm (`--finetune_num_epochs`,
-`--finetune_train_samples`, `--finetune_eval_samples`), and its accuracy on Fashion-MNIST test images recorded.
+`--finetune_train_samples`, `--finetune_eval_samples`, `--finetune_lr`; `--finetune_trainable_blocks` for MAE's
+partial fine-tuning), and its accuracy on Fashion-MNIST test images recorded.
 
 Arms: `mae`, `simmim` (the baselines, at `--mae_lr` / `--simmim_lr`), `simmim_mto` (MTO with the presets'
 affinity, the config default: the cosine / 0.1), the MAE affinity arms `mae_mto` (`"scaled"`, the default before issue
@@ -47,44 +48,61 @@ accuracies per learning rate, their margin over the floor and whether the last e
     #    one process per arm and seed with one thread each (on a 16-core machine with a GPU, which the runs use),
     #    sized to finish in about 6 minutes; then the report of both arms (the second command reuses every run)
     for arm in conmim conmim_mto; do for seed in 0 1 2; do
-      OMP_NUM_THREADS=1 python benchmarks/convergence.py --arms $arm --seeds $seed --epochs 8 \
-        --train_samples 8000 --test_samples 1000 --bank_samples 2000 --finetune_epochs 2 4 6 8 \
-        --finetune_num_epochs 2 --finetune_train_samples 3000 --finetune_eval_samples 2000 \
+      OMP_NUM_THREADS=1 python benchmarks/convergence.py --arms $arm --seeds $seed --epochs 8 \\
+        --train_samples 8000 --test_samples 1000 --bank_samples 2000 --finetune_epochs 2 4 6 8 \\
+        --finetune_num_epochs 2 --finetune_train_samples 3000 --finetune_eval_samples 2000 \\
         --output_dir outputs/convergence-conmim > outputs/conmim-$arm-$seed.log 2>&1 &
     done; done; wait
-    python benchmarks/convergence.py --arms conmim conmim_mto --seeds 0 1 2 --epochs 8 --train_samples 8000 \
-        --test_samples 1000 --bank_samples 2000 --finetune_epochs 2 4 6 8 --finetune_num_epochs 2 \
+    python benchmarks/convergence.py --arms conmim conmim_mto --seeds 0 1 2 --epochs 8 --train_samples 8000 \\
+        --test_samples 1000 --bank_samples 2000 --finetune_epochs 2 4 6 8 --finetune_num_epochs 2 \\
         --finetune_train_samples 3000 --finetune_eval_samples 2000 --output_dir outputs/convergence-conmim
 
-    # 5. MTO's affinity across widths (issue 24; docs/RESULTS.md section A): per width, the baseline's LR sweep, then
+    # 5. BEiT (issue 23; docs/RESULTS.md section 9): the floor, BEiT, BEiT + evolved masking and BEiT + MTO x 3
+    #    seeds, 5 epochs of 4,000 images, fine-tuned at epochs 1, 3 and 5: 12 runs, 45 min in one process
+    OMP_NUM_THREADS=1 python benchmarks/convergence.py --arms random_init beit beit_evolved beit_mto --seeds 0 1 2 \\
+        --beit_lr 1.5e-3 --weights 0.003 --epochs 5 --train_samples 4000 --test_samples 1000 --bank_samples 2000 \\
+        --finetune_epochs 1 3 5 --finetune_num_epochs 2 --finetune_train_samples 3000 --finetune_eval_samples 2000 \\
+        --output_dir outputs/convergence-beit
+
+    # 6. MTO's affinity across widths (issue 24; docs/RESULTS.md section A): per width, the baseline's LR sweep, then
     #    the floor, MAE and MAE + MTO with each affinity x 3 seeds at the chosen LR; every invocation (any subset of
     #    arms or seeds, side by side with one thread each) appends to the one convergence.json of the folder
-    for w in 64 192 384; do OMP_NUM_THREADS=1 python benchmarks/convergence.py --lr_sweep --arms mae \
-        --learning_rates 5e-4 1.5e-3 5e-3 --width $w --depth 2 --seeds 0 --epochs 6 --train_samples 4000 \
+    for w in 64 192 384; do OMP_NUM_THREADS=1 python benchmarks/convergence.py --lr_sweep --arms mae \\
+        --learning_rates 5e-4 1.5e-3 5e-3 --width $w --depth 2 --seeds 0 --epochs 6 --train_samples 4000 \\
         --test_samples 1000 --bank_samples 2000 --output_dir outputs/widths-lr; done
-    for w_lr in 64:5e-3 192:1.5e-3 384:1.5e-3; do OMP_NUM_THREADS=1 python benchmarks/convergence.py \
-        --arms random_init mae mae_mto mae_mto_dot mae_mto_cosine --weights 0.003 --width ${w_lr%:*} --depth 2 \
-        --mae_lr ${w_lr#*:} --seeds 0 1 2 --epochs 6 --train_samples 4000 --test_samples 1000 \
+    for w_lr in 64:5e-3 192:1.5e-3 384:1.5e-3; do OMP_NUM_THREADS=1 python benchmarks/convergence.py \\
+        --arms random_init mae mae_mto mae_mto_dot mae_mto_cosine --weights 0.003 --width ${w_lr%:*} --depth 2 \\
+        --mae_lr ${w_lr#*:} --seeds 0 1 2 --epochs 6 --train_samples 4000 --test_samples 1000 \\
         --bank_samples 2000 --finetune_epochs --output_dir outputs/widths-lr; done
 
-    python benchmarks/convergence.py --smoke      # a few steps of every path (study arms, fine-tuning, LR sweep): CI
+    # 7. Fine-tuning that measures (issue 24; docs/RESULTS.md section C): step 6's checkpoints of epochs 3 and 6
+    #    (the floor: its model) fine-tuned for 3 epochs on 10,000 labelled images (235 steps), 5,000 test images, at
+    #    a fine-tuning LR tuned per width on MAE's seed-0 checkpoint (base 1.6e-2 at 64-d, 4e-3 at 192-d), every arm
+    #    alike; the evolved-masking arm is pre-trained here. Each protocol is its own --study beside step 6's
+    #    runs; the second fine-tunes only the last block (MAE's partial fine-tuning) from the final checkpoints
+    ft="--finetune_num_epochs 3 --finetune_train_samples 10000 --finetune_eval_samples 5000"
+    pre="--weights 0.003 --depth 2 --epochs 6 --train_samples 4000 --test_samples 1000 --bank_samples 2000"
+    OMP_NUM_THREADS=1 python benchmarks/convergence.py --study finetune-d192 --arms random_init mae \\
+        mae_mto_cosine mae_mto_dot mae_evolved --seeds 0 1 2 --width 192 --mae_lr 1.5e-3 $pre \\
+        --finetune_epochs 3 6 $ft --finetune_lr 4e-3 --output_dir outputs/widths-lr
+    OMP_NUM_THREADS=1 python benchmarks/convergence.py --study finetune-d192-last1 --arms random_init mae \\
+        mae_mto_cosine mae_mto_dot mae_evolved --seeds 0 1 2 --width 192 --mae_lr 1.5e-3 $pre \\
+        --finetune_epochs 6 $ft --finetune_lr 4e-3 --finetune_trainable_blocks 1 --output_dir outputs/widths-lr
+    OMP_NUM_THREADS=1 python benchmarks/convergence.py --study finetune-d64 --arms random_init mae \\
+        mae_mto_cosine --seeds 0 1 2 --width 64 --mae_lr 5e-3 $pre --finetune_epochs 3 6 $ft \\
+        --finetune_lr 1.6e-2 --output_dir outputs/widths-lr
 
-    # 4. BEiT (not run yet): its baseline LR sweep, then BEiT / + evolved masking / + MTO x 3 seeds with step 3's
-    #    protocol, each run its own process side by side (OMP_NUM_THREADS=1), sized for a 16-core machine with one
-    #    GPU: the 5 sweep runs, then the 9 study runs, each phase about 6 min there (estimated, not measured: a
-    #    2-epoch run on 2,000 images with one fine-tuning took 3.4 min on 2 shared CPU cores, model compute included)
-    for lr in 1.5e-4 5e-4 1.5e-3 5e-3 1.5e-2; do OMP_NUM_THREADS=1 python benchmarks/convergence.py --lr_sweep \
-        --arms beit --learning_rates $lr --lr_sweep_epochs 10 --seeds 0 --train_samples 8000 --test_samples 1000 \
-        --bank_samples 2000 --output_dir outputs/convergence-beit-lr$lr & done; wait   # one folder each: the floor
-    for arm in beit beit_evolved beit_mto; do for seed in 0 1 2; do OMP_NUM_THREADS=1 python \
-        benchmarks/convergence.py --arms $arm --seeds $seed --beit_lr <the sweep's best> --weights 0.003 --epochs 10 \
-        --train_samples 8000 --test_samples 1000 --bank_samples 2000 --finetune_epochs 2 4 7 10 \
-        --finetune_num_epochs 2 --finetune_train_samples 3000 --finetune_eval_samples 2000 \
-        --output_dir outputs/convergence & done; done; wait
-    python benchmarks/convergence.py --arms beit beit_evolved beit_mto --seeds 0 1 2 --beit_lr <the same> \
-        --weights 0.003 --epochs 10 --train_samples 8000 --test_samples 1000 --bank_samples 2000 \
-        --finetune_epochs 2 4 7 10 --finetune_num_epochs 2 --finetune_train_samples 3000 \
-        --finetune_eval_samples 2000 --output_dir outputs/convergence     # reuses the 9 runs: the report
+    # 8. On a GPU (not run yet: issue 24's part 6): ViT-Ti (192-d, 12 blocks) MAE vs MAE + MTO at the default
+    #    cosine, all 60,000 train images, 10 epochs (the LR peaks at epoch 1), 3 seeds, fine-tuned as in step 7 at
+    #    epochs 5 and 10; one seed per invocation so that each fits a 15-minute GPU slot (estimated from section 6
+    #    of docs/RESULTS.md: 838 ViT-Ti steps at batch 256 took 37 s on an H200), rerun to resume
+    for seed in 0 1 2; do python benchmarks/convergence.py --study vit-ti --arms random_init mae mae_mto_cosine \\
+        --seeds $seed --width 192 --depth 12 --mae_lr 1.5e-3 --epochs 10 --train_samples 60000 \\
+        --test_samples 10000 --bank_samples 10000 --finetune_epochs 5 10 --finetune_num_epochs 3 \\
+        --finetune_train_samples 10000 --finetune_eval_samples 5000 --finetune_lr 4e-3 --output_dir outputs/gpu-vit-ti
+    done
+
+    python benchmarks/convergence.py --smoke      # a few steps of every path (study arms, fine-tuning, LR sweep): CI
 
 Writes `<output_dir>/<study>.json` (default `convergence.json`: every run's curves, fine-tuning accuracies and
 timings) and `<study>.png` (with `--sweep`: `convergence_sweep.*`; with `--lr_sweep`: `lr_sweep.*`), and prints the tables in
@@ -96,7 +114,8 @@ folder when it ran with exactly the same flags, an interrupted pre-training run 
 checkpoint, and a folder left by different flags is deleted and rerun; so every command above can be stopped and
 rerun, and later commands reuse the runs of earlier ones. Each run's folder is named after its arm, MTO weight, base
 learning rate, length, shape (`-d<width>-L<depth>` with --width / --depth) and seed; a fine-tuning's folder inside it
-after the checkpoint's epoch and the fine-tuning protocol (`finetune-e4-2x3000`: 2 epochs on 3,000 images); its epoch
+after the checkpoint's epoch and the fine-tuning protocol (`finetune-e4-2x3000`: 2 epochs on 3,000 images; then
+`-lr<base LR>` with --finetune_lr, `-last<N>` with --finetune_trainable_blocks); its epoch
 checkpoints are kept without optimizer states (1.4 MB each, so about
 14 MB per 10-epoch run) for later fine-tuning.
 
@@ -928,6 +947,12 @@ def main(argv=None):
         "2 points, then an LR sweep of mae at 2 learning rates; checks the plumbing only.",
     )
     args = parser.parse_args(argv)
+    # refused here, not by the first fine-tuning after hours of pre-training
+    blocks = args.finetune_trainable_blocks
+    if blocks is not None and blocks < 0:
+        parser.error(f"--finetune_trainable_blocks must be >= 0, got {blocks}")
+    if blocks is not None and args.depth is not None and blocks > args.depth:
+        parser.error(f"--finetune_trainable_blocks must be at most --depth ({args.depth}), got {blocks}")
     args.output_dir = args.output_dir.resolve()  # each run works in its own folder
     if args.smoke:
         args.train_samples, args.test_samples, args.bank_samples = 64, 64, 64

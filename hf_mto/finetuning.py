@@ -20,6 +20,9 @@ Trainer: the pieces `recipes/finetune.py` puts together.
   addition; `apply_drop_path` makes that module `Sequential(the dropout, timm DropPath(rate_i))`, with rates rising
   linearly over depth from 0 to `drop_path_rate` (timm/MAE). No parameter is added, so the state dict and the saved
   checkpoint are unchanged (a saved model has no drop path; it is a training-time regulariser).
+* **Partial fine-tuning** (`--trainable_blocks N`, `freeze_for_partial_finetuning`): MAE's protocol of section 4.3
+  -- only the last N blocks, the norms after them and the classifier train; the embeddings and earlier blocks are
+  frozen and left out of the optimizer.
 * **Accuracy** (`AccuracyMetric`): `compute_metrics` through `evaluate`, with the accuracy module shipped in
   `hf_mto.metrics` (the `evaluate` wheel has no metric scripts and `evaluate.load("accuracy")` needs the Hub).
 """
@@ -291,19 +294,37 @@ def layer_decay_param_groups(
     return sorted(groups, key=lambda group: -group["lr_scale"])
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Partial fine-tuning
+# ----------------------------------------------------------------------------------------------------------------
+
+# BEiT's relative position bias shared by every block (`use_shared_relative_position_bias`, on in BEiT and ConMIM
+# pre-training) sits outside the blocks; left trainable it would change what the frozen blocks compute.
+_SHARED_POSITION_BIAS = re.compile(r"(?:^|\.)shared_position_bias\.")
+
+
 def freeze_for_partial_finetuning(model: nn.Module, trainable_blocks: int) -> list[str]:
     """Partial fine-tuning (MAE, section 4.3): freeze the embeddings and every encoder block but the last
     `trainable_blocks` (layers as `vit_layer_id`: the embeddings count with the first block, so that all blocks
-    trainable is full fine-tuning); the norms after the blocks and the classifier stay trainable. The optimizer
-    (layer decay's groups and the Trainer's own) then leaves the frozen parameters out.
+    trainable is full fine-tuning), and BEiT's shared relative position bias with them; the norms after the blocks
+    and the classifier stay trainable. The optimizer (layer decay's groups and the Trainer's own) then leaves the
+    frozen parameters out.
+
+    Args:
+        model: a ViT classifier (transformers' ViT or BEiT one, or `ViTGAPForImageClassification`).
+        trainable_blocks: how many of the last encoder blocks train, in [0, number of blocks].
 
     Returns:
         The names of the frozen parameters.
 
     Raises:
-        ValueError: `trainable_blocks` outside [0, the encoder's number of blocks].
+        ValueError: a model without ViT blocks, or `trainable_blocks` outside [0, its number of blocks].
     """
     num_layers = _GroupedParameters(model).num_layers
+    if num_layers == 0:
+        raise ValueError(
+            f"partial fine-tuning needs a ViT (parameters named '...layers.<i>.'); {type(model).__name__} has none"
+        )
     if not 0 <= trainable_blocks <= num_layers:
         raise ValueError(
             f"trainable_blocks must be in [0, {num_layers}] (the blocks of this {type(model).__name__}), "
@@ -313,7 +334,7 @@ def freeze_for_partial_finetuning(model: nn.Module, trainable_blocks: int) -> li
         return []
     frozen = []
     for name, param in model.named_parameters():
-        if vit_layer_id(name, num_layers) <= num_layers - trainable_blocks:
+        if vit_layer_id(name, num_layers) <= num_layers - trainable_blocks or _SHARED_POSITION_BIAS.search(name):
             param.requires_grad_(False)
             frozen.append(name)
     return frozen
@@ -697,8 +718,8 @@ __all__ = [
     "argmax_logits",
     "build_classification_model",
     "build_mixup",
-    "freeze_for_partial_finetuning",
     "build_train_transform",
+    "freeze_for_partial_finetuning",
     "layer_decay_param_groups",
     "load_image_processor",
     "prepare_labels",

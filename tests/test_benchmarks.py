@@ -443,6 +443,17 @@ def test_convergence_json_gathers_the_pieces_of_a_study(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="train_samples 4000 there, 8000 now"):
         convergence.merge(second, "convergence", args)
 
+    # a JSON written before --finetune_lr / --finetune_trainable_blocks existed: their defaults, the same study
+    args.train_samples = 4000
+    recorded = json.loads((tmp_path / "convergence.json").read_text())
+    for key in ("finetune_lr", "finetune_trainable_blocks"):
+        del recorded["args"][key]
+    (tmp_path / "convergence.json").write_text(json.dumps(recorded))
+    assert len(convergence.merge(second, "convergence", args)) == 4
+    args.finetune_trainable_blocks = 1
+    with pytest.raises(SystemExit, match="finetune_trainable_blocks None there, 1 now"):
+        convergence.merge(second, "convergence", args)
+
 
 def test_convergence_finetune_lr_and_blocks_are_part_of_the_protocol(tmp_path, monkeypatch):
     """--finetune_lr and --finetune_trainable_blocks reach the fine-tuning recipe (its base LR, partial fine-tuning)

@@ -13,7 +13,14 @@ import torch
 from conftest import TINY_MAE, TINY_VIT
 from PIL import Image, ImageOps
 from timm.layers import DropPath
-from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification, ViTModel
+from transformers import (
+    AutoModelForImageClassification,
+    BeitConfig,
+    BeitForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTModel,
+)
 from transformers.trainer_utils import EvalPrediction
 
 from hf_mto import BootMAEMTOConfig, BootMAEMTOForPreTraining, ViTMAEMTOConfig, ViTMAEMTOForPreTraining
@@ -169,6 +176,20 @@ def test_partial_finetuning_trains_the_last_blocks_only(tmp_path):
     assert freeze_for_partial_finetuning(tiny_classifier(), 2) == []
     with pytest.raises(ValueError, match=r"trainable_blocks must be in \[0, 2\].*got 3"):
         freeze_for_partial_finetuning(tiny_classifier(), 3)
+    with pytest.raises(ValueError, match="partial fine-tuning needs a ViT.*Linear has none"):
+        freeze_for_partial_finetuning(torch.nn.Linear(2, 2), 0)
+
+
+def test_partial_finetuning_freezes_beits_shared_position_bias():
+    """BEiT's relative position bias shared by all blocks (BEiT's and ConMIM's encoders) is frozen with the
+    embeddings: left trainable it would change what the frozen blocks compute."""
+    config = BeitConfig(**TINY_VIT, use_shared_relative_position_bias=True, use_mean_pooling=True, num_labels=3)
+    model = BeitForImageClassification(config)
+    frozen = set(freeze_for_partial_finetuning(model, 1))
+    assert "beit.shared_position_bias.relative_position_bias_table" in frozen
+    assert {"beit.embeddings.cls_token", "beit.layers.0.attention.q_proj.weight"} <= frozen
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert "beit.layers.1.attention.q_proj.weight" in trainable and "classifier.weight" in trainable
 
 
 def test_classifier_with_trainable_blocks_freezes_the_rest(exported_encoder):
