@@ -89,7 +89,7 @@ accuracies per learning rate, their margin over the floor and whether the last e
         mae_mto_cosine mae_mto_dot mae_evolved --seeds 0 1 2 --width 192 --mae_lr 1.5e-3 $pre \\
         --finetune_epochs 6 $ft --finetune_lr 4e-3 --finetune_trainable_blocks 1 --output_dir outputs/widths-lr
     OMP_NUM_THREADS=1 python benchmarks/convergence.py --study finetune-d64 --arms random_init mae \\
-        mae_mto_cosine --seeds 0 1 2 --width 64 --mae_lr 5e-3 $pre --finetune_epochs 3 6 $ft \\
+        mae_mto_cosine mae_mto_dot --seeds 0 1 2 --width 64 --mae_lr 5e-3 $pre --finetune_epochs 3 6 $ft \\
         --finetune_lr 1.6e-2 --output_dir outputs/widths-lr
 
     # 8. On a GPU (not run yet: issue 24's part 6): ViT-Ti (192-d, 12 blocks) MAE vs MAE + MTO at the default
