@@ -91,6 +91,10 @@ accuracies per learning rate, their margin over the floor and whether the last e
     OMP_NUM_THREADS=1 python benchmarks/convergence.py --study finetune-d64 --arms random_init mae \\
         mae_mto_cosine mae_mto_dot --seeds 0 1 2 --width 64 --mae_lr 5e-3 $pre --finetune_epochs 3 6 $ft \\
         --finetune_lr 1.6e-2 --output_dir outputs/widths-lr
+    OMP_NUM_THREADS=1 python benchmarks/convergence.py --study finetune-d64-simmim --arms random_init simmim \\
+        simmim_mto --weights 0.003 0.03 0.3 --simmim_lr 5e-3 --width 64 --depth 2 --seeds 0 1 2 --epochs 6 \\
+        --train_samples 4000 --test_samples 1000 --bank_samples 2000 --finetune_epochs 6 $ft --finetune_lr 1.6e-2 \\
+        --output_dir outputs/widths-lr
 
     # 8. On a GPU (not run yet: issue 24's part 6): ViT-Ti (192-d, 12 blocks) MAE vs MAE + MTO at the default
     #    cosine, all 60,000 train images, 10 epochs (the LR peaks at epoch 1), 3 seeds, fine-tuned as in step 7 at
