@@ -14,9 +14,9 @@ affinity, the config default: the cosine / 0.1), the MAE affinity arms `mae_mto`
 24, kept for its studies), `mae_mto_dot` (the raw dot product) and `mae_mto_cosine` (the default), `mae_evolved`,
 `mae_mto_evolved` (evolved masking), `bootmae`, `bootmae_mto` (at `--bootmae_lr`), `beit` (BEiT's block-wise
 masking, k-means tokenizer, the tiny BEiT preset), `beit_evolved`, `beit_mto` (at `--beit_lr`), `conmim`,
-`conmim_mto` (at `--conmim_lr`; fine-tuned by the CLS token of their BEiT encoder, `--global_pool false`), and `random_init`, the floor: the MAE
-preset's encoder at initialisation (seeded like every run), not trained, scored and fine-tuned through the same code
-as the others (a `--do_train false` run of the recipe whose model is then saved).
+`conmim_mto` (at `--conmim_lr`; fine-tuned by the CLS token of their BEiT encoder, `--global_pool false`), and
+`random_init`, the floor: the MAE preset's encoder at initialisation (seeded like every run), not trained, scored and
+fine-tuned through the same code as the others (a `--do_train false` run of the recipe whose model is then saved).
 
 The report gives, per arm, mean ± std over seeds of the final k-NN, probe and fine-tuning accuracy; the RAUC of each
 measure against the arm's baseline (MTO paper Eq. 8, `hf_mto.metrics.RAUC_PATH`) over the measure's evaluated epochs;
@@ -109,19 +109,18 @@ accuracies per learning rate, their margin over the floor and whether the last e
     python benchmarks/convergence.py --smoke      # a few steps of every path (study arms, fine-tuning, LR sweep): CI
 
 Writes `<output_dir>/<study>.json` (default `convergence.json`: every run's curves, fine-tuning accuracies and
-timings) and `<study>.png` (with `--sweep`: `convergence_sweep.*`; with `--lr_sweep`: `lr_sweep.*`), and prints the tables in
-the Markdown of docs/RESULTS.md. A study's JSON gathers every invocation's runs (`merge`): run it in pieces (some
-arms, seeds or widths at a time, in parallel processes with disjoint arms or seeds, or in 15-minute GPU slots) and
-each piece's report covers all that is done; a JSON written with other data or fine-tuning settings is refused by
-name. Runs are resumable: a finished run (pre-training or fine-tuning) is reused from its
-folder when it ran with exactly the same flags, an interrupted pre-training run resumes from its last epoch
-checkpoint, and a folder left by different flags is deleted and rerun; so every command above can be stopped and
-rerun, and later commands reuse the runs of earlier ones. Each run's folder is named after its arm, MTO weight, base
-learning rate, length, shape (`-d<width>-L<depth>` with --width / --depth) and seed; a fine-tuning's folder inside it
-after the checkpoint's epoch and the fine-tuning protocol (`finetune-e4-2x3000`: 2 epochs on 3,000 images; then
-`-lr<base LR>` with --finetune_lr, `-last<N>` with --finetune_trainable_blocks); its epoch
-checkpoints are kept without optimizer states (1.4 MB each, so about
-14 MB per 10-epoch run) for later fine-tuning.
+timings) and `<study>.png` (with `--sweep`: `convergence_sweep.*`; with `--lr_sweep`: `lr_sweep.*`), and prints the
+tables in the Markdown of docs/RESULTS.md. A study's JSON gathers every invocation's runs (`merge`): run it in pieces
+(some arms, seeds or widths at a time, in parallel processes with disjoint arms or seeds, or in 15-minute GPU slots)
+and each piece's report covers all that is done; a JSON written with other data or fine-tuning settings is refused by
+name. Runs are resumable: a finished run (pre-training or fine-tuning) is reused from its folder when it ran with
+exactly the same flags, an interrupted pre-training run resumes from its last epoch checkpoint, and a folder left by
+different flags is deleted and rerun; so every command above can be stopped and rerun, and later commands reuse the
+runs of earlier ones. Each run's folder is named after its arm, MTO weight, base learning rate, length, shape
+(`-d<width>-L<depth>` with --width / --depth) and seed; a fine-tuning's folder inside it after the checkpoint's epoch
+and the fine-tuning protocol (`finetune-e4-2x3000`: 2 epochs on 3,000 images; then `-lr<base LR>` with --finetune_lr,
+`-last<N>` with --finetune_trainable_blocks); its epoch checkpoints are kept without optimizer states (1.4 MB each, so
+about 14 MB per 10-epoch run) for later fine-tuning.
 
 On 2 cores, two invocations with disjoint `--arms` side by side, each with `OMP_NUM_THREADS=1`, do about 1.3 times
 the work of one (an MAE + MTO epoch took 13-14 s at one thread beside another such process, an MAE epoch 8.6-9.3 s
@@ -393,11 +392,12 @@ def finetune_points(run: dict, run_dir: Path, args) -> dict:
     result = {"epochs": [], "finetune_accuracy": [], "wall_seconds": []}
     for epoch, checkpoint in sorted(points.items()):
         # named by the protocol too, so that two fine-tuning protocols of one run (two studies) keep their folders
-        ft_dir = run_dir / f"finetune-e{epoch:g}-{args.finetune_num_epochs}x{args.finetune_train_samples}"
+        name = f"finetune-e{epoch:g}-{args.finetune_num_epochs}x{args.finetune_train_samples}"
         if args.finetune_lr is not None:
-            ft_dir = ft_dir.with_name(f"{ft_dir.name}-lr{args.finetune_lr:g}")
+            name += f"-lr{args.finetune_lr:g}"
         if args.finetune_trainable_blocks is not None:
-            ft_dir = ft_dir.with_name(f"{ft_dir.name}-last{args.finetune_trainable_blocks}")
+            name += f"-last{args.finetune_trainable_blocks}"
+        ft_dir = run_dir / name
         accuracy, seconds = finetune(checkpoint, ft_dir, run["seed"], args, ARMS[run["arm"]].finetune_flags)
         result["epochs"].append(epoch)
         result["finetune_accuracy"].append(accuracy)
