@@ -6,7 +6,8 @@ test images and fixed masks (drawn from `--seed`):
 - the encoder's features as k-NN sees them (mean-pooled, after the final layernorm, unmasked images): their
   effective rank (exp of the entropy of the normalised singular values; D at most) and the mean cosine similarity
   between images (1 = every image gets the same feature: collapse);
-- each MTO term at the checkpoint's own affinity (or `--affinity`'s, to score runs alike), and the heterogeneity of the first and last layer of the stack;
+- each MTO term at the checkpoint's own affinity (or `--affinity`'s, to score runs alike), and the heterogeneity of
+  the first and last layer of the stack;
 - the norms of the stack's first states (H^0): largest / median visible token, and the fraction of visible rows whose
   affinity puts the most mass on the same token (one "sink" token taking every row);
 - the gradient each loss part sends into the encoder (norm over the encoder's parameters), at the run's MTO weight:

@@ -13,9 +13,10 @@ as decided in DESIGN.md:
 Conventions: ``hidden`` is ``[B, N, D]`` (patch tokens only, never the CLS token); ``mask`` is ``[B, N]`` bool,
 True = masked. Affinity logits default to the cosine similarity / 0.1 (``"cosine"``): the paper's raw dot product
 saturates the softmax at ViT-B widths (DESIGN.md, "MTO math"), and ``x_i . x_j / sqrt(D)`` (``"scaled"``) lets L_spa
-be met by one large-norm "sink" token that every row points at (docs/RESULTS.md, docs/DECISIONS.md). Everything is computed in float32 with autocast
-disabled, through ``log_softmax`` (never ``log(softmax)``), and is finite (values and gradients) for every mask: an
-image with no masked or no visible token has nothing to measure, contributes 0 and is left out of batch means.
+be met by one large-norm "sink" token that every row points at (docs/RESULTS.md, docs/DECISIONS.md). Everything is
+computed in float32 with autocast disabled, through ``log_softmax`` (never ``log(softmax)``), and is finite (values and
+gradients) for every mask: an image with no masked or no visible token has nothing to measure, contributes 0 and is
+left out of batch means.
 """
 
 import math
